@@ -1,0 +1,55 @@
+"""ckptstore: fast, atomic, verified checkpoints for PyTorch.
+
+``ckptstore.save(state, path)`` snapshots and returns; background writer processes
+compress, hash and write; the manifest written last is the commit.
+``ckptstore.load(path)`` verifies what it reads. See README.md and docs/.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+from .errors import (CheckpointExistsError, CheckpointNotFoundError, CkptError,  # noqa: E402
+                     CkptTimeoutError, CorruptCheckpointError, SchemaVersionError,
+                     StagingBusyError, StorageError, StrictLoadError, TransientStorageError,
+                     UnsafeCheckpointError, UnsupportedTypeError, WriterDiedError)
+
+# The API modules import torch; they are loaded on first use so that writer
+# processes (which import this package) stay small and start fast.
+_LAZY = {
+    "save": ("saver", "save"),
+    "SaveHandle": ("saver", "SaveHandle"),
+    "SaveResult": ("saver", "SaveResult"),
+    "load": ("loader", "load"),
+    "LoadReport": ("into", "LoadReport"),
+    "fsck": ("verify", "fsck"),
+    "FsckReport": ("verify", "FsckReport"),
+    "Checkpointer": ("checkpointer", "Checkpointer"),
+    "open": ("lazy", "open"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .into import LoadReport
+    from .loader import load
+    from .saver import SaveHandle, SaveResult, save
+    from .verify import FsckReport, fsck
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f".{mod}", __name__), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'ckptstore' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "save", "load", "fsck", "Checkpointer", "SaveHandle", "SaveResult",
+           "LoadReport", "FsckReport", "CkptError", "CheckpointExistsError",
+           "CheckpointNotFoundError", "CkptTimeoutError", "CorruptCheckpointError",
+           "SchemaVersionError", "StagingBusyError", "StorageError", "StrictLoadError",
+           "TransientStorageError", "UnsafeCheckpointError", "UnsupportedTypeError",
+           "WriterDiedError"]

@@ -1,0 +1,73 @@
+"""Typed errors.
+
+Every error the library raises derives from :class:`CkptError`; each subclass also
+derives from the builtin it resembles, so ``except FileNotFoundError`` keeps working
+for code that does not know about ckptstore.
+"""
+from __future__ import annotations
+
+
+class CkptError(Exception):
+    """Base class of every error raised by ckptstore."""
+
+
+class CheckpointNotFoundError(CkptError, FileNotFoundError):
+    """The path holds no committed checkpoint (no valid manifest)."""
+
+
+class CheckpointExistsError(CkptError, FileExistsError):
+    """A committed checkpoint already exists where a new one was to be written."""
+
+
+class CorruptCheckpointError(CkptError, ValueError):
+    """Stored bytes do not match the manifest (hash, size or structure)."""
+
+    def __init__(self, message: str, damage: list | None = None) -> None:
+        super().__init__(message)
+        self.damage = list(damage or [])
+
+
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """The manifest asks for something dangerous: paths outside the checkpoint,
+    absurd sizes, overlapping ranges, duplicate keys, excessive nesting."""
+
+
+class SchemaVersionError(CkptError, ValueError):
+    """The checkpoint was written by a newer, unknown schema version."""
+
+
+class UnsupportedTypeError(CkptError, TypeError):
+    """A value in the state tree cannot be stored without pickle."""
+
+
+class StagingBusyError(CkptError, RuntimeError):
+    """A save was requested while the staging buffers are still in use and the
+    caller asked not to wait (``if_busy="raise"``)."""
+
+
+class WriterDiedError(CkptError, RuntimeError):
+    """A background writer process died (killed, out of memory) during a save."""
+
+
+class StrictLoadError(CkptError, KeyError):
+    """``load(..., into=..., strict=True)`` found missing, unexpected or
+    mismatched keys. ``report`` holds the whole diff."""
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class StorageError(CkptError, OSError):
+    """An I/O operation on a storage backend failed."""
+
+
+class TransientStorageError(StorageError):
+    """A storage fault that is worth retrying (5xx, throttling, reset, timeout)."""
+
+
+class CkptTimeoutError(CkptError, TimeoutError):
+    """A wait ran past its timeout."""

@@ -1,0 +1,47 @@
+"""``ckptstore.load``: verified reads back into the saved tree."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .into import LoadReport, apply_into
+from .reader import read_manifest, read_tensors
+from .errors import CorruptCheckpointError
+from .storage import Storage, open_storage
+from .tree import unflatten
+
+
+def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool = True,
+         verify: bool = True, cast: bool = False,
+         storage_options: dict | None = None) -> Any:
+    """Load a committed checkpoint.
+
+    Without ``into``, returns the saved tree with CPU tensors (numpy arrays stay
+    numpy), bit-identical to what was saved. With ``into`` (a nested state dict or
+    an ``nn.Module``), copies every value into the existing tensors (on any device)
+    and containers and returns a :class:`LoadReport`; with ``strict=True`` any
+    missing, unexpected or mismatched key raises :class:`StrictLoadError` before
+    anything is modified.
+
+    Every chunk's xxh3-128 hash is checked unless ``verify=False``; damage raises
+    :class:`CorruptCheckpointError` naming the tensor and chunk.
+    """
+    storage = open_storage(path, storage_options)
+    manifest = read_manifest(storage)
+    arrays = read_tensors(storage, manifest, verify=verify)
+    state = unflatten(manifest.tree, lambda kind, i: _leaf(manifest, arrays, kind, i))
+    if into is None:
+        return state
+    return apply_into(state, into, strict=strict, cast=cast)
+
+
+def _leaf(manifest, arrays: dict, kind: str, i: Any) -> Any:
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(manifest.tensors):
+        raise CorruptCheckpointError(f"state tree refers to tensor {i!r}, which does not exist")
+    want = "torch" if kind == "tensor" else "numpy"
+    if manifest.tensors[i].kind != want:
+        raise CorruptCheckpointError(f"state tree expects a {want} array for tensor {i}")
+    return arrays[i]
+
+
+__all__ = ["load", "LoadReport"]

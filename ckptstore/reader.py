@@ -1,0 +1,133 @@
+"""Reading checkpoints: manifest, verified chunk reads, tensors, the state tree."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import os
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from .codec import decode_planes, hash_bytes
+from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from .storage import Storage
+from .tree import safe_numpy_dtype, torch_dtype
+
+READ_THREADS = 4
+
+
+def read_manifest(storage: Storage, migrate: Callable | None = None) -> fmt.Manifest:
+    """Read and validate the manifest; CheckpointNotFoundError if there is none."""
+    try:
+        size = storage.size(fmt.MANIFEST_NAME)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {storage.url}: {fmt.MANIFEST_NAME} is missing (an "
+            "interrupted save never writes it; use ckptstore ls to list committed ones)") from None
+    if size > fmt.MAX_MANIFEST_BYTES:
+        raise UnsafeCheckpointError(f"{fmt.MANIFEST_NAME} is {size} bytes; refusing to read it")
+    if migrate is None:
+        try:
+            from .migrations import migrate as migrate  # type: ignore[no-redef]
+        except ImportError:
+            migrate = None
+    return fmt.decode(storage.read(fmt.MANIFEST_NAME), migrate=migrate)
+
+
+def empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
+    """Allocate the output array for ``rec`` and a byte view of it."""
+    if rec.kind == "torch":
+        dtype = torch_dtype(rec.dtype)
+        if math.prod(rec.shape) * dtype.itemsize != rec.nbytes:
+            raise CorruptCheckpointError(f"tensor {rec.name!r}: {rec.nbytes} bytes do not fit "
+                                         f"shape {list(rec.shape)} of {rec.dtype}")
+        out = torch.empty(rec.shape, dtype=dtype)
+        if rec.nbytes == 0:
+            return out, memoryview(bytearray(0))
+        raw = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage(), 0, (rec.nbytes,), (1,))
+        return out, memoryview(raw.numpy())
+    dt = safe_numpy_dtype(rec.dtype)
+    if math.prod(rec.shape) * dt.itemsize != rec.nbytes:
+        raise CorruptCheckpointError(f"array {rec.name!r}: {rec.nbytes} bytes do not fit "
+                                     f"shape {list(rec.shape)} of {rec.dtype}")
+    arr = np.empty(rec.shape, dtype=dt)
+    return arr, memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def read_chunk(storage: Storage, rec: fmt.TensorRecord, index: int, out: memoryview,
+               verify: bool) -> None:
+    """Read chunk ``index`` of ``rec`` into ``out`` (its raw bytes), verifying hashes."""
+    c = rec.chunks[index]
+    where = f"tensor {rec.name!r} chunk {index} ({c.file} bytes [{c.offset}, {c.offset + c.length}))"
+    try:
+        if c.group == 1 and c.planes[0][0] == "raw":
+            n = storage.readinto(c.file, c.offset, out)
+            if n != c.length:
+                raise CorruptCheckpointError(f"{where}: file is truncated ({n} of {c.length} bytes)")
+            if verify and hash_bytes(out) != c.hash:
+                raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
+                                             [(rec.name, index)])
+            return
+        data = storage.read(c.file, c.offset, c.length)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where}: file {c.file} is missing") from None
+    if len(data) != c.length:
+        raise CorruptCheckpointError(f"{where}: file is truncated ({len(data)} of {c.length} bytes)")
+    if verify and hash_bytes(data) != c.hash:
+        raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
+                                     [(rec.name, index)])
+    try:
+        decode_planes(memoryview(data), list(c.planes), c.group, out)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{where}: {e}", [(rec.name, index)]) from None
+    if verify and hash_bytes(out) != c.raw_hash:
+        raise CorruptCheckpointError(f"{where}: decoded bytes do not match their hash",
+                                     [(rec.name, index)])
+
+
+def check_headers(storage: Storage, manifest: fmt.Manifest, names: set[str]) -> None:
+    """Verify the safetensors header of each named file, and that its size is right."""
+    for f in manifest.files:
+        if f.name not in names:
+            continue
+        try:
+            size = storage.size(f.name)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"file {f.name} of {storage.url} is missing") from None
+        if size != f.size:
+            raise CorruptCheckpointError(f"file {f.name} is {size} bytes, the manifest says {f.size}")
+        if f.header_length and hash_bytes(storage.read(f.name, 0, f.header_length)) != f.header_hash:
+            raise CorruptCheckpointError(f"the safetensors header of {f.name} is damaged")
+
+
+def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = True,
+                 select: Callable[[fmt.TensorRecord], bool] | None = None,
+                 threads: int = READ_THREADS) -> dict[int, Any]:
+    """Read (the selected) tensors; returns {tensor index: tensor or ndarray}."""
+    wanted = [(i, r) for i, r in enumerate(manifest.tensors) if select is None or select(r)]
+    outs: dict[int, Any] = {}
+    jobs = []
+    for i, rec in wanted:
+        arr, raw = empty_like_record(rec)
+        outs[i] = arr
+        pos = 0
+        for k, c in enumerate(rec.chunks):
+            jobs.append((rec, k, raw[pos:pos + c.raw_length]))
+            pos += c.raw_length
+    if verify:
+        check_headers(storage, manifest, {c.file for _, r in wanted for c in r.chunks})
+    if threads <= 1 or len(jobs) <= 1:
+        for rec, k, view in jobs:
+            read_chunk(storage, rec, k, view, verify)
+        return outs
+    with cf.ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="ckptstore-read") as ex:
+        futs = [ex.submit(read_chunk, storage, rec, k, view, verify) for rec, k, view in jobs]
+        for f in futs:
+            f.result()
+    return outs
+
+
+def default_threads() -> int:
+    return max(2, min(8, 2 * (os.cpu_count() or 1)))

@@ -1,0 +1,374 @@
+"""``ckptstore.save``: snapshot into staging, hand files to writers, commit last.
+
+Timeline of one save::
+
+    caller thread:  check pending error -> wait for previous save (back-pressure)
+                    -> plan -> for each file: alloc staging region -> copy -> submit
+                    -> return handle            (the training stall ends here)
+    commit thread:  wait for every file job -> write manifest (create-only) -> done
+                    on error: wait for running jobs, remove written shards, keep error
+
+The error of a save is raised by ``handle.wait()``; if nobody waited, by the next
+``save()``, exactly once, with its original type and traceback.
+"""
+from __future__ import annotations
+
+import atexit
+import concurrent.futures as cf
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import secrets
+import threading
+import time
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from . import __version__, format as fmt
+from .commit import atomic_write
+from .errors import (CheckpointExistsError, CkptTimeoutError, StagingBusyError,
+                     UnsupportedTypeError, WriterDiedError)
+from .plan import FilePlan, SavePlan, make_plan
+from .staging import Ring, StagingPool
+from .storage import Storage, open_storage
+from .tree import flatten
+from .writer import FileJob, FileResult, PieceJob, WriterPool, write_file
+
+log = logging.getLogger("ckptstore")
+
+COMPRESSION = ("zstd", "lz4", "none")
+DEFAULT_CHUNK = 16 << 20
+DEFAULT_SHARD = 256 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SaveResult:
+    """What a committed save wrote."""
+
+    path: str
+    save_id: str
+    logical_bytes: int
+    stored_bytes: int
+    files: int
+    staged_seconds: float
+    total_seconds: float
+
+
+class SaveHandle:
+    """A save in flight. ``wait()`` returns a :class:`SaveResult` once the
+    checkpoint is durable and committed, or raises the writer's original error."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._done = threading.Event()
+        self._result: SaveResult | None = None
+        self._error: BaseException | None = None
+        self._observed = False
+        self.staged_seconds = 0.0
+
+    def done(self) -> bool:
+        """True once the save committed or failed."""
+        return self._done.is_set()
+
+    def wait_staged(self) -> None:
+        """Return once the state is copied out (``save`` already guarantees this)."""
+        return None
+
+    def wait(self, timeout: float | None = None) -> SaveResult:
+        """Block until durable and committed; raise the background error if any."""
+        if not self._done.wait(timeout):
+            raise CkptTimeoutError(f"save to {self.path} still running after {timeout}s")
+        if self._error is not None:
+            self._observed = True
+            raise self._error
+        assert self._result is not None
+        return self._result
+
+    def _finish(self, result: SaveResult | None, error: BaseException | None) -> None:
+        self._result, self._error = result, error
+        self._done.set()
+
+    def _take_unobserved_error(self) -> BaseException | None:
+        if self._done.is_set() and self._error is not None and not self._observed:
+            self._observed = True
+            return self._error
+        return None
+
+
+class Engine:
+    """Process-wide state: writer pool, staging memory, the save in flight."""
+
+    def __init__(self) -> None:
+        self.writers = WriterPool()
+        self.staging = StagingPool(pin=True)
+        self.last: SaveHandle | None = None
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def close(self) -> None:
+        last = self.last
+        if last is not None:
+            last._done.wait()
+        self.writers.shutdown()
+        self.staging.close()
+
+
+_engine: Engine | None = None
+_engine_lock = threading.Lock()
+
+
+def engine() -> Engine:
+    global _engine
+    with _engine_lock:
+        if _engine is None:
+            _engine = Engine()
+            atexit.register(_shutdown)
+        return _engine
+
+
+def _shutdown() -> None:
+    global _engine
+    e, _engine = _engine, None
+    if e is not None:
+        try:
+            e.close()
+        except Exception:  # interpreter exit: nothing left to report to
+            log.debug("error while shutting down ckptstore", exc_info=True)
+
+
+def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = "zstd",
+         blocking: bool = False, metadata: Any = None, zstd_level: int = 1,
+         byte_grouping: bool = True, staging_budget: int | None = None,
+         chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD,
+         if_busy: str = "wait", overwrite: bool = False,
+         storage_options: dict | None = None) -> SaveHandle:
+    """Snapshot ``state`` and write it to ``path`` in the background.
+
+    Returns once every tensor is copied into staging memory; training may then
+    mutate the tensors. ``handle.wait()`` blocks until the checkpoint is durable and
+    committed (the manifest, written last, is the commit).
+
+    Args:
+        state: nested dict/list/tuple of tensors, numpy arrays and plain values.
+        path: a local directory, ``file://`` or fsspec URL, or a Storage.
+        compression: ``"zstd"``, ``"lz4"`` or ``"none"`` (shards are then plain
+            safetensors files).
+        blocking: wait for the commit before returning.
+        metadata: JSON-serialisable user metadata stored in the manifest.
+        zstd_level: zstd level (1 is as good as 3 on float data and twice as fast).
+        byte_grouping: split 2/4-byte float elements into byte planes before compressing.
+        staging_budget: cap on staging memory in bytes; the state is then pipelined
+            through a ring of that size and the stall grows towards
+            state size / write speed. Default: staging as large as the state.
+        chunk_size, shard_size: chunk (hash/codec unit) and target file sizes.
+        if_busy: ``"wait"`` for a previous save's staging, or ``"raise"``
+            :class:`StagingBusyError`.
+        overwrite: replace an existing checkpoint at ``path`` (atomically).
+    """
+    if compression not in COMPRESSION:
+        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
+    if if_busy not in ("wait", "raise"):
+        raise ValueError(f"if_busy must be 'wait' or 'raise', not {if_busy!r}")
+    if chunk_size <= 0 or chunk_size % 64:
+        raise ValueError("chunk_size must be a positive multiple of 64")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedTypeError(f"metadata must be plain JSON: {e}") from None
+    storage = open_storage(path, storage_options)
+    eng = engine()
+    with eng.lock:
+        prev = eng.last
+        if prev is not None:
+            if not prev.done() and if_busy == "raise":
+                raise StagingBusyError(
+                    f"the previous save to {prev.path} is still writing; wait for it or "
+                    "use if_busy='wait'")
+            prev._done.wait()
+            err = prev._take_unobserved_error()
+            if err is not None:
+                raise err
+        if not overwrite and storage.exists(fmt.MANIFEST_NAME):
+            raise CheckpointExistsError(
+                f"{storage.url} already holds a committed checkpoint; save to a new path "
+                "or pass overwrite=True")
+        handle = SaveHandle(storage.url)
+        t0 = time.perf_counter()
+        skeleton, leaves = flatten(state)
+        save_id = secrets.token_hex(6)
+        codec = "raw" if compression == "none" else compression
+        if staging_budget is not None:  # two files in flight fit in the budget
+            shard_size = max(chunk_size, min(shard_size, int(staging_budget) // 2))
+        plan = make_plan(leaves, chunk_size=chunk_size, shard_size=shard_size,
+                         compressed=codec != "raw", byte_grouping=byte_grouping,
+                         save_id=save_id)
+        capacity = sum(-(-f.nbytes // 4096) * 4096 for f in plan.files)
+        if staging_budget is not None:
+            capacity = min(capacity, max(int(staging_budget), max((f.nbytes for f in plan.files), default=0)))
+        arena = eng.staging.ensure(capacity)
+        ring = Ring(arena.size)
+        storage.makedirs()
+        pool = eng.writers.get()
+        futures: list[tuple[FilePlan, cf.Future]] = []
+        try:
+            for fp in plan.files:
+                futures.append((fp, _stage_and_submit(pool, storage, arena, ring, fp, plan,
+                                                      leaves, codec, zstd_level)))
+        except BaseException as e:
+            _cleanup(storage, futures, ring)
+            if isinstance(e, BrokenProcessPool):
+                eng.writers.reset()
+                raise WriterDiedError(f"a writer process died while staging {storage.url}") from e
+            raise
+        handle.staged_seconds = time.perf_counter() - t0
+        meta = dict(skeleton=skeleton, metadata=metadata, plan=plan, save_id=save_id,
+                    compression=compression)
+        threading.Thread(target=_commit, args=(eng, storage, futures, ring, handle, meta, t0,
+                                               overwrite),
+                         name="ckptstore-commit", daemon=True).start()
+        eng.last = handle
+    if blocking:
+        handle.wait()
+    return handle
+
+
+def _byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a contiguous tensor as a 1-D uint8 tensor (no copy)."""
+    n = t.numel() * t.element_size()
+    out = torch.empty(0, dtype=torch.uint8, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (n,), (1,))
+
+
+def _source_bytes(value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return _byte_view(t)
+    import numpy as np
+
+    a = np.ascontiguousarray(value)
+    return torch.from_numpy(a.reshape(-1).view(np.uint8)) if a.size else torch.empty(0, dtype=torch.uint8)
+
+
+def _stage_and_submit(pool, storage, arena, ring, fp: FilePlan, plan: SavePlan, leaves,
+                      codec: str, level: int) -> cf.Future:
+    offset, region = ring.alloc(fp.nbytes)
+    side = None
+    for p in fp.pieces:
+        if not p.length:
+            continue
+        src = _source_bytes(leaves[p.tensor].value)[p.start:p.start + p.length]
+        dst = arena.tensor[offset + p.offset: offset + p.offset + p.length]
+        if src.is_cuda:
+            if side is None:  # D2H copies on a side stream, ordered after pending compute
+                side = _side_stream(src.device)
+                side.wait_stream(torch.cuda.current_stream(src.device))
+            with torch.cuda.stream(side):
+                dst.copy_(src, non_blocking=arena.pinned)
+        else:
+            dst.copy_(src)
+    if side is not None:
+        side.synchronize()
+    pieces = tuple(PieceJob(p.tensor, p.first_chunk, offset + p.offset, p.length,
+                            plan.tensors[p.tensor].group) for p in fp.pieces)
+    job = FileJob(storage, fp.name, fp.header, arena.ref, pieces, plan.chunk_size, codec, level)
+    fut = pool.submit(write_file, job)
+    fut.add_done_callback(lambda _f: ring.free(region))
+    return fut
+
+
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device) -> "torch.cuda.Stream":
+    if device not in _side_streams:
+        _side_streams[device] = torch.cuda.Stream(device=device)
+    return _side_streams[device]
+
+
+def _cleanup(storage: Storage, futures, ring: Ring) -> None:
+    """After a failure: let running jobs end (they read staging), remove their files."""
+    for _, f in futures:
+        f.cancel()
+    for fp, f in futures:
+        try:
+            f.result()
+        except BaseException:
+            pass
+        try:
+            storage.remove(fp.name)
+        except Exception:
+            pass
+
+
+def _commit(eng: Engine, storage: Storage, futures, ring: Ring, handle: SaveHandle, meta: dict,
+            t0: float, overwrite: bool) -> None:
+    try:
+        results: dict[str, FileResult] = {}
+        for fp, f in futures:
+            results[fp.name] = f.result()
+        manifest = _manifest(meta, results)
+        data = fmt.encode(manifest)
+        old = None
+        if overwrite and storage.exists(fmt.MANIFEST_NAME):
+            try:
+                old = fmt.decode(storage.read(fmt.MANIFEST_NAME))
+            except Exception:
+                old = None
+            atomic_write(storage, fmt.MANIFEST_NAME, [data])
+        else:
+            try:
+                atomic_write(storage, fmt.MANIFEST_NAME, [data], exclusive=True)
+            except FileExistsError:
+                raise CheckpointExistsError(
+                    f"another writer committed {storage.url} first; this save was discarded") from None
+        if old is not None:  # only after the new manifest is durable
+            keep = {f.name for f in manifest.files}
+            for f in old.files:
+                if f.name not in keep:
+                    storage.remove(f.name)
+        stored = sum(r.size for r in results.values())
+        handle._finish(SaveResult(storage.url, meta["save_id"], meta["plan"].nbytes, stored,
+                                  len(results), handle.staged_seconds,
+                                  time.perf_counter() - t0), None)
+        log.debug("committed %s (%d bytes)", storage.url, stored)
+    except BaseException as e:  # kept with its own type; raised by wait() or next save()
+        _cleanup(storage, futures, ring)
+        if isinstance(e, BrokenProcessPool):
+            eng.writers.reset()
+            err: BaseException = WriterDiedError(
+                f"a writer process died while writing {storage.url}; nothing was committed")
+            err.__cause__ = e
+            e = err
+        log.error("save to %s failed: %s", storage.url, e)
+        handle._finish(None, e)
+
+
+def _manifest(meta: dict, results: dict[str, FileResult]) -> fmt.Manifest:
+    plan: SavePlan = meta["plan"]
+    chunks: list[list] = [[None] * t.nchunks for t in plan.tensors]
+    for r in results.values():
+        for c in r.chunks:
+            chunks[c.tensor][c.index] = fmt.ChunkRecord(
+                r.name, c.offset, c.length, c.raw_length, c.group, c.planes, c.hash, c.raw_hash)
+    tensors = []
+    for t in plan.tensors:
+        cs = tuple(chunks[t.id])
+        assert all(c is not None for c in cs), f"missing chunks for {t.name}"
+        tensors.append(fmt.TensorRecord(t.name, t.kind, t.dtype, t.shape, t.nbytes,
+                                        fmt.digest_of([c.raw_hash for c in cs]), cs))
+    files = tuple(fmt.FileRecord(fp.name, results[fp.name].size, fp.format, len(fp.header),
+                                 fmt.hash_bytes(fp.header)) for fp in plan.files)
+    return fmt.Manifest(
+        schema_version=fmt.SCHEMA_VERSION,
+        writer={"library": "ckptstore", "version": __version__, "torch": torch.__version__,
+                "python": platform.python_version()},
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        save_id=meta["save_id"], chunk_size=plan.chunk_size, compression=meta["compression"],
+        metadata=meta["metadata"], tree=meta["skeleton"], tensors=tuple(tensors), files=files)

@@ -1,0 +1,155 @@
+"""The storage interface: every byte ckptstore reads or writes goes through it.
+
+A :class:`Storage` is rooted at one directory (or object prefix); names are relative
+POSIX paths below it. Backends implement a few primitives; the commit strategy
+(`ckptstore.commit`) is built on top of them, and fault-injection wrappers
+(`ckptstore.storage.faulty`) count or break each primitive. This is the single seam
+that makes kill-point sweeps and power-loss simulation possible.
+
+Call order for a durable file on a backend with ``capabilities.rename``::
+
+    h = s.open_write(tmp); h.write(...)*; h.fsync(); h.close()
+    s.rename(tmp, final)   # or s.link_exclusive(tmp, final) for create-only
+    s.fsync_dir()
+
+On object stores (no rename) an object becomes visible, whole, when its handle is
+closed; create-only objects go through :meth:`Storage.put_exclusive`.
+"""
+from __future__ import annotations
+
+import posixpath
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..errors import UnsafeCheckpointError
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend can do; the commit layer picks its strategy from these."""
+
+    rename: bool  #: atomic rename within a directory (POSIX)
+    fsync: bool  #: fsync of files and directories means something
+    create_only: bool  #: put_exclusive is enforced by the backend
+    local_path: bool  #: names map to local filesystem paths (mmap, O_DIRECT...)
+
+
+class WriteHandle(ABC):
+    """An open file being written sequentially."""
+
+    @abstractmethod
+    def write(self, data: memoryview | bytes) -> int:
+        """Write all of ``data``; returns its length."""
+
+    @abstractmethod
+    def fsync(self) -> None:
+        """Make written data durable (no-op where the backend has no such notion)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close; on object stores this is what makes the object visible."""
+
+    def abort(self) -> None:
+        """Close without committing (object stores discard the upload)."""
+        self.close()
+
+
+def check_name(name: str) -> str:
+    """Validate a relative name: no absolute paths, no ``..``, no empty or odd parts."""
+    if not isinstance(name, str) or not name or "\x00" in name or "\\" in name:
+        raise UnsafeCheckpointError(f"invalid file name in checkpoint: {name!r}")
+    if name.startswith("/") or posixpath.normpath(name) != name:
+        raise UnsafeCheckpointError(
+            f"file name {name!r} is not a plain relative path; a checkpoint may only "
+            "name files inside itself")
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        raise UnsafeCheckpointError(f"file name {name!r} leaves the checkpoint directory")
+    return name
+
+
+class Storage(ABC):
+    """Byte I/O rooted at one location. Instances are picklable (sent to writers)."""
+
+    capabilities: Capabilities
+
+    @property
+    @abstractmethod
+    def url(self) -> str:
+        """Where this storage is rooted, as a path or URL."""
+
+    @abstractmethod
+    def child(self, name: str) -> "Storage":
+        """A storage rooted at ``name`` below this one."""
+
+    # -- write side ---------------------------------------------------------
+    @abstractmethod
+    def makedirs(self) -> None:
+        """Create the root (and parents); durable where the backend allows."""
+
+    @abstractmethod
+    def open_write(self, name: str) -> WriteHandle:
+        """Create or truncate ``name`` for writing."""
+
+    @abstractmethod
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically replace ``dst`` by ``src`` (rename-capable backends only)."""
+
+    @abstractmethod
+    def link_exclusive(self, src: str, dst: str) -> None:
+        """Make ``src`` visible as ``dst`` only if ``dst`` does not exist
+        (``FileExistsError`` otherwise), then drop ``src``."""
+
+    @abstractmethod
+    def put_exclusive(self, name: str, data: bytes) -> None:
+        """Create ``name`` holding ``data`` only if it does not exist yet."""
+
+    @abstractmethod
+    def fsync_dir(self, name: str = "") -> None:
+        """Make directory entries (creates, renames, unlinks) durable."""
+
+    @abstractmethod
+    def remove(self, name: str) -> None:
+        """Delete a file; a missing file is not an error."""
+
+    # -- read side ----------------------------------------------------------
+    @abstractmethod
+    def exists(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, name: str) -> int:
+        """Size in bytes; ``FileNotFoundError`` if missing."""
+
+    @abstractmethod
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Read ``length`` bytes at ``offset`` (to the end if None). Short reads
+        at end of file return fewer bytes."""
+
+    def readinto(self, name: str, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns the number of bytes read."""
+        data = self.read(name, offset, len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    @abstractmethod
+    def listdir(self, name: str = "") -> list[str]:
+        """Entry names directly below ``name`` (files and directories)."""
+
+    @abstractmethod
+    def isdir(self, name: str) -> bool: ...
+
+    @abstractmethod
+    def mtime(self, name: str) -> float:
+        """Modification time (seconds since the epoch)."""
+
+    def rmtree(self, name: str) -> None:
+        """Remove ``name`` and everything below it."""
+        for entry in self.listdir(name):
+            sub = f"{name}/{entry}" if name else entry
+            if self.isdir(sub):
+                self.rmtree(sub)
+            else:
+                self.remove(sub)
+        self._rmdir(name)
+
+    def _rmdir(self, name: str) -> None:  # object stores have no directories
+        return None

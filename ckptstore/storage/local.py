@@ -1,0 +1,199 @@
+"""Local POSIX filesystem backend: O_NOFOLLOW opens, fsync, rename, link."""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from ..errors import StorageError, UnsafeCheckpointError
+from .base import Capabilities, Storage, WriteHandle, check_name
+
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+_WRITE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+                | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
+class LocalWriteHandle(WriteHandle):
+    """A file descriptor written with ``os.write`` (short writes are resumed)."""
+
+    __slots__ = ("fd", "path")
+
+    def __init__(self, fd: int, path: str) -> None:
+        self.fd = fd
+        self.path = path
+
+    def write(self, data: memoryview | bytes) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        done = 0
+        while done < total:
+            n = os.write(self.fd, view[done:done + (1 << 30)])
+            if n <= 0:
+                raise StorageError(errno.EIO, f"write returned {n}", self.path)
+            done += n
+        return total
+
+    def fsync(self) -> None:
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+class LocalStorage(Storage):
+    """Files below a local directory."""
+
+    capabilities = Capabilities(rename=True, fsync=True, create_only=True, local_path=True)
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = os.path.abspath(os.fspath(root))
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.root!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalStorage) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    @property
+    def url(self) -> str:
+        return self.root
+
+    def path(self, name: str) -> str:
+        """The local path of ``name`` (checked to stay below the root)."""
+        if name == "":
+            return self.root
+        return os.path.join(self.root, check_name(name))
+
+    def child(self, name: str) -> "LocalStorage":
+        return LocalStorage(self.path(name))
+
+    def makedirs(self) -> None:
+        missing = []
+        p = self.root
+        while not os.path.isdir(p):
+            missing.append(p)
+            p = os.path.dirname(p)
+        os.makedirs(self.root, exist_ok=True)
+        # New directory entries are only durable once their parents are fsynced.
+        for d in reversed(missing):
+            _fsync_dir(os.path.dirname(d))
+
+    def open_write(self, name: str) -> LocalWriteHandle:
+        path = self.path(name)
+        return LocalWriteHandle(os.open(path, _WRITE_FLAGS, 0o644), path)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.rename(self.path(src), self.path(dst))
+
+    def link_exclusive(self, src: str, dst: str) -> None:
+        # link(2) fails with EEXIST where rename(2) would silently replace.
+        os.link(self.path(src), self.path(dst))
+        os.unlink(self.path(src))
+
+    def put_exclusive(self, name: str, data: bytes) -> None:
+        fd = os.open(self.path(name), _WRITE_FLAGS | os.O_EXCL, 0o644)
+        h = LocalWriteHandle(fd, self.path(name))
+        try:
+            h.write(data)
+            h.fsync()
+        finally:
+            h.close()
+
+    def fsync_dir(self, name: str = "") -> None:
+        _fsync_dir(self.path(name))
+
+    def remove(self, name: str) -> None:
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def _rmdir(self, name: str) -> None:
+        try:
+            os.rmdir(self.path(name))
+        except FileNotFoundError:
+            pass
+
+    def exists(self, name: str) -> bool:
+        return os.path.lexists(self.path(name))
+
+    def _open_read(self, name: str) -> int:
+        path = self.path(name)
+        try:
+            fd = os.open(path, _READ_FLAGS)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafeCheckpointError(
+                    f"{path} is a symbolic link; checkpoint files must be regular files "
+                    "inside the checkpoint") from None
+            raise
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise UnsafeCheckpointError(f"{path} is not a regular file")
+        if "/" in name:  # a symlinked directory component could lead outside
+            real = os.path.realpath(path)
+            if not real.startswith(os.path.realpath(self.root) + os.sep):
+                os.close(fd)
+                raise UnsafeCheckpointError(f"{path} resolves outside the checkpoint: {real}")
+        return fd
+
+    def size(self, name: str) -> int:
+        st = os.lstat(self.path(name))
+        if stat.S_ISLNK(st.st_mode):
+            raise UnsafeCheckpointError(f"{self.path(name)} is a symbolic link")
+        return st.st_size
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        fd = self._open_read(name)
+        try:
+            if length is None:
+                length = max(0, os.fstat(fd).st_size - offset)
+            buf = bytearray(length)
+            n = _pread_into(fd, memoryview(buf), offset)
+            return bytes(buf[:n]) if n < length else bytes(buf)
+        finally:
+            os.close(fd)
+
+    def readinto(self, name: str, offset: int, buf: memoryview) -> int:
+        fd = self._open_read(name)
+        try:
+            return _pread_into(fd, memoryview(buf).cast("B"), offset)
+        finally:
+            os.close(fd)
+
+    def listdir(self, name: str = "") -> list[str]:
+        try:
+            return sorted(os.listdir(self.path(name)))
+        except FileNotFoundError:
+            return []
+
+    def isdir(self, name: str) -> bool:
+        p = self.path(name)
+        return os.path.isdir(p) and not os.path.islink(p)
+
+    def mtime(self, name: str) -> float:
+        return os.lstat(self.path(name)).st_mtime
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+    done = 0
+    total = len(view)
+    while done < total:
+        n = os.preadv(fd, [view[done:done + (1 << 30)]], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

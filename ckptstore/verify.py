@@ -1,0 +1,106 @@
+"""Verification of a whole checkpoint (``ckptstore fsck``): names every damaged
+tensor and chunk instead of stopping at the first."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from . import format as fmt
+from .codec import decode_planes, hash_bytes
+from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .reader import read_manifest
+from .storage import Storage
+
+
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """One problem: ``tensor``/``chunk`` are None when it is not about one chunk."""
+
+    file: str | None
+    tensor: str | None
+    chunk: int | None
+    problem: str
+
+    def __str__(self) -> str:
+        where = []
+        if self.tensor is not None:
+            where.append(f"tensor {self.tensor!r}")
+        if self.chunk is not None:
+            where.append(f"chunk {self.chunk}")
+        if self.file is not None:
+            where.append(f"in {self.file}")
+        return (" ".join(where) + ": " if where else "") + self.problem
+
+
+@dataclass(frozen=True, slots=True)
+class FsckReport:
+    path: str
+    ok: bool
+    tensors: int
+    chunks: int
+    files: int
+    bytes_checked: int
+    damage: tuple
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["damage"] = [asdict(x) for x in self.damage]
+        d["damaged_tensors"] = sorted({x.tensor for x in self.damage if x.tensor is not None})
+        return d
+
+
+def fsck(storage: Storage, *, deep: bool = False,
+         progress: Callable[[int], None] | None = None) -> FsckReport:
+    """Check the manifest, every file's presence, size and header, and every chunk's
+    hash (``deep``: also decode and check the raw hash). Raises
+    CheckpointNotFoundError when there is no manifest at all."""
+    damage: list[Damage] = []
+    try:
+        m = read_manifest(storage)
+    except CheckpointNotFoundError:
+        raise
+    except CorruptCheckpointError as e:
+        return FsckReport(storage.url, False, 0, 0, 0, 0,
+                          (Damage(fmt.MANIFEST_NAME, None, None, f"manifest is damaged: {e}"),))
+    sizes: dict[str, int | None] = {}
+    for f in m.files:
+        try:
+            sizes[f.name] = storage.size(f.name)
+        except FileNotFoundError:
+            sizes[f.name] = None
+            damage.append(Damage(f.name, None, None, "file is missing"))
+            continue
+        if sizes[f.name] != f.size:
+            damage.append(Damage(f.name, None, None,
+                                 f"file is {sizes[f.name]} bytes, the manifest says {f.size}"))
+        if f.header_length:
+            head = storage.read(f.name, 0, f.header_length)
+            if hash_bytes(head) != f.header_hash:
+                damage.append(Damage(f.name, None, None, "safetensors header is damaged"))
+    checked = 0
+    nchunks = 0
+    for t in m.tensors:
+        for i, c in enumerate(t.chunks):
+            nchunks += 1
+            if sizes.get(c.file) is None:
+                damage.append(Damage(c.file, t.name, i, "its file is missing"))
+                continue
+            data = storage.read(c.file, c.offset, c.length)
+            checked += len(data)
+            if progress is not None:
+                progress(len(data))
+            if len(data) != c.length:
+                damage.append(Damage(c.file, t.name, i,
+                                     f"truncated: {len(data)} of {c.length} bytes present"))
+            elif hash_bytes(data) != c.hash:
+                damage.append(Damage(c.file, t.name, i, "hash mismatch"))
+            elif deep and c.hash != c.raw_hash:
+                out = bytearray(c.raw_length)
+                try:
+                    decode_planes(memoryview(data), list(c.planes), c.group, memoryview(out))
+                    if hash_bytes(out) != c.raw_hash:
+                        damage.append(Damage(c.file, t.name, i, "decoded bytes do not match"))
+                except CorruptCheckpointError as e:
+                    damage.append(Damage(c.file, t.name, i, f"does not decode: {e}"))
+    return FsckReport(storage.url, not damage, len(m.tensors), nchunks, len(m.files), checked,
+                      tuple(damage))
