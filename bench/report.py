@@ -1,0 +1,137 @@
+"""Markdown tables for every mode, and the targets as PASS/MISS lines."""
+from __future__ import annotations
+
+from typing import Any
+
+from bench.timing import fmt_size
+
+
+def cell(d: dict[str, Any] | None, fmt: str = ".3f") -> str:
+    """``median (min–max)``, or an em dash when absent."""
+    if not d:
+        return "—"
+    if d.get("n", 1) == 1 or d["min"] == d["max"]:
+        return f"{d['median']:{fmt}}"
+    return f"{d['median']:{fmt}} ({d['min']:{fmt}}–{d['max']:{fmt}})"
+
+
+def _mib(mem: dict[str, float] | None, key: str) -> str:
+    return f"{mem[key] / 2**20:.0f}" if mem and mem.get(key) else "—"
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_tables(results: list[dict[str, Any]]) -> str:
+    parts = []
+    for res in results:
+        ms, rt = res["measurements"], res["ratios"]
+        parts.append(f"### write — {res['dtype']} {fmt_size(res['size'])}: {res['state']}")
+        if res.get("engine_unavailable"):
+            parts.append(f"ckptstore not measured: {res['engine_unavailable']}")
+        rows = []
+        for name, m in ms.items():
+            r = rt.get(name, {})
+            stored = f"{m['ratio_stored']:.3f}" if "ratio_stored" in m else "—"
+            rows.append([name, m["kind"], cell(m.get("stall")), cell(m.get("total")), cell(m.get("gbps"), ".2f"),
+                         cell(r.get("durable/disk_write"), ".2f"), cell(r.get("stall/memcpy"), ".2f"), stored,
+                         _mib(m.get("memory"), "peak_tree_pss"), _mib(m.get("memory"), "peak_rss")])
+        parts.append(table(["what", "kind", "stall s", "durable s", "GB/s", "÷ disk write", "stall ÷ memcpy",
+                            "stored", "peak tree PSS MiB", "peak RSS MiB"], rows))
+        disk = ms.get("disk")
+        if disk:
+            res_drop = [s.get("resident_after_drop") for s in disk["samples"]]
+            parts.append(f"disk read: cold {cell(disk.get('read_cold'))} s, warm {cell(disk.get('read_warm'))} s "
+                         f"(resident after drop: {', '.join(f'{x:.2f}' for x in res_drop if x is not None)})")
+        peer_rows = []
+        for name, r in rt.items():
+            vs = {k[3:]: v for k, v in r.items() if k.startswith("vs ")}
+            if vs:
+                peer_rows.append([name] + [cell(vs[p], ".2f") for p in vs])
+        if peer_rows:
+            peers = [k[3:] for k in next(r for r in rt.values() if any(x.startswith("vs ") for x in r))
+                     if k.startswith("vs ")]
+            parts.append("durable throughput, ckptstore ÷ peer (> 1: ckptstore faster)\n\n"
+                         + table(["ckptstore mode"] + peers, peer_rows))
+    return "\n\n".join(parts)
+
+
+def load_tables(results: list[dict[str, Any]]) -> str:
+    parts = []
+    for res in results:
+        parts.append(f"### load — {res['dtype']} {fmt_size(res['size'])}: {res['state']}")
+        if res.get("engine_unavailable"):
+            parts.append(f"ckptstore not measured: {res['engine_unavailable']}")
+        if res.get("roundtrip_identical"):
+            parts.append("round trip bit-identical: " + ", ".join(f"{k}: {v}" for k, v in res["roundtrip_identical"].items()))
+        rows = []
+        for name, m in res["measurements"].items():
+            r = res["ratios"].get(name, {})
+            rows.append([name, cell(m.get("cold")), cell(m.get("cold_gbps"), ".2f"), cell(m.get("warm")),
+                         cell(m.get("warm_gbps"), ".2f"), cell(r.get("cold/disk_cold_read"), ".2f"),
+                         cell(r.get("warm/disk_warm_read"), ".2f"), cell(r.get("warm/memcpy"), ".2f")])
+        parts.append(table(["what", "cold s", "cold GB/s", "warm s", "warm GB/s", "cold ÷ disk cold read",
+                            "warm ÷ disk warm read", "warm ÷ memcpy"], rows))
+    return "\n\n".join(parts)
+
+
+def compress_tables(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for res in results:
+        for kind, k in res["kinds"].items():
+            rows.append([res["dtype"], fmt_size(res["size"]), kind]
+                        + [f"{k[c]['plain']:.3f} / {k[c]['grouped']:.3f}" for c in ("zstd-1", "zstd-3", "lz4")]
+                        + [f"{k['zstd-1']['exponent_plane_only']:.3f}", f"{k['entropy0_grouped']:.3f}",
+                           " ".join(f"{x:.2f}" for x in k["zstd-1"]["per_plane"]),
+                           f"{k['zstd-1']['plain_gbps']:.2f} / {k['zstd-1']['grouped_gbps']:.2f}"])
+        o = res["overall"]
+        rows.append([res["dtype"], fmt_size(res["size"]), "**all**"]
+                    + [f"{o[c]['plain']:.3f} / {o[c]['grouped']:.3f}" for c in ("zstd-1", "zstd-3", "lz4")]
+                    + [f"{o['zstd-1']['exponent_plane_only']:.3f}", "", "", ""])
+    return ("stored fraction of raw bytes, plain / byte-grouped (lower is better)\n\n"
+            + table(["dtype", "size", "kind", "zstd-1", "zstd-3", "lz4", "zstd-1 exp. plane only",
+                     "order-0 bound", "zstd-1 per plane (low→high byte)", "zstd-1 GB/s plain / grouped"], rows))
+
+
+def train_tables(results: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in results:
+        ck = [s for s in r["segments"] if s["which"] == "ckpt"]
+        stall = ck[0]["stall"] if ck else None
+        rows.append([r["device"], r["dtype"], fmt_size(r["size"]), r["mode"], str(r["every"]), str(r["steps"]),
+                     cell(r["mean_step_base"], ".4f"), cell(r.get("mean_step_ckpt"), ".4f"),
+                     cell(r.get("overhead") and {k: (v * 100 if k != "n" else v) for k, v in r["overhead"].items()},
+                          ".1f"), cell(stall, ".3f")])
+    return table(["device", "dtype", "state", "ckptstore mode", "every", "steps/segment", "step s (no ckpt)",
+                  "step s (ckpt)", "overhead %", "save stall s (first ckpt segment)"], rows)
+
+
+def targets_md(targets: list[dict[str, Any]]) -> str:
+    lines = []
+    for t in targets:
+        if t["pass"] is None:
+            lines.append(f"- **n/a** {t['target']} [{t['where']}]: {t['note']}")
+            continue
+        verdict = "PASS" if t["pass"] else "MISS"
+        how = f"{abs(t['margin']) * 100:.0f}% {'headroom' if t['pass'] else 'short'}"
+        note = f" — {t['note']}" if t.get("note") else ""
+        lines.append(f"- **{verdict}** {t['target']} [{t['where']}]: {t['value']:.3f} "
+                     f"(target {t['op']} {t['threshold']:g}; {how}){note}")
+    return "\n".join(lines)
+
+
+TABLES = {"write": write_tables, "load": load_tables, "compress": compress_tables, "train": train_tables}
+
+
+def render(report: dict[str, Any]) -> str:
+    """The whole Markdown report of one run."""
+    mode = report["mode"]
+    head = [f"## bench {mode}", f"`{report['command']}`", "",
+            f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+            f"{report['machine']['ram_gib']} GiB, torch {report['machine']['torch']}; "
+            f"cache drop: {report.get('cache_drop', '—')}"]
+    body = TABLES[mode](report["results"])
+    return "\n".join(head) + "\n\n" + body + "\n\n#### targets\n\n" + (targets_md(report["targets"]) or "(none)") + "\n"
