@@ -1,0 +1,284 @@
+"""Integrity: any flipped bit is detected; malicious manifests are refused."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore import format as fmt
+from ckptstore.cli import main as cli
+
+MODES = ["none", "zstd", "lz4"]
+
+
+def _flip(path, pos: int, bit: int = 0) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)[0]
+        f.seek(pos)
+        f.write(bytes([b ^ (1 << bit)]))
+
+
+def _owner(manifest: fmt.Manifest, file: str, pos: int) -> str | None:
+    """The tensor whose chunk holds byte ``pos`` of ``file`` (None: header)."""
+    for t in manifest.tensors:
+        for c in t.chunks:
+            if c.file == file and c.offset <= pos < c.offset + c.length:
+                return t.name
+    return None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_single_bit_flips_are_detected_and_named(tmp_path, mode, small_state, capsys):
+    src = tmp_path / "c"
+    ckptstore.save(small_state, src, compression=mode).wait()
+    manifest = fmt.decode((src / "manifest.json").read_bytes())
+    rng = random.Random(1)
+    files = sorted(p.name for p in src.iterdir())
+    trials = 0
+    for name in files:
+        size = (src / name).stat().st_size
+        positions = {0, size - 1} | {rng.randrange(size) for _ in range(6)}
+        for pos in sorted(positions):
+            bit = rng.randrange(8)
+            _flip(src / name, pos, bit)
+            try:
+                capsys.readouterr()
+                rc = cli(["fsck", str(src), "--json"])
+                report = json.loads(capsys.readouterr().out)
+                assert rc == 1, (name, pos)
+                if name == "manifest.json":
+                    assert report["damage"][0]["file"] == "manifest.json"
+                else:
+                    owner = _owner(manifest, name, pos)
+                    if owner is None:  # safetensors header: the file is named
+                        assert [d["file"] for d in report["damage"]] == [name]
+                        assert "header" in report["damage"][0]["problem"]
+                    else:
+                        assert report["damaged_tensors"] == [owner], (name, pos)
+                with pytest.raises(ckptstore.CkptError):
+                    ckptstore.load(src)
+                trials += 1
+            finally:
+                _flip(src / name, pos, bit)
+    assert trials >= 8
+    assert cli(["fsck", str(src)]) == 0  # restored: clean again, no false positives
+    ckptstore.load(src)
+
+
+def test_fsck_exit_codes(tmp_path, small_state, capsys):
+    assert cli(["fsck", str(tmp_path / "nothing")]) == 2
+    assert cli(["fsck"]) == 2
+    ckptstore.save(small_state, tmp_path / "c").wait()
+    assert cli(["fsck", str(tmp_path / "c")]) == 0
+    shard = next(p for p in (tmp_path / "c").iterdir() if p.name.startswith("shard"))
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 10)
+    assert cli(["fsck", str(tmp_path / "c")]) == 1
+    out = capsys.readouterr().out
+    assert "DAMAGED" in out and "bytes, the manifest says" in out
+
+
+def test_mutation_after_save_does_not_change_checkpoint(tmp_path):
+    state = {f"w{i}": torch.randn(256, 256) for i in range(8)}
+    expect = {k: v.clone() for k, v in state.items()}
+    h = ckptstore.save(state, tmp_path / "c", compression="none")
+    for v in state.values():  # training moves on the moment save() returns
+        v.add_(1.0)
+    h.wait()
+    back = ckptstore.load(tmp_path / "c")
+    for k in expect:
+        assert torch.equal(back[k], expect[k])
+
+
+def _write_manifest(dirpath, obj: dict) -> None:
+    body = json.dumps(obj, separators=(",", ":")).encode()[:-1]
+    data = body + b',"manifest_checksum":"' + fmt.hash_bytes(body).encode() + b'"}\n'
+    (dirpath / "manifest.json").write_bytes(data)
+
+
+def _tamper(tmp_path, small_state, edit) -> type:
+    src = tmp_path / "c"
+    if not src.exists():
+        ckptstore.save(small_state, src, compression="none").wait()
+    raw = (src / "manifest.json").read_bytes()
+    obj = json.loads(raw)
+    obj.pop("manifest_checksum")
+    edit(obj)
+    _write_manifest(src, obj)
+    with pytest.raises(ckptstore.CkptError) as e:
+        ckptstore.load(src)
+    (src / "manifest.json").write_bytes(raw)
+    return e.value
+
+
+def test_malicious_manifests_are_refused(tmp_path, small_state):
+    outside = tmp_path / "secret"
+    outside.write_bytes(b"x" * 4096)
+
+    def path_to(p):
+        return lambda o: o["files"][0].update(name=p) or [c.__setitem__(0, p) for t in o["tensors"] for c in t["chunks"]]
+
+    for bad in ["../secret", str(outside), "a/../../secret", ""]:
+        err = _tamper(tmp_path, small_state, path_to(bad))
+        assert isinstance(err, ckptstore.CorruptCheckpointError), bad
+    err = _tamper(tmp_path, small_state, lambda o: o["tensors"][0]["chunks"][0].__setitem__(2, 2**63))
+    assert isinstance(err, ckptstore.UnsafeCheckpointError)
+    err = _tamper(tmp_path, small_state, lambda o: o["files"][0].__setitem__("size", 2**63))
+    assert isinstance(err, ckptstore.UnsafeCheckpointError)
+
+    def overlap(o):
+        a, b = o["tensors"][0]["chunks"][0], o["tensors"][1]["chunks"][0]
+        b[1] = a[1]
+    err = _tamper(tmp_path, small_state, overlap)
+    assert isinstance(err, ckptstore.UnsafeCheckpointError) and "overlap" in str(err)
+    err = _tamper(tmp_path, small_state, lambda o: o.__setitem__("schema_version", 99))
+    assert isinstance(err, ckptstore.SchemaVersionError) and "upgrade ckptstore" in str(err)
+    err = _tamper(tmp_path, small_state, lambda o: o["tensors"][0].__setitem__("dtype", "float32)"))
+    assert isinstance(err, ckptstore.CorruptCheckpointError)
+
+
+def test_symlink_out_of_checkpoint_is_refused(tmp_path, small_state):
+    ckptstore.save(small_state, tmp_path / "c", compression="none").wait()
+    shard = next(p for p in (tmp_path / "c").iterdir() if p.suffix == ".safetensors")
+    target = tmp_path / "elsewhere.safetensors"
+    os.rename(shard, target)
+    os.symlink(target, shard)
+    with pytest.raises(ckptstore.UnsafeCheckpointError):
+        ckptstore.load(tmp_path / "c")
+
+
+def test_duplicate_keys_and_deep_nesting_are_refused(tmp_path):
+    d = tmp_path / "c"
+    d.mkdir()
+    for body in [b'{"format":"ckptstore","format":"x"', b'{"a":' + b"[" * 100000 + b"]" * 100000]:
+        (d / "manifest.json").write_bytes(body + b',"manifest_checksum":"' + fmt.hash_bytes(body).encode() + b'"}')
+        with pytest.raises(ckptstore.UnsafeCheckpointError):
+            ckptstore.load(d)
+
+
+def test_pickle_in_place_of_manifest_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    d = tmp_path / "c"
+    d.mkdir()
+    (d / "manifest.json").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ckptstore.CorruptCheckpointError):
+        ckptstore.load(d)
+    assert cli(["fsck", str(d)]) == 1
+    assert not marker.exists()
+
+
+KILL_SCRIPT = r"""
+import os, signal, sys, threading, time, torch, ckptstore
+from ckptstore import saver
+state = {f"w{i}": torch.randn(1024, 1024) for i in range(48)}   # 192 MB
+h = ckptstore.save(state, sys.argv[1], compression="zstd", chunk_size=1 << 20, shard_size=8 << 20)
+pids = saver.engine().writers.pids()
+time.sleep(0.05)
+for p in pids:
+    os.kill(p, signal.SIGKILL)
+try:
+    h.wait(timeout=120)
+    print("COMMITTED")
+except ckptstore.WriterDiedError as e:
+    print("WRITER_DIED")
+# the engine recovers: the next save works with a fresh pool
+ckptstore.save({"x": torch.ones(3)}, sys.argv[1] + "-after").wait()
+print("RECOVERED")
+"""
+
+
+def test_killing_writers_leaves_previous_checkpoint_intact(tmp_path, small_state):
+    ckptstore.save(small_state, tmp_path / "step-1").wait()
+    out = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path / "step-2")],
+                         capture_output=True, text=True, timeout=300)
+    assert "RECOVERED" in out.stdout, out.stderr
+    if "WRITER_DIED" in out.stdout:
+        assert not (tmp_path / "step-2" / "manifest.json").exists()
+        with pytest.raises(ckptstore.CheckpointNotFoundError):
+            ckptstore.load(tmp_path / "step-2")
+        assert cli(["fsck", str(tmp_path / "step-2")]) == 2
+    else:  # the writers finished before the kill landed: then it must be whole
+        assert "COMMITTED" in out.stdout
+        assert cli(["fsck", str(tmp_path / "step-2")]) == 0
+    from conftest import assert_same_tree
+    assert_same_tree(small_state, ckptstore.load(tmp_path / "step-1"))
+    assert cli(["fsck", str(tmp_path / "step-1")]) == 0
+
+
+def test_error_of_unwaited_save_is_raised_by_next_save(tmp_path):
+    blocker = tmp_path / "c"
+    blocker.write_text("a file where the checkpoint directory should be")
+    h = ckptstore.save({"x": torch.ones(2)}, tmp_path / "ok")
+    h.wait()
+    with pytest.raises(OSError):
+        ckptstore.save({"x": torch.ones(2)}, blocker)
+
+
+def test_background_error_keeps_type_and_is_raised_once(tmp_path, monkeypatch):
+    from ckptstore import saver
+
+    class Boom(OSError):
+        pass
+
+    def failing_encode(*a, **k):
+        raise Boom("disk on fire")
+
+    real = saver.fmt.encode
+    monkeypatch.setattr(saver.fmt, "encode", failing_encode)
+    h = ckptstore.save({"x": torch.ones(2)}, tmp_path / "a")
+    with pytest.raises(Boom):
+        h.wait()
+    monkeypatch.setattr(saver.fmt, "encode", real)
+    ckptstore.save({"x": torch.ones(2)}, tmp_path / "b").wait()  # observed: not raised again
+    monkeypatch.setattr(saver.fmt, "encode", failing_encode)
+    h = ckptstore.save({"x": torch.ones(2)}, tmp_path / "c")  # nobody waits for this one
+    while not h.done():
+        time.sleep(0.01)
+    monkeypatch.setattr(saver.fmt, "encode", real)
+    with pytest.raises(Boom):
+        ckptstore.save({"x": torch.ones(2)}, tmp_path / "d")
+    ckptstore.save({"x": torch.ones(2)}, tmp_path / "e").wait()
+    assert not (tmp_path / "a" / "manifest.json").exists()
+
+
+def test_existing_checkpoint_is_not_overwritten_unless_asked(tmp_path):
+    ckptstore.save({"x": torch.ones(2)}, tmp_path / "c").wait()
+    with pytest.raises(ckptstore.CheckpointExistsError):
+        ckptstore.save({"x": torch.zeros(2)}, tmp_path / "c")
+    ckptstore.save({"x": torch.zeros(2)}, tmp_path / "c", overwrite=True).wait()
+    assert torch.equal(ckptstore.load(tmp_path / "c")["x"], torch.zeros(2))
+    assert len(list((tmp_path / "c").iterdir())) == 2  # old shard removed after commit
+
+
+def test_staging_budget_pipelines_through_a_small_ring(tmp_path):
+    from conftest import assert_same_tree
+    state = {f"w{i}": torch.randn(64, 1024) for i in range(16)}  # 4 MB through 1 MB
+    ckptstore.save(state, tmp_path / "c", staging_budget=1 << 20, chunk_size=64 << 10,
+                   compression="lz4").wait()
+    assert_same_tree(state, ckptstore.load(tmp_path / "c"))
+    from ckptstore import saver
+    assert saver.engine().staging.arena.size >= 1 << 20
+
+
+def test_if_busy_raise(tmp_path):
+    state = {f"w{i}": torch.randn(512, 1024) for i in range(32)}
+    h = ckptstore.save(state, tmp_path / "a", compression="zstd", zstd_level=9)
+    try:
+        with pytest.raises(ckptstore.StagingBusyError):
+            ckptstore.save(state, tmp_path / "b", if_busy="raise")
+    finally:
+        h.wait()
