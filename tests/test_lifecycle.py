@@ -1,0 +1,100 @@
+"""Writer-process lifecycle and load(into=...) basics."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import ckptstore
+
+ORPHAN_SCRIPT = r"""
+import sys, torch, ckptstore
+from ckptstore import saver
+ckptstore.save({"x": torch.ones(4)}, sys.argv[1]).wait()
+print(" ".join(map(str, saver.engine().writers.pids())), flush=True)
+if sys.argv[2] == "hang":
+    import time; time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_writers_exit_with_their_parent(tmp_path, how):
+    proc = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, str(tmp_path / "c"),
+                             "hang" if how == "sigkill" else "exit"],
+                            stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids and all(_alive(p) for p in pids)
+    if how == "sigkill":
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "writer processes outlived their parent"
+
+
+def test_writers_are_reused_between_saves(tmp_path):
+    from ckptstore import saver
+
+    ckptstore.save({"x": torch.ones(4)}, tmp_path / "a").wait()
+    before = sorted(saver.engine().writers.pids())
+    ckptstore.save({"x": torch.ones(4)}, tmp_path / "b").wait()
+    assert sorted(saver.engine().writers.pids()) == before
+
+
+def test_staging_is_reused_not_reallocated(tmp_path):
+    from ckptstore import saver
+
+    state = {"w": torch.randn(1000, 100)}
+    ckptstore.save(state, tmp_path / "a").wait()
+    arena = saver.engine().staging.arena
+    for i in range(3):
+        ckptstore.save(state, tmp_path / f"b{i}").wait()
+        assert saver.engine().staging.arena is arena
+
+
+def test_load_into_module_and_state_dict(tmp_path):
+    torch.manual_seed(0)
+    src = torch.nn.Linear(8, 4)
+    ckptstore.save({"model": src.state_dict(), "step": 3}, tmp_path / "c").wait()
+    dst = torch.nn.Linear(8, 4)
+    target = {"model": dst.state_dict(), "step": 0}
+    report = ckptstore.load(tmp_path / "c", into=target)
+    assert report.ok and set(report.loaded) == {"model.weight", "model.bias", "step"}
+    assert torch.equal(dst.weight, src.weight) and target["step"] == 3
+
+
+def test_load_into_strict_reports_everything_and_changes_nothing(tmp_path):
+    ckptstore.save({"a": torch.ones(3), "b": torch.ones(2), "extra": 1}, tmp_path / "c").wait()
+    target = {"a": torch.zeros(3), "b": torch.zeros(5), "new": torch.zeros(1)}
+    with pytest.raises(ckptstore.StrictLoadError) as e:
+        ckptstore.load(tmp_path / "c", into=target)
+    r = e.value.report
+    assert r.missing == ("new",) and r.unexpected == ("extra",)
+    assert [k for k, _ in r.mismatched] == ["b"]
+    assert torch.equal(target["a"], torch.zeros(3))  # nothing modified
+    assert isinstance(e.value, KeyError)
+    report = ckptstore.load(tmp_path / "c", into=target, strict=False)
+    assert report.loaded == ("a",) and torch.equal(target["a"], torch.ones(3))
+
+
+def test_load_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ckptstore.load(tmp_path / "none")
