@@ -78,8 +78,9 @@ def _role(name: str) -> str:
     return re.sub(r"^h\.\d+\.", "", name)
 
 
-def train_small(steps: int = TRAIN_STEPS, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def train_small(steps: int | None = None, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Train the small GPT; return {model|exp_avg|exp_avg_sq/<name>: tensor} and info."""
+    steps = TRAIN_STEPS if steps is None else steps
     torch.manual_seed(seed)
     cfg = GPTConfig()
     model = GPT(cfg)
