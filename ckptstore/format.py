@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,13 +55,18 @@ class TensorRecord:
 
 @dataclass(frozen=True, slots=True)
 class FileRecord:
-    """A data file: ``safetensors`` (header + raw data) or ``chunks`` (frames only)."""
+    """A data file: ``safetensors`` (header + raw data) or ``chunks`` (frames only).
+
+    ``base`` is None for a file inside this checkpoint; an incremental save sets it to
+    the name of a sibling checkpoint directory (same parent) that holds the file.
+    """
 
     name: str
     size: int
     format: str
     header_length: int
     header_hash: str
+    base: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +91,20 @@ class Manifest:
         raise KeyError(name)
 
 
+#: a sibling checkpoint directory named by ``FileRecord.base``: one plain name component
+BASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def check_base(base: Any) -> str | None:
+    """Validate ``FileRecord.base``: None, or a sibling directory name (no separators,
+    no dots, so it can never leave the parent of the checkpoint)."""
+    if base is None:
+        return None
+    if not isinstance(base, str) or not BASE_RE.fullmatch(base):
+        raise UnsafeCheckpointError(f"file base {base!r} is not a plain sibling checkpoint name")
+    return base
+
+
 def digest_of(raw_hashes: list[str]) -> str:
     """A tensor's content digest: xxh3-128 over its chunks' raw hashes."""
     return hash_bytes("".join(raw_hashes).encode("ascii"))
@@ -104,7 +124,8 @@ def encode(m: Manifest) -> bytes:
         "compression": m.compression,
         "metadata": m.metadata,
         "files": [{"name": f.name, "size": f.size, "format": f.format,
-                   "header_length": f.header_length, "header_hash": f.header_hash}
+                   "header_length": f.header_length, "header_hash": f.header_hash,
+                   **({"base": f.base} if f.base is not None else {})}
                   for f in m.files],
         "tensors": [{"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape),
                      "nbytes": t.nbytes, "digest": t.digest,
@@ -207,7 +228,8 @@ def _build(obj: dict) -> Manifest:
                 name=check_name(_str(f["name"], "file name")), size=_int(f["size"], "file size"),
                 format=_str(f["format"], "file format"),
                 header_length=_int(f["header_length"], "header length"),
-                header_hash=_str(f["header_hash"], "header hash")))
+                header_hash=_str(f["header_hash"], "header hash"),
+                base=check_base(f.get("base"))))
         tensors = []
         for t in obj["tensors"]:
             chunks = tuple(ChunkRecord(

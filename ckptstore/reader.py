@@ -13,6 +13,7 @@ from . import format as fmt
 from .codec import decode_planes, hash_bytes
 from .errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from .storage import Storage
+from .storage.base import linked
 from .tree import safe_numpy_dtype, torch_dtype
 
 READ_THREADS = 4
@@ -106,6 +107,7 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
                  select: Callable[[fmt.TensorRecord], bool] | None = None,
                  threads: int = READ_THREADS) -> dict[int, Any]:
     """Read (the selected) tensors; returns {tensor index: tensor or ndarray}."""
+    storage = linked(storage, manifest.files)  # incremental saves name older steps' files
     wanted = [(i, r) for i, r in enumerate(manifest.tensors) if select is None or select(r)]
     outs: dict[int, Any] = {}
     jobs = []

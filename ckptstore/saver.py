@@ -146,7 +146,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
          byte_grouping: bool = True, staging_budget: int | None = None,
          chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD,
          if_busy: str = "wait", overwrite: bool = False,
-         storage_options: dict | None = None) -> SaveHandle:
+         storage_options: dict | None = None, base: str | None = None) -> SaveHandle:
     """Snapshot ``state`` and write it to ``path`` in the background.
 
     Returns once every tensor is copied into staging memory; training may then
@@ -169,6 +169,10 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         if_busy: ``"wait"`` for a previous save's staging, or ``"raise"``
             :class:`StagingBusyError`.
         overwrite: replace an existing checkpoint at ``path`` (atomically).
+        base: incremental save: the name of a committed sibling checkpoint (same
+            parent directory); chunks whose bytes equal that checkpoint's chunk of the
+            same tensor are not written again, the manifest references its file.
+            Only for compressed saves (plain safetensors shards must be whole).
     """
     if compression not in COMPRESSION:
         raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
@@ -207,6 +211,8 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         plan = make_plan(leaves, chunk_size=chunk_size, shard_size=shard_size,
                          compressed=codec != "raw", byte_grouping=byte_grouping,
                          save_id=save_id)
+        prev = _base_manifest(storage, base) if base and codec != "raw" else None
+        prev_hashes = _prev_hashes(plan, prev) if prev is not None else {}
         capacity = sum(-(-f.nbytes // 4096) * 4096 for f in plan.files)
         if staging_budget is not None:
             capacity = min(capacity, max(int(staging_budget), max((f.nbytes for f in plan.files), default=0)))
@@ -218,7 +224,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         try:
             for fp in plan.files:
                 futures.append((fp, _stage_and_submit(pool, storage, arena, ring, fp, plan,
-                                                      leaves, codec, zstd_level)))
+                                                      leaves, codec, zstd_level, prev_hashes)))
         except BaseException as e:
             _cleanup(storage, futures, ring)
             if isinstance(e, BrokenProcessPool):
@@ -227,7 +233,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
             raise
         handle.staged_seconds = time.perf_counter() - t0
         meta = dict(skeleton=skeleton, metadata=metadata, plan=plan, save_id=save_id,
-                    compression=compression)
+                    compression=compression, prev=prev, base=base)
         threading.Thread(target=_commit, args=(eng, storage, futures, ring, handle, meta, t0,
                                                overwrite),
                          name="ckptstore-commit", daemon=True).start()
@@ -235,6 +241,39 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
     if blocking:
         handle.wait()
     return handle
+
+
+def _base_manifest(storage: Storage, base: str) -> "fmt.Manifest | None":
+    """The committed manifest of sibling checkpoint ``base``, or None (full save)."""
+    from .reader import read_manifest
+
+    try:
+        return read_manifest(storage.sibling(base))
+    except (OSError, ValueError) as e:  # unreadable base: write everything, say why
+        log.warning("incremental base %s unusable, saving in full: %s", base, e)
+        return None
+
+
+def _prev_hashes(plan: SavePlan, prev: "fmt.Manifest") -> dict[int, tuple]:
+    """{tensor id: raw hashes of the same tensor's chunks in ``prev``} for tensors
+    with the same name, kind, dtype and shape (and the same chunk size)."""
+    if prev.chunk_size != plan.chunk_size:
+        return {}
+    by_name = {t.name: t for t in prev.tensors}
+    out = {}
+    for t in plan.tensors:
+        r = by_name.get(t.name)
+        if (r is not None and r.kind == t.kind and r.dtype == t.dtype
+                and tuple(r.shape) == tuple(t.shape) and len(r.chunks) == t.nchunks):
+            out[t.id] = tuple(c.raw_hash for c in r.chunks)
+    return out
+
+
+def _piece_prev(prev_hashes: dict | None, p, chunk_size: int) -> tuple | None:
+    hashes = (prev_hashes or {}).get(p.tensor)
+    if hashes is None:
+        return None
+    return hashes[p.first_chunk:p.first_chunk + -(-p.length // chunk_size)]
 
 
 def _byte_view(t: torch.Tensor) -> torch.Tensor:
@@ -257,7 +296,7 @@ def _source_bytes(value: Any) -> torch.Tensor:
 
 
 def _stage_and_submit(pool, storage, arena, ring, fp: FilePlan, plan: SavePlan, leaves,
-                      codec: str, level: int) -> cf.Future:
+                      codec: str, level: int, prev_hashes: dict | None = None) -> cf.Future:
     offset, region = ring.alloc(fp.nbytes)
     side = None
     for p in fp.pieces:
@@ -276,7 +315,8 @@ def _stage_and_submit(pool, storage, arena, ring, fp: FilePlan, plan: SavePlan, 
     if side is not None:
         side.synchronize()
     pieces = tuple(PieceJob(p.tensor, p.first_chunk, offset + p.offset, p.length,
-                            plan.tensors[p.tensor].group) for p in fp.pieces)
+                            plan.tensors[p.tensor].group,
+                            _piece_prev(prev_hashes, p, plan.chunk_size)) for p in fp.pieces)
     job = FileJob(storage, fp.name, fp.header, arena.ref, pieces, plan.chunk_size, codec, level)
     fut = pool.submit(write_file, job)
     fut.add_done_callback(lambda _f: ring.free(region))
@@ -353,8 +393,18 @@ def _commit(eng: Engine, storage: Storage, futures, ring: Ring, handle: SaveHand
 def _manifest(meta: dict, results: dict[str, FileResult]) -> fmt.Manifest:
     plan: SavePlan = meta["plan"]
     chunks: list[list] = [[None] * t.nchunks for t in plan.tensors]
+    prev: fmt.Manifest | None = meta.get("prev")
+    prev_recs = {t.name: t for t in prev.tensors} if prev is not None else {}
+    linked: dict[str, fmt.FileRecord] = {}
     for r in results.values():
         for c in r.chunks:
+            if c.reused:  # the base checkpoint's chunk, in whichever step holds its file
+                old = prev_recs[plan.tensors[c.tensor].name].chunks[c.index]
+                f = prev.file(old.file)
+                linked[f.name] = fmt.FileRecord(f.name, f.size, f.format, f.header_length,
+                                                f.header_hash, f.base or meta["base"])
+                chunks[c.tensor][c.index] = old
+                continue
             chunks[c.tensor][c.index] = fmt.ChunkRecord(
                 r.name, c.offset, c.length, c.raw_length, c.group, c.planes, c.hash, c.raw_hash)
     tensors = []
@@ -365,6 +415,7 @@ def _manifest(meta: dict, results: dict[str, FileResult]) -> fmt.Manifest:
                                         fmt.digest_of([c.raw_hash for c in cs]), cs))
     files = tuple(fmt.FileRecord(fp.name, results[fp.name].size, fp.format, len(fp.header),
                                  fmt.hash_bytes(fp.header)) for fp in plan.files)
+    files += tuple(linked[n] for n in sorted(linked))
     return fmt.Manifest(
         schema_version=fmt.SCHEMA_VERSION,
         writer={"library": "ckptstore", "version": __version__, "torch": torch.__version__,

@@ -10,6 +10,7 @@ from .codec import decode_planes, hash_bytes
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .reader import read_manifest
 from .storage import Storage
+from .storage.base import linked
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ def fsck(storage: Storage, *, deep: bool = False,
     except CorruptCheckpointError as e:
         return FsckReport(storage.url, False, 0, 0, 0, 0,
                           (Damage(fmt.MANIFEST_NAME, None, None, f"manifest is damaged: {e}"),))
+    storage = linked(storage, m.files)  # incremental saves name older steps' files
     sizes: dict[str, int | None] = {}
     for f in m.files:
         try:

@@ -48,6 +48,9 @@ class PieceJob:
     arena_offset: int
     length: int
     group: int
+    #: raw hashes of this piece's chunks in the base checkpoint (incremental saves):
+    #: a chunk whose bytes hash the same is not written again
+    prev: tuple | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,7 @@ class ChunkResult:
     planes: tuple
     hash: str
     raw_hash: str
+    reused: bool = False  #: identical to the base checkpoint's chunk; not written
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +123,12 @@ def write_file(job: FileJob) -> FileResult:
                 f.write(staged)  # one large write; chunks are hashed from the same memory
             for i, start in enumerate(range(0, piece.length, job.chunk_size)):
                 raw = staged[start:start + job.chunk_size]
+                if piece.prev is not None and i < len(piece.prev) and job.codec != "raw":
+                    h = codec.hash_bytes(raw)
+                    if h == piece.prev[i]:
+                        results.append(ChunkResult(piece.tensor, piece.first_chunk + i, 0, 0,
+                                                   len(raw), piece.group, (), "", h, True))
+                        continue
                 enc = codec.encode_chunk(raw, piece.group, job.codec, job.level)
                 if job.codec != "raw":
                     for _, data in enc.planes:

@@ -153,3 +153,82 @@ class Storage(ABC):
 
     def _rmdir(self, name: str) -> None:  # object stores have no directories
         return None
+
+    def sibling(self, name: str) -> "Storage":
+        """The storage rooted at directory ``name`` next to this one (same parent);
+        incremental checkpoints read files that an older sibling step holds."""
+        from . import open_storage  # backends with options override this
+
+        check_name(name)
+        if "/" in name:
+            raise UnsafeCheckpointError(f"sibling name {name!r} must be one path component")
+        return open_storage(posixpath.join(posixpath.dirname(self.url.rstrip("/")), name))
+
+
+class LinkedView(Storage):
+    """Read-only view of a checkpoint whose manifest names files held by sibling
+    checkpoints (``FileRecord.base``): each such name is read from that sibling."""
+
+    def __init__(self, storage: Storage, bases: dict[str, str]) -> None:
+        self.storage = storage
+        self.capabilities = storage.capabilities
+        self._bases = dict(bases)
+        self._siblings: dict[str, Storage] = {}
+
+    def _route(self, name: str) -> Storage:
+        base = self._bases.get(name)
+        if base is None:
+            return self.storage
+        s = self._siblings.get(base)
+        if s is None:
+            s = self._siblings[base] = self.storage.sibling(base)
+        return s
+
+    @property
+    def url(self) -> str:
+        return self.storage.url
+
+    def child(self, name: str) -> Storage:
+        return self.storage.child(name)
+
+    def makedirs(self) -> None:
+        raise PermissionError("a linked checkpoint view is read-only")
+
+    def open_write(self, name: str) -> WriteHandle:
+        raise PermissionError("a linked checkpoint view is read-only")
+
+    rename = link_exclusive = put_exclusive = lambda self, *a: self.makedirs()  # noqa: E731
+
+    def fsync_dir(self, name: str = "") -> None:
+        return None
+
+    def remove(self, name: str) -> None:
+        self.makedirs()
+
+    def exists(self, name: str) -> bool:
+        return self._route(name).exists(name)
+
+    def size(self, name: str) -> int:
+        return self._route(name).size(name)
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        return self._route(name).read(name, offset, length)
+
+    def readinto(self, name: str, offset: int, buf: memoryview) -> int:
+        return self._route(name).readinto(name, offset, buf)
+
+    def listdir(self, name: str = "") -> list[str]:
+        return self.storage.listdir(name)
+
+    def isdir(self, name: str) -> bool:
+        return self.storage.isdir(name)
+
+    def mtime(self, name: str) -> float:
+        return self._route(name).mtime(name)
+
+
+def linked(storage: Storage, files) -> Storage:
+    """``storage`` itself, or a :class:`LinkedView` when some of ``files``
+    (manifest FileRecords) live in sibling checkpoints."""
+    bases = {f.name: f.base for f in files if getattr(f, "base", None)}
+    return LinkedView(storage, bases) if bases else storage

@@ -1,0 +1,397 @@
+"""``Checkpointer``: a training run's checkpoints across a local and a remote tier.
+
+One save, in order::
+
+    caller:      ckptstore.save(state, <primary>/step-NNNNNNNNNNNN, base=<previous step>)
+                 -> handle                      (the stall ends here)
+    background:  wait for the local commit -> local retention
+                 -> promote wanted steps to the remote tier (spawned process; data
+                    objects, then the manifest, create-only) -> remote retention
+
+The primary tier is local when ``local_dir`` is given, else the remote one. A
+background failure is kept with its own type and raised once, by ``wait()`` or the
+next ``save()``; the local checkpoint stays whatever happens to its promotion.
+
+Retention never deletes the newest committed step (and skips a round when that step
+fails verification), a kept-best step, or a local step whose wanted promotion has
+not committed. See docs/tiers.md.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import queue
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+from . import format as fmt
+from .errors import (CheckpointNotFoundError, CorruptCheckpointError, SchemaVersionError,
+                     StorageError)
+from .retention import Best, Policy, drop_step, parse_step, referenced_files, select_keep, step_name
+from .storage import Storage, open_storage
+from .storage.base import linked
+
+log = logging.getLogger("ckptstore.checkpointer")
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """A copy of a checkpoint failed verification; an older or other copy was used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One place checkpoints live, and what it keeps."""
+
+    name: str  # "local" | "remote"
+    root: Storage
+    policy: Policy
+
+
+class Checkpointer:
+    """Save every N steps, keep some locally and some remotely, resume from the
+    newest intact checkpoint wherever it is.
+
+    Args:
+        local_dir: fast local directory, or None to use the remote tier alone.
+        remote: fsspec URL of the durable tier (``s3://b/run``, ``gs://b/run``,
+            ``file://...``), or None.
+        storage_options: passed to fsspec for ``remote``.
+        keep_last, keep_every, keep_best: local retention (``keep_best`` is
+            ``(metric, "min"|"max", n)``; it applies on both tiers).
+        remote_keep_last, remote_keep_every: remote retention; both None keeps every
+            promoted step. With only ``remote_keep_every``, only those steps are
+            promoted.
+        compression: as :func:`ckptstore.save`.
+        incremental: skip chunks identical to the previous committed step's (the
+            manifest references the older file). Only with compression.
+        save_options: more keyword arguments for :func:`ckptstore.save`.
+    """
+
+    def __init__(self, local_dir: "str | os.PathLike | None", remote: str | None = None, *,
+                 storage_options: dict | None = None, keep_last: int | None = 3,
+                 keep_every: int | None = None, keep_best: Any = None,
+                 remote_keep_last: int | None = None, remote_keep_every: int | None = None,
+                 compression: str = "zstd", incremental: bool = True,
+                 save_options: dict | None = None) -> None:
+        if local_dir is None and remote is None:
+            raise ValueError("Checkpointer needs a local_dir, a remote URL, or both")
+        best = Best.parse(keep_best)
+        self.local: Tier | None = None
+        self.remote: Tier | None = None
+        if local_dir is not None:
+            self.local = Tier("local", open_storage(local_dir),
+                              Policy(keep_last, keep_every, best))
+        if remote is not None:
+            if local_dir is None and remote_keep_last is None and remote_keep_every is None:
+                remote_keep_last, remote_keep_every = keep_last, keep_every
+            self.remote = Tier("remote", open_storage(remote, storage_options),
+                               Policy(remote_keep_last, remote_keep_every, best))
+        self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
+        self.compression = compression
+        self.incremental = incremental and compression != "none"
+        self.save_options = dict(save_options or {})
+        self.loaded_step: int | None = None
+        self._last = None  # the newest SaveHandle
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._promoter: cf.Executor | None = None
+        self._closed = False
+
+    # -- context manager ------------------------------------------------------
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # do not mask the exception that ended the block
+            log.exception("error while closing the checkpointer")
+
+    # -- save -----------------------------------------------------------------
+    def save(self, step: int, state: Any, metrics: dict | None = None, **kwargs: Any):
+        """Snapshot ``state`` as ``step`` and return its :class:`SaveHandle`
+        (asynchronous, as :func:`ckptstore.save`). ``metrics`` (JSON numbers) are
+        stored in the manifest and drive ``keep_best``."""
+        from .saver import save
+
+        if self._closed:
+            raise RuntimeError("this Checkpointer is closed")
+        name = step_name(step)
+        self._raise_background()
+        last = self._last
+        if last is not None:
+            last._done.wait()  # save() waits for it anyway; the base must be committed
+        base = self._base_for(step) if self.incremental else None
+        opts = {**self.save_options, **kwargs}
+        handle = save(state, self.primary.root.child(name), compression=self.compression,
+                      metadata={"step": step, "metrics": metrics}, base=base, **opts)
+        self._last = handle
+        self._ensure_worker()
+        self._queue.put((step, handle))
+        return handle
+
+    def _base_for(self, step: int) -> str | None:
+        older = [s for s in self._committed(self.primary) if s < step]
+        return step_name(max(older)) if older else None
+
+    # -- queries --------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Every step committed on any tier, ascending (not verified)."""
+        out = set(self._committed(self.local)) if self.local else set()
+        if self.remote:
+            out |= set(self._committed(self.remote))
+        return sorted(out)
+
+    def latest(self) -> int | None:
+        """The newest step that is committed and passes verification (manifest
+        checksum and structure, every file present at its size) on some tier, or
+        None. Chunk hashes are checked by ``load``, which falls back further."""
+        for step, tier in self._candidates("latest"):
+            problem = check_quick(tier.root.child(step_name(step)))
+            if problem is None:
+                return step
+            _warn(f"{tier.name} copy of step {step} ({tier.root.url}/{step_name(step)}) "
+                  f"is unusable: {problem}")
+        return None
+
+    def load(self, step: "int | str" = "latest", *, into: Any = None, strict: bool = True,
+             verify: bool = True, cast: bool = False) -> Any:
+        """Load ``step`` (or the newest intact one) like :func:`ckptstore.load`.
+
+        Copies are tried local first; a copy that fails verification is reported
+        with a :class:`CheckpointFallbackWarning` and the next one is tried: the
+        other tier's copy of the same step, then (for ``"latest"``) older steps.
+        ``self.loaded_step`` tells which step was loaded.
+        """
+        from .loader import load
+
+        problems = []
+        for s, tier in self._candidates(step):
+            where = tier.root.child(step_name(s))
+            try:
+                out = load(where, into=into, strict=strict, verify=verify, cast=cast)
+            except SchemaVersionError:
+                raise
+            except (CorruptCheckpointError, CheckpointNotFoundError, StorageError,
+                    FileNotFoundError, ConnectionError, TimeoutError) as e:
+                problems.append(f"{tier.name} step {s}: {e}")
+                _warn(f"{tier.name} copy of step {s} ({where.url}) is unusable: "
+                      f"{type(e).__name__}: {e}; falling back")
+                continue
+            self.loaded_step = s
+            return out
+        what = "any step" if step == "latest" else f"step {step}"
+        raise CheckpointNotFoundError(
+            f"no intact committed checkpoint of {what} on "
+            f"{' or '.join(t.root.url for t in self._tiers())}"
+            + (": " + "; ".join(problems) if problems else ""))
+
+    def metadata(self, step: int) -> dict | None:
+        """The ``{"step", "metrics"}`` stored with ``step`` (first tier that has it)."""
+        for tier in self._tiers():
+            try:
+                m = fmt.decode(tier.root.child(step_name(step)).read(fmt.MANIFEST_NAME))
+            except (OSError, ValueError):
+                continue
+            return m.metadata
+        return None
+
+    # -- lifecycle ------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every save, promotion and retention pass has finished;
+        raise the first background error (once)."""
+        last = self._last
+        if last is not None:
+            last.wait()
+        self._queue.join()
+        self._raise_background()
+
+    def close(self) -> None:
+        """``wait()``, then stop the background thread and promotion process."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            if self._worker is not None:
+                self._queue.put(None)
+                self._worker.join()
+            if self._promoter is not None:
+                self._promoter.shutdown(wait=True)
+
+    # -- background -----------------------------------------------------------
+    def _raise_background(self) -> None:
+        with self._lock:
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="ckptstore-checkpointer",
+                                            daemon=True)
+            self._worker.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._after_save(*item)
+            except BaseException as e:  # kept with its type; raised by wait()/save()
+                log.error("background work after a save failed: %s", e)
+                with self._lock:
+                    if self._error is None:
+                        self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _after_save(self, step: int, handle) -> None:
+        handle._done.wait()
+        if handle._error is not None:
+            return  # the save's own error is raised by handle.wait() / the next save()
+        if self.local is not None and self.remote is not None:
+            self._retain(self.local, protected=self._unpromoted())
+            self._promote_wanted()
+            self._retain(self.remote)
+        else:
+            self._retain(self.primary)
+
+    def _unpromoted(self) -> set[int]:
+        """Local steps the remote policy wants that are not committed remotely."""
+        assert self.local is not None and self.remote is not None
+        local = self._committed(self.local)
+        remote = self._committed(self.remote)
+        cands = {s: self._metrics(self.local, s) for s in local if self._eligible(s)}
+        cands.update({s: self._metrics(self.remote, s) for s in remote})
+        return select_keep(cands, self.remote.policy) - set(remote)
+
+    def _eligible(self, step: int) -> bool:
+        p = self.remote.policy  # type: ignore[union-attr]
+        if p.keep_every and p.keep_last is None and p.keep_best is None:
+            return step % p.keep_every == 0
+        return True
+
+    def _promote_wanted(self) -> None:
+        from .promote import promote_step
+
+        for s in sorted(self._unpromoted(), reverse=True):
+            fut = self._promotion_pool().submit(promote_step, self.local.root,  # type: ignore
+                                                self.remote.root, step_name(s))  # type: ignore
+            res = fut.result()
+            log.info("step %d promoted to %s (%d bytes uploaded)", s, res.dst, res.uploaded_bytes)
+
+    def _promotion_pool(self) -> cf.Executor:
+        if self._promoter is None:
+            proto = getattr(self.remote.root, "protocol", "file")  # type: ignore[union-attr]
+            if proto == "memory":  # per-process filesystem: upload from this process
+                self._promoter = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-promote")
+            else:
+                import multiprocessing as mp
+
+                from .writer import _init_worker, _without_main_module
+
+                pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"),
+                                              initializer=_init_worker,
+                                              initargs=(os.getpid(),))
+                with _without_main_module():
+                    pool.submit(os.getpid).result()
+                self._promoter = pool
+        return self._promoter
+
+    def _retain(self, tier: Tier, protected: set[int] = frozenset()) -> None:
+        committed = self._committed(tier)
+        if not committed or tier.policy.keeps_all:
+            return
+        newest = max(committed)
+        problem = check_quick(tier.root.child(step_name(newest)))
+        if problem is not None:  # the newest may be all there is: delete nothing
+            log.warning("retention on %s skipped: newest step %d fails verification: %s",
+                        tier.root.url, newest, problem)
+            return
+        metrics = {s: self._metrics(tier, s) for s in committed}
+        keep = select_keep(metrics, tier.policy, protected)
+        drop = sorted(set(committed) - keep)
+        if not drop:
+            return
+        manifests = {}
+        for s in keep:
+            try:
+                manifests[step_name(s)] = fmt.decode(
+                    tier.root.child(step_name(s)).read(fmt.MANIFEST_NAME))
+            except (OSError, ValueError) as e:  # unreadable: keep it, and all it may need
+                log.warning("retention on %s skipped: step %d unreadable: %s",
+                            tier.root.url, s, e)
+                return
+        refs = referenced_files(tier.root, manifests)
+        for s in drop:
+            drop_step(tier.root, step_name(s), refs)
+
+    # -- helpers --------------------------------------------------------------
+    def _tiers(self) -> list[Tier]:
+        return [t for t in (self.local, self.remote) if t is not None]
+
+    def _committed(self, tier: Tier | None) -> list[int]:
+        if tier is None:
+            return []
+        out = []
+        for entry in tier.root.listdir():
+            s = parse_step(entry)
+            if s is not None and tier.root.child(entry).exists(fmt.MANIFEST_NAME):
+                out.append(s)
+        return sorted(out)
+
+    def _metrics(self, tier: Tier, step: int) -> dict | None:
+        if tier.policy.keep_best is None:
+            return None
+        try:
+            m = fmt.decode(tier.root.child(step_name(step)).read(fmt.MANIFEST_NAME))
+        except (OSError, ValueError):
+            return None
+        meta = m.metadata if isinstance(m.metadata, dict) else {}
+        return meta.get("metrics") if isinstance(meta.get("metrics"), dict) else None
+
+    def _candidates(self, step: "int | str") -> list[tuple[int, Tier]]:
+        """(step, tier) pairs to try, newest step first, local before remote."""
+        if step == "latest":
+            per = {t.name: set(self._committed(t)) for t in self._tiers()}
+            steps = sorted(set().union(*per.values()), reverse=True)
+            return [(s, t) for s in steps for t in self._tiers() if s in per[t.name]]
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"step must be an int or 'latest', not {step!r}")
+        return [(step, t) for t in self._tiers()]
+
+
+def check_quick(storage: Storage) -> str | None:
+    """None if ``storage`` holds a committed checkpoint whose manifest is valid and
+    whose every file is present at its recorded size; else what is wrong."""
+    try:
+        m = fmt.decode(storage.read(fmt.MANIFEST_NAME))
+        view = linked(storage, m.files)
+        for f in m.files:
+            try:
+                size = view.size(f.name)
+            except FileNotFoundError:
+                return f"file {f.name} is missing"
+            if size != f.size:
+                return f"file {f.name} is {size} bytes, the manifest says {f.size}"
+    except FileNotFoundError:
+        return "no manifest (not committed)"
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    warnings.warn(message, CheckpointFallbackWarning, stacklevel=3)

@@ -1,0 +1,150 @@
+"""Checkpointer on the local tier: steps, latest, retention, incremental saves, fallback."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore import format as fmt
+from ckptstore.checkpointer import CheckpointFallbackWarning
+from ckptstore.retention import step_name
+from conftest import assert_same_tree
+
+
+def _state(step: int, frozen: torch.Tensor) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"frozen": frozen, "w": torch.randn(64, 16, generator=g), "step": step}
+
+
+@pytest.fixture
+def frozen():
+    return torch.randn(256, 64, generator=torch.Generator().manual_seed(99))
+
+
+def _manifest(d, step: int) -> dict:
+    with open(os.path.join(d, step_name(step), fmt.MANIFEST_NAME), "rb") as f:
+        return json.loads(f.read())
+
+
+def test_save_latest_load_and_keep_last(tmp_path, frozen):
+    with ckptstore.Checkpointer(tmp_path, keep_last=2) as ck:
+        for s in (100, 200, 300, 400):
+            ck.save(s, _state(s, frozen))
+        ck.wait()
+        assert ck.steps() == [300, 400]
+        assert ck.latest() == 400
+        assert_same_tree(ck.load(), _state(400, frozen))
+        assert ck.loaded_step == 400
+        assert_same_tree(ck.load(300), _state(300, frozen))
+    names = sorted(os.listdir(tmp_path))
+    assert names[-2:] == [step_name(300), step_name(400)]
+    assert names == sorted(names, key=lambda n: int(n.split("-")[1]))
+
+
+def test_keep_every_and_keep_best(tmp_path, frozen):
+    losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: 6.0, 6: 7.0}
+    with ckptstore.Checkpointer(tmp_path, keep_last=1, keep_every=4,
+                                keep_best=("loss", "min", 1)) as ck:
+        for s, loss in losses.items():
+            ck.save(s, _state(s, frozen), metrics={"loss": loss})
+        ck.wait()
+        assert ck.steps() == [2, 4, 6]
+        assert ck.metadata(2) == {"step": 2, "metrics": {"loss": 1.0}}
+
+
+def test_incremental_references_unchanged_tensor(tmp_path, frozen):
+    with ckptstore.Checkpointer(tmp_path, keep_last=1) as ck:
+        first = ck.save(1, _state(1, frozen)).wait()
+        second = ck.save(2, _state(2, frozen)).wait()
+        third = ck.save(3, _state(3, frozen)).wait()
+        ck.wait()
+        assert second.stored_bytes < first.stored_bytes / 5
+        assert third.stored_bytes < first.stored_bytes / 5
+        assert ck.steps() == [3]
+        m = _manifest(tmp_path, 3)
+        assert {f.get("base") for f in m["files"]} == {None, step_name(1)}
+        # step 1 is no longer a checkpoint, but the file step 3 needs is still there
+        assert not os.path.exists(tmp_path / step_name(1) / fmt.MANIFEST_NAME)
+        assert not os.path.exists(tmp_path / step_name(2))
+        assert_same_tree(ck.load(3), _state(3, frozen))
+    report = ckptstore.fsck(ckptstore.storage.open_storage(tmp_path / step_name(3)))
+    assert report.ok, report.damage
+
+
+def test_incremental_off(tmp_path, frozen):
+    with ckptstore.Checkpointer(tmp_path, incremental=False) as ck:
+        a = ck.save(1, _state(1, frozen)).wait()
+        b = ck.save(2, _state(2, frozen)).wait()
+    assert b.stored_bytes > a.stored_bytes / 2
+    assert all("base" not in f for f in _manifest(tmp_path, 2)["files"])
+
+
+def test_base_outside_parent_is_refused(tmp_path, frozen):
+    with ckptstore.Checkpointer(tmp_path) as ck:
+        ck.save(1, _state(1, frozen))
+        ck.save(2, _state(2, frozen))
+    path = tmp_path / step_name(2) / fmt.MANIFEST_NAME
+    data = path.read_bytes()
+    assert b'"base":"step-000000000001"' in data
+    bad = data.replace(b'"base":"step-000000000001"', b'"base":"../../etc"    ')
+    cut = bad.rfind(b',"manifest_checksum":"')
+    bad = bad[:cut] + b',"manifest_checksum":"' + fmt.hash_bytes(bad[:cut]).encode() + b'"}\n'
+    with pytest.raises(ckptstore.UnsafeCheckpointError):
+        fmt.decode(bad)
+
+
+def test_corrupt_latest_falls_back_to_older(tmp_path, frozen):
+    with ckptstore.Checkpointer(tmp_path, keep_last=3, incremental=False) as ck:
+        for s in (1, 2):
+            ck.save(s, _state(s, frozen))
+        ck.wait()
+        shard = [n for n in os.listdir(tmp_path / step_name(2)) if n.startswith("shard")][0]
+        p = tmp_path / step_name(2) / shard
+        raw = bytearray(p.read_bytes())
+        raw[len(raw) // 2] ^= 0x40
+        p.write_bytes(bytes(raw))
+        with pytest.warns(CheckpointFallbackWarning, match="step 2"):
+            out = ck.load()
+        assert ck.loaded_step == 1
+        assert_same_tree(out, _state(1, frozen))
+        os.truncate(p, 10)
+        with pytest.warns(CheckpointFallbackWarning, match="bytes"):
+            assert ck.latest() == 1
+
+
+def test_uncommitted_step_is_not_latest(tmp_path, frozen):
+    with ckptstore.Checkpointer(tmp_path) as ck:
+        ck.save(1, _state(1, frozen))
+        ck.wait()
+        os.makedirs(tmp_path / step_name(2))
+        (tmp_path / step_name(2) / "shard-00000-abc.chunks").write_bytes(b"partial")
+        assert ck.steps() == [1]
+        assert ck.latest() == 1
+        with pytest.raises(ckptstore.CheckpointNotFoundError), \
+                pytest.warns(CheckpointFallbackWarning, match="not committed|missing"):
+            ck.load(2)
+
+
+def test_empty_run(tmp_path):
+    ck = ckptstore.Checkpointer(tmp_path / "none")
+    assert ck.latest() is None and ck.steps() == []
+    with pytest.raises(ckptstore.CheckpointNotFoundError):
+        ck.load()
+    ck.close()
+    with pytest.raises(RuntimeError):
+        ck.save(1, {})
+
+
+def test_load_into_module(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    with ckptstore.Checkpointer(tmp_path) as ck:
+        ck.save(5, {"model": model.state_dict()})
+        ck.wait()
+        other = torch.nn.Linear(8, 4)
+        report = ck.load(into={"model": other.state_dict()})
+        assert report.ok
+        assert torch.equal(other.weight, model.weight)
