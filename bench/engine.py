@@ -75,8 +75,13 @@ def save(tree: dict[str, Any], dest: Path, mode: Mode, staging_budget: int | Non
     t0 = time.perf_counter()
     handle = ckptstore.save(tree, str(dest), **kw)
     stall = time.perf_counter() - t0
-    handle.wait()
-    return {"stall": stall, "total": time.perf_counter() - t0}
+    result = handle.wait()
+    out = {"stall": stall, "total": time.perf_counter() - t0}
+    for attr in ("staged_seconds", "stored_bytes"):  # the engine's own account, if it gives one
+        v = getattr(result, attr, None)
+        if isinstance(v, (int, float)):
+            out[f"engine_{attr}"] = float(v)
+    return out
 
 
 def load(path: Path, verify: bool) -> tuple[float, Any]:

@@ -13,6 +13,11 @@ from bench.timing import fmt_size  # noqa: E402
 
 STYLE = {"limit": dict(linestyle="--", linewidth=1.5), "peer": dict(linestyle="-", linewidth=1, alpha=0.8),
          "ckptstore": dict(linestyle="-", linewidth=2.5)}
+COLORS = {"memcpy": "black", "pinned D2H": "black", "disk": "dimgray", "torch.save": "tab:blue",
+          "safetensors": "tab:green", "dcp.save": "tab:purple", "dcp.save(t=2)": "tab:pink",
+          "dcp.async_save": "tab:olive", "ckptstore none": "tab:red", "ckptstore zstd-1+bg": "tab:orange",
+          "ckptstore lz4": "tab:brown"}
+PLOTTED_MODES = ("ckptstore none", "ckptstore zstd-1+bg", "ckptstore lz4")  # the rest: tables only
 
 
 def _series(results: list[dict[str, Any]], dtype: str, key: str) -> dict[str, tuple[list[int], list[float], str]]:
@@ -21,7 +26,7 @@ def _series(results: list[dict[str, Any]], dtype: str, key: str) -> dict[str, tu
     for res in sorted((r for r in results if r["dtype"] == dtype), key=lambda r: r["size"]):
         for name, m in res["measurements"].items():
             v = m.get(key)
-            if not v:
+            if not v or (m["kind"] == "ckptstore" and name not in PLOTTED_MODES):
                 continue
             xs, ys, _ = out.setdefault(name, ([], [], m["kind"]))
             xs.append(res["size"])
@@ -38,13 +43,13 @@ def plot_write(report: dict[str, Any], path: Path) -> Path:
         thr, stall = row
         for name, (xs, ys, kind) in _series(results, dtype, "gbps").items():
             label = "disk fsync'd write" if name == "disk" else name
-            thr.plot(xs, ys, marker="o", label=label, **STYLE[kind])
+            thr.plot(xs, ys, marker="o", label=label, color=COLORS.get(name), **STYLE[kind])
         for name, (xs, ys, kind) in _series(results, dtype, "stall").items():
-            stall.plot(xs, ys, marker="o", label=name, **STYLE[kind])
+            stall.plot(xs, ys, marker="o", label=name, color=COLORS.get(name), **STYLE[kind])
         cp = _series(results, dtype, "total").get("memcpy") or _series(results, dtype, "total").get("pinned D2H")
         if cp:
-            stall.plot(cp[0], cp[1], marker="o", label="memcpy (preallocated)", **STYLE["limit"])
-        thr.set(title=f"{dtype}: time-to-durable throughput", ylabel="GB/s (logical)", xscale="log")
+            stall.plot(cp[0], cp[1], marker="o", label="memcpy (preallocated)", color="black", **STYLE["limit"])
+        thr.set(title=f"{dtype}: time-to-durable throughput", ylabel="GB/s (logical)", xscale="log", yscale="log")
         stall.set(title=f"{dtype}: training stall per save", ylabel="seconds", xscale="log", yscale="log")
         for ax in (thr, stall):
             xs = sorted({r["size"] for r in results if r["dtype"] == dtype})

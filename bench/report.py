@@ -19,6 +19,13 @@ def _mib(mem: dict[str, float] | None, key: str) -> str:
     return f"{mem[key] / 2**20:.0f}" if mem and mem.get(key) else "—"
 
 
+def _added(mem: dict[str, float] | None) -> str:
+    """Memory the save added over what the process tree held just before it."""
+    if not mem or not mem.get("peak_tree_pss"):
+        return "—"
+    return f"{(mem['peak_tree_pss'] - mem['pss_before']) / 2**20:.0f}"
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -38,9 +45,9 @@ def write_tables(results: list[dict[str, Any]]) -> str:
             stored = f"{m['ratio_stored']:.3f}" if "ratio_stored" in m else "—"
             rows.append([name, m["kind"], cell(m.get("stall")), cell(m.get("total")), cell(m.get("gbps"), ".2f"),
                          cell(r.get("durable/disk_write"), ".2f"), cell(r.get("stall/memcpy"), ".2f"), stored,
-                         _mib(m.get("memory"), "peak_tree_pss"), _mib(m.get("memory"), "peak_rss")])
+                         _added(m.get("memory")), _mib(m.get("memory"), "peak_tree_pss")])
         parts.append(table(["what", "kind", "stall s", "durable s", "GB/s", "÷ disk write", "stall ÷ memcpy",
-                            "stored", "peak tree PSS MiB", "peak RSS MiB"], rows))
+                            "stored", "+MiB during save", "peak MiB (tree PSS)"], rows))
         disk = ms.get("disk")
         if disk:
             res_drop = [s.get("resident_after_drop") for s in disk["samples"]]

@@ -63,7 +63,7 @@ def run_one(st: BenchState, opt: Options, dropper: CacheDropper) -> dict[str, An
     scratch_views = [memoryview(scratch.numpy())]
 
     ops: list[Op] = [
-        ("memcpy" if not opt.gpu else "pinned D2H", "limit", lambda: {"total": memcpy.run()}),
+        ("memcpy" if not opt.gpu else "pinned D2H", "limit", memcpy.measure),
         ("disk", "limit", lambda: disk_op(reader, scratch_views, work / "disk.bin", dropper)),
     ]
     for name, fn in select_peers(opt.peers).items():
