@@ -171,27 +171,26 @@ class TrainCheckpointer:
             self.backend = None
 
     # ---- restoring ----------------------------------------------------------------------
-    def _pick_step(self) -> int | None:
+    def _load_for_resume(self) -> dict[str, Any] | None:
+        """Rank 0: the tree ``--resume`` names, or None to start fresh."""
         resume = self.parts.cfg.resume
         if resume == "never" or self.backend is None:
             return None
-        if resume == "auto":
-            return self.backend.latest()
-        return int(resume)
+        if resume != "auto":
+            return self.backend.load(int(resume))
+        if self.backend.latest() is None:
+            log.info("no checkpoint to resume from in %s; starting fresh", self.parts.cfg.ckpt_dir)
+            return None
+        # "latest" lets the engine fall back to an older step if the newest fails verification
+        return self.backend.load("latest")
 
     def maybe_resume(self) -> int:
         """Restore from the checkpoint ``--resume`` names; return the step to continue after (0 = fresh)."""
-        state: dict[str, Any] | None = None
-        if self.rank == 0:
-            step = self._pick_step()
-            if step is not None:
-                state = self.backend.load(step)  # type: ignore[union-attr]
+        state = self._load_for_resume() if self.rank == 0 else None
         found = [state is not None]
         if self.world_size > 1:
             dist.broadcast_object_list(found, src=0)
         if not found[0]:
-            if self.parts.cfg.resume != "never":
-                log.info("no checkpoint to resume from in %s; starting fresh", self.parts.cfg.ckpt_dir)
             return 0
         return self._restore(state)
 
