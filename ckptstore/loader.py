@@ -12,7 +12,7 @@ from .tree import unflatten
 
 
 def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool = True,
-         verify: bool = True, cast: bool = False,
+         verify: bool = True, cast: bool = False, rename: Any = None, keys: Any = None,
          storage_options: dict | None = None) -> Any:
     """Load a committed checkpoint.
 
@@ -25,9 +25,19 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
 
     Every chunk's xxh3-128 hash is checked unless ``verify=False``; damage raises
     :class:`CorruptCheckpointError` naming the tensor and chunk.
+
+    ``rename`` (prefix mapping, regex rules or callable, see :mod:`ckptstore.rename`)
+    maps the checkpoint's '.'-joined names onto new ones. ``keys`` (names, prefixes
+    or a predicate over the checkpoint's names) loads only those leaves and reads
+    only their chunks. Both are described in docs/compat.md.
     """
     storage = open_storage(path, storage_options)
     manifest = read_manifest(storage)
+    if rename is not None or keys is not None:
+        from .lazy import partial_load
+
+        return partial_load(storage, manifest, into=into, strict=strict, verify=verify,
+                            cast=cast, rename=rename, keys=keys)
     arrays = read_tensors(storage, manifest, verify=verify)
     state = unflatten(manifest.tree, lambda kind, i: _leaf(manifest, arrays, kind, i))
     if into is None:
