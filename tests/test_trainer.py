@@ -279,3 +279,35 @@ def test_metrics_and_plot(tmp_path):
     assert len(split_segments(records)) == 1  # the resume has no steps after it yet
     png = plot_run(str(run))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_time_trigger_saves_every_m_seconds(tmp_path):
+    backend = MemoryCheckpointer({})
+    train(tiny(tmp_path, steps=8, ckpt_every_steps=0, val_every=0, ckpt_every_seconds=0.25,
+               step_delay=0.1), backend, stop=StopFlag())
+    reasons = [r["reason"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")
+               if r.get("event") == "checkpoint"]
+    assert reasons.count("seconds") >= 2 and reasons[-1] == "final", reasons
+    assert len(backend.store) == len(reasons)
+
+
+def test_signal_handlers_set_the_stop_flag():
+    import os
+    import signal
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        stop = StopFlag()
+        stop.install()
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.signum == signal.SIGUSR1
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_find_batch_size_says_it_needs_a_gpu(capsys):
+    from trainer.__main__ import main
+
+    assert main(["--find-batch-size", "--preset", "tiny", "--device", "cpu"]) == 2
+    assert "needs a GPU" in capsys.readouterr().err

@@ -1,5 +1,5 @@
 """Entry point: ``python -m trainer [flags]``, ``torchrun ... -m trainer [flags]``,
-``python -m trainer plot RUN_DIR [--out PNG]``."""
+``python -m trainer plot RUN_DIR [--out PNG]``, ``python -m trainer demo [--nproc N]``."""
 
 from __future__ import annotations
 
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["plot"]:
         return _plot(argv[1:])
+    if argv[:1] == ["demo"]:
+        from .demo import main as demo
+
+        return demo(argv[1:])
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank{rank}] %(name)s: %(message)s")

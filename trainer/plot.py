@@ -41,7 +41,7 @@ def plot_run(run_dir: str, out: str | None = None) -> Path:
         ax.axvline(s, color="tab:red", ls="--", lw=1.2, label="resume" if j == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(f"{run_dir}: {len(ckpts)} checkpoints, {len(resumes)} resumes")
+    ax.set_title(f"{Path(run_dir).name}: {len(ckpts)} checkpoints, {len(resumes)} resume(s)")
     ax.legend()
     path = Path(out) if out else Path(run_dir) / "loss.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
