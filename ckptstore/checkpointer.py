@@ -261,8 +261,8 @@ class Checkpointer:
         if handle._error is not None:
             return  # the save's own error is raised by handle.wait() / the next save()
         if self.local is not None and self.remote is not None:
+            self._promote_wanted()  # raises on failure: then nothing is deleted this round
             self._retain(self.local, protected=self._unpromoted())
-            self._promote_wanted()
             self._retain(self.remote)
         else:
             self._retain(self.primary)

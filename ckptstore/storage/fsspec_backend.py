@@ -1,0 +1,218 @@
+"""Object stores (and any other fsspec filesystem) behind the Storage interface.
+
+There is no rename on S3 or GCS, so ``capabilities.rename`` is False and the commit
+layer uploads data objects under their final names, then creates the manifest last
+with :meth:`FsspecStorage.put_exclusive`: S3 ``If-None-Match: *`` (s3fs
+``pipe_file(mode="create")``), GCS ``ifGenerationMatch=0`` (gcsfs, same call). Both
+raise ``FileExistsError`` when the object exists.
+
+Instances are pickled into writer and promotion processes: only the URL and the
+options travel; each process creates its own filesystem on first use.
+Every call goes through :func:`ckptstore.retry.retrying`.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+from typing import Any
+
+from ..errors import StorageError, UnsafeCheckpointError
+from ..retry import retrying
+from .base import Capabilities, Storage, WriteHandle, check_name
+
+#: protocols whose create-only put is enforced by the server
+_CREATE_ONLY = {"s3", "s3a", "gs", "gcs"}
+
+
+class FsspecWriteHandle(WriteHandle):
+    """Buffers one object and uploads it whole on close (s3fs and gcsfs switch to
+    multipart / resumable uploads with bounded concurrency for large objects)."""
+
+    def __init__(self, storage: "FsspecStorage", name: str) -> None:
+        self.storage = storage
+        self.name = name
+        self.buf: io.BytesIO | None = io.BytesIO()
+
+    def write(self, data: memoryview | bytes) -> int:
+        assert self.buf is not None, "write after close"
+        return self.buf.write(data)
+
+    def fsync(self) -> None:  # durability comes with the upload's completion
+        return None
+
+    def close(self) -> None:
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            self.storage._put(self.name, buf.getbuffer(), create=False)
+
+    def abort(self) -> None:
+        self.buf = None  # nothing was uploaded: an object appears only on close
+
+
+class FsspecStorage(Storage):
+    """Objects below ``url`` on any fsspec filesystem (``s3://``, ``gs://``,
+    ``memory://``...). ``storage_options`` go to ``fsspec.filesystem``."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+        import fsspec.core
+
+        self._url = url.rstrip("/")
+        self.options = dict(storage_options or {})
+        protocol, path = fsspec.core.split_protocol(self._url)
+        self.protocol = protocol or "file"
+        self.root = path.rstrip("/")
+        create_only = self.protocol in _CREATE_ONLY
+        self.capabilities = Capabilities(rename=False, fsync=False, create_only=create_only,
+                                         local_path=False)
+        self._fs = None
+
+    def __getstate__(self) -> dict:
+        return {"url": self._url, "options": self.options}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["url"], state["options"])
+
+    def __repr__(self) -> str:
+        return f"FsspecStorage({self._url!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FsspecStorage) and (other._url, other.options) == (
+            self._url, self.options)
+
+    def __hash__(self) -> int:
+        return hash(self._url)
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            import fsspec
+
+            opts = dict(self.options)
+            # other processes write here: never answer from a stale listing cache
+            opts.setdefault("use_listings_cache", False)
+            if self.protocol in ("gs", "gcs"):
+                opts.setdefault("consistency", "size")
+            self._fs = fsspec.filesystem(self.protocol, **opts)
+        return self._fs
+
+    @property
+    def url(self) -> str:
+        return self._url
+
+    def _path(self, name: str) -> str:
+        return f"{self.root}/{check_name(name)}" if name else self.root
+
+    def child(self, name: str) -> "FsspecStorage":
+        return FsspecStorage(f"{self._url}/{check_name(name)}", self.options)
+
+    def sibling(self, name: str) -> "FsspecStorage":
+        check_name(name)
+        if "/" in name:
+            raise UnsafeCheckpointError(f"sibling name {name!r} must be one path component")
+        return FsspecStorage(posixpath.join(posixpath.dirname(self._url), name), self.options)
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        return retrying(lambda: fn(*args, **kwargs), f"{what} on {self._url}")
+
+    # -- write side ---------------------------------------------------------
+    def makedirs(self) -> None:
+        if self.protocol not in _CREATE_ONLY:  # object stores have no directories
+            self._call("makedirs", self.fs.makedirs, self.root, exist_ok=True)
+
+    def open_write(self, name: str) -> FsspecWriteHandle:
+        return FsspecWriteHandle(self, name)
+
+    def _put(self, name: str, data, *, create: bool) -> None:
+        path = self._path(name)
+        data = bytes(data)
+        kwargs = {"mode": "create"} if create else {}
+        if create and self.protocol not in _CREATE_ONLY:
+            # no server-side precondition: best effort, documented in docs/tiers.md
+            if self.fs.exists(path):
+                raise FileExistsError(f"{self._url}/{name} already exists")
+            kwargs = {}
+        first = [True]
+
+        def put() -> None:
+            if create and not first[0] and self._same_object(path, data):
+                return  # an earlier attempt succeeded but its answer was lost
+            first[0] = False
+            self.fs.pipe_file(path, data, **kwargs)
+
+        self._call(f"upload of {name}", put)
+        size = self._call("size", self.fs.size, path)
+        if size != len(data):  # the store did not keep what we sent
+            raise StorageError(f"upload of {self._url}/{name} left {size} bytes, sent {len(data)}")
+
+    def _same_object(self, path: str, data: bytes) -> bool:
+        try:
+            return self.fs.cat_file(path) == data
+        except FileNotFoundError:
+            return False
+
+    def put_exclusive(self, name: str, data: bytes) -> None:
+        self._put(name, data, create=True)
+
+    def rename(self, src: str, dst: str) -> None:
+        raise NotImplementedError("object stores have no rename; ckptstore never copies and "
+                                  "deletes instead")
+
+    def link_exclusive(self, src: str, dst: str) -> None:
+        self.rename(src, dst)
+
+    def fsync_dir(self, name: str = "") -> None:
+        return None
+
+    def remove(self, name: str) -> None:
+        try:
+            self._call("delete", self.fs.rm_file, self._path(name))
+        except FileNotFoundError:
+            pass
+
+    def rmtree(self, name: str) -> None:
+        path = self._path(name)
+        try:
+            self._call("delete", self.fs.rm, path, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    # -- read side ----------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return bool(self._call("exists", self.fs.exists, self._path(name)))
+
+    def size(self, name: str) -> int:
+        info = self._call("stat", self.fs.info, self._path(name))
+        if info.get("type") == "directory":
+            raise FileNotFoundError(f"{self._url}/{name} is a directory")
+        return int(info["size"])
+
+    def info(self, name: str) -> dict:
+        """The backend's metadata of ``name`` (size, ETag, crc32c, ...)."""
+        return self._call("stat", self.fs.info, self._path(name))
+
+    def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
+        end = None if length is None else offset + length
+        if length == 0:
+            return b""
+        return self._call(f"read of {name}", self.fs.cat_file, self._path(name),
+                          start=offset, end=end)
+
+    def listdir(self, name: str = "") -> list[str]:
+        path = self._path(name)
+        try:
+            entries = self._call("list", self.fs.ls, path, detail=False)
+        except FileNotFoundError:
+            return []
+        out = set()
+        for e in entries:
+            e = e.rstrip("/")
+            base = posixpath.basename(e)
+            if base and e != path:
+                out.add(base)
+        return sorted(out)
+
+    def isdir(self, name: str) -> bool:
+        return bool(self._call("stat", self.fs.isdir, self._path(name)))
+
+    def mtime(self, name: str) -> float:
+        return self._call("stat", self.fs.modified, self._path(name)).timestamp()
