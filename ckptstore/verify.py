@@ -2,6 +2,7 @@
 tensor and chunk instead of stopping at the first."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -9,7 +10,7 @@ from . import format as fmt
 from .codec import decode_planes, hash_bytes
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 from .reader import read_manifest
-from .storage import Storage
+from .storage import Storage, open_storage
 from .storage.base import linked
 
 
@@ -50,11 +51,14 @@ class FsckReport:
         return d
 
 
-def fsck(storage: Storage, *, deep: bool = False,
-         progress: Callable[[int], None] | None = None) -> FsckReport:
+def fsck(path: "str | os.PathLike | Storage", *, deep: bool = False,
+         progress: Callable[[int], None] | None = None,
+         storage_options: dict | None = None) -> FsckReport:
     """Check the manifest, every file's presence, size and header, and every chunk's
-    hash (``deep``: also decode and check the raw hash). Raises
-    CheckpointNotFoundError when there is no manifest at all."""
+    hash (``deep``: also decode and check the raw hash). ``path`` is a local path,
+    an fsspec URL or a Storage. Raises CheckpointNotFoundError when there is no
+    manifest at all."""
+    storage = open_storage(path, storage_options)
     damage: list[Damage] = []
     try:
         m = read_manifest(storage)

@@ -213,6 +213,11 @@ class WriterPool:
                 self._pool = pool
             return self._pool
 
+    def start_async(self) -> None:
+        """Start the writers in the background (e.g. while the first save stages)."""
+        if self._pool is None and not self._lock.locked():
+            threading.Thread(target=self.get, name="ckptstore-writer-start", daemon=True).start()
+
     def pids(self) -> list[int]:
         pool = self._pool
         return list(pool._processes) if pool is not None else []  # type: ignore[attr-defined]
