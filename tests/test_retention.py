@@ -1,0 +1,125 @@
+"""Retention: the pure selection, and a property test over random runs with saves,
+crashes in the middle of retention, torn saves and restarts."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import ckptstore
+from ckptstore.checkpointer import check_quick
+from ckptstore.retention import Best, Policy, select_keep, step_name
+from ckptstore.storage import LocalStorage
+
+policies = st.builds(
+    Policy,
+    keep_last=st.none() | st.integers(1, 4),
+    keep_every=st.none() | st.integers(2, 5),
+    keep_best=st.none() | st.builds(Best, st.just("loss"), st.sampled_from(["min", "max"]),
+                                    st.integers(1, 2)))
+
+
+@given(steps=st.dictionaries(st.integers(0, 60), st.floats(0, 10) | st.none(), max_size=20),
+       policy=policies, protected=st.sets(st.integers(0, 60), max_size=4))
+def test_select_keep_keeps_what_the_policy_names(steps, policy, protected):
+    metrics = {s: (None if v is None else {"loss": v}) for s, v in steps.items()}
+    keep = select_keep(metrics, policy, protected)
+    assert keep <= set(steps)
+    if not steps:
+        return
+    order = sorted(steps)
+    assert order[-1] in keep
+    assert set(protected) & set(steps) <= keep
+    if policy.keeps_all:
+        assert keep == set(steps)
+    if policy.keep_last:
+        assert set(order[-policy.keep_last:]) <= keep
+    if policy.keep_every:
+        assert {s for s in order if s % policy.keep_every == 0} <= keep
+    b = policy.keep_best
+    if b is not None:
+        scored = [v for v in steps.values() if v is not None]
+        if scored:
+            target = min(scored) if b.mode == "min" else max(scored)
+            assert any(steps[s] == target for s in keep)
+
+
+class Crash(Exception):
+    """A simulated process death in the middle of retention."""
+
+
+class CrashingStorage(LocalStorage):
+    """Local storage that dies after ``budget[0]`` more deletions."""
+
+    def __init__(self, root, budget: list) -> None:
+        super().__init__(root)
+        self.budget = budget
+
+    def child(self, name: str) -> "CrashingStorage":
+        return CrashingStorage(self.path(name), self.budget)
+
+    def remove(self, name: str) -> None:
+        self.budget[0] -= 1
+        if self.budget[0] < 0:
+            raise Crash(f"crash while removing {name}")
+        super().remove(name)
+
+
+ops = st.lists(st.one_of(
+    st.tuples(st.just("save"), st.floats(0, 10)),
+    st.tuples(st.just("crashy_save"), st.floats(0, 10), st.integers(0, 3)),
+    st.tuples(st.just("torn"), st.just(0)),
+    st.tuples(st.just("restart"), st.just(0)),
+), min_size=1, max_size=8)
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(plan=ops, keep_last=st.integers(1, 3), keep_every=st.none() | st.integers(2, 4),
+       best=st.booleans())
+def test_random_runs_never_lose_a_kept_checkpoint(tmp_path_factory, plan, keep_last,
+                                                  keep_every, best):
+    root = tmp_path_factory.mktemp("run")
+    frozen = torch.arange(4096, dtype=torch.float32)
+    budget = [10 ** 9]
+    kw = dict(keep_last=keep_last, keep_every=keep_every,
+              keep_best=("loss", "min", 1) if best else None)
+    ck = ckptstore.Checkpointer(CrashingStorage(root, budget), **kw)
+    saved: dict[int, float] = {}
+    step = 0
+    for op in plan:
+        if op[0] in ("save", "crashy_save"):
+            step += 1
+            budget[0] = op[2] if op[0] == "crashy_save" else 10 ** 9
+            ck.save(step, {"frozen": frozen, "w": torch.full((64,), float(step))},
+                    metrics={"loss": op[1]})
+            try:
+                ck.wait()
+            except Crash:  # the process died during retention: start over
+                ck = ckptstore.Checkpointer(CrashingStorage(root, budget), **kw)
+            budget[0] = 10 ** 9
+            saved[step] = op[1]
+        elif op[0] == "torn":  # a save that died before its manifest
+            step += 1
+            os.makedirs(root / step_name(step), exist_ok=True)
+            (root / step_name(step) / "shard-00000-0123456789ab.chunks").write_bytes(b"torn")
+        else:
+            ck.close()
+            ck = ckptstore.Checkpointer(CrashingStorage(root, budget), **kw)
+        order = sorted(saved)
+        must = set(order[-keep_last:])
+        if keep_every:
+            must |= {s for s in order if s % keep_every == 0}
+        if best and saved:
+            low = min(saved.values())
+            must |= {max(s for s in saved if saved[s] == low)}
+        for s in must:
+            where = LocalStorage(root / step_name(s))
+            assert check_quick(where) is None, (s, plan)
+            out = ckptstore.load(where)
+            assert out["w"][0].item() == float(s) and torch.equal(out["frozen"], frozen)
+        if saved:
+            assert ck.latest() == max(saved)
+    ck.close()
