@@ -32,8 +32,29 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def write_summary(results: list[dict[str, Any]]) -> str:
+    """One row per dtype x size: limits and the headline ratios of ckptstore (none)."""
+    rows = []
+    peers: list[str] = []
+    for res in results:
+        peers += [k for k, m in res["measurements"].items() if m["kind"] == "peer" and k not in peers]
+    for res in results:
+        ms, r = res["measurements"], res["ratios"].get("ckptstore none", {})
+        cp = ms.get("memcpy") or ms.get("pinned D2H") or {}
+        none = ms.get("ckptstore none", {})
+        rows.append([res["dtype"], fmt_size(res["size"]), cell(cp.get("gbps"), ".2f"),
+                     cell(ms.get("disk", {}).get("gbps"), ".2f"), cell(none.get("stall"), ".3f"),
+                     cell(none.get("gbps"), ".2f"), cell(r.get("stall/memcpy"), ".2f"),
+                     cell(r.get("durable/disk_write"), ".2f")]
+                    + [cell(r.get(f"vs {p}"), ".2f") for p in peers])
+    return ("ckptstore `compression=\"none\"`; ratios are medians of per-repeat paired ratios "
+            "(min–max); `vs peer` > 1 means ckptstore reaches durable faster\n\n"
+            + table(["dtype", "size", "memcpy GB/s", "disk write GB/s", "stall s", "durable GB/s",
+                     "stall ÷ memcpy", "durable ÷ disk write"] + [f"vs {p}" for p in peers], rows))
+
+
 def write_tables(results: list[dict[str, Any]]) -> str:
-    parts = []
+    parts = ["### summary", write_summary(results)]
     for res in results:
         ms, rt = res["measurements"], res["ratios"]
         parts.append(f"### write — {res['dtype']} {fmt_size(res['size'])}: {res['state']}")
@@ -142,3 +163,21 @@ def render(report: dict[str, Any]) -> str:
             f"cache drop: {report.get('cache_drop', '—')}"]
     body = TABLES[mode](report["results"])
     return "\n".join(head) + "\n\n" + body + "\n\n#### targets\n\n" + (targets_md(report["targets"]) or "(none)") + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.report REPORT.json`` — re-render a saved report as Markdown."""
+    import json
+    import sys
+    from pathlib import Path
+
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 1:
+        print("usage: python -m bench.report REPORT.json", file=sys.stderr)
+        return 2
+    print(render(json.loads(Path(args[0]).read_text())))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
