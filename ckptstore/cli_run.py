@@ -112,7 +112,10 @@ def _ls(args) -> int:
         ratio = "-" if s.ratio is None else f"{s.ratio:.3f}"
         lines.append(f"{s.step:>12}  {state:<10} {_human(s.added_bytes):>10} "
                      f"{_human(s.stored_bytes):>10} {ratio:>6}  {age}")
-    _out(args, {"url": root.url, "steps": [asdict(s) for s in steps]}, "\n".join(lines))
+    tier = "local" if root.capabilities.local_path else getattr(root, "protocol", "remote")
+    lines.insert(0, f"{root.url} ({tier})")
+    _out(args, {"url": root.url, "tier": tier, "steps": [asdict(s) for s in steps]},
+         "\n".join(lines))
     return 0
 
 

@@ -210,3 +210,47 @@ def test_cli_ls_fsck_promote(tmp_path, s3_remote, frozen, capsys):
     assert cli_main(["fsck", f"{url}/{step_name(2)}", *_opt_args(opts)]) == 0
     assert cli_main(["ls", url, *_opt_args(opts)]) == 0
     assert "committed" in capsys.readouterr().out
+
+
+def test_manifest_commit_is_create_only(tmp_path, remote, frozen):
+    url, opts, _ = remote
+    root = open_storage(url, opts)
+    assert root.capabilities.create_only and not root.capabilities.rename
+    d = root.child("x")
+    d.put_exclusive("m", b"first")
+    with pytest.raises(FileExistsError):
+        d.put_exclusive("m", b"second")
+    assert d.read("m") == b"first"
+    target = root.child(step_name(1))
+    ckptstore.save(_state(1, frozen), target, blocking=True)
+    with pytest.raises(ckptstore.CheckpointExistsError):
+        ckptstore.save(_state(2, frozen), target, blocking=True)
+    assert_same_tree(ckptstore.load(url + "/" + step_name(1), storage_options=opts),
+                     _state(1, frozen))
+
+
+def test_promotion_never_replaces_a_different_commit(tmp_path, s3_remote, frozen):
+    from ckptstore.promote import promote_step
+
+    url, opts, _ = s3_remote
+    root = open_storage(url, opts)
+    ckptstore.save(_state(1, frozen), tmp_path / step_name(1), blocking=True)
+    first = promote_step(open_storage(tmp_path), root, step_name(1))
+    again = promote_step(open_storage(tmp_path), root, step_name(1))
+    assert not first.already and again.already and again.uploaded_bytes == 0
+    other = tmp_path / "other"
+    ckptstore.save(_state(2, frozen), other / step_name(1), blocking=True)
+    with pytest.raises(ckptstore.CheckpointExistsError):
+        promote_step(open_storage(other), root, step_name(1))
+    assert_same_tree(ckptstore.load(root.child(step_name(1))), _state(1, frozen))
+
+
+def test_storage_pickles_without_live_filesystem(s3_remote):
+    import pickle
+
+    url, opts, _ = s3_remote
+    s = open_storage(url, opts)
+    s.listdir()  # creates the filesystem object
+    clone = pickle.loads(pickle.dumps(s))
+    assert clone == s and clone._fs is None
+    assert clone.listdir() == s.listdir()

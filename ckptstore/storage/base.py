@@ -197,7 +197,14 @@ class LinkedView(Storage):
     def open_write(self, name: str) -> WriteHandle:
         raise PermissionError("a linked checkpoint view is read-only")
 
-    rename = link_exclusive = put_exclusive = lambda self, *a: self.makedirs()  # noqa: E731
+    def rename(self, src: str, dst: str) -> None:
+        self.makedirs()
+
+    def link_exclusive(self, src: str, dst: str) -> None:
+        self.makedirs()
+
+    def put_exclusive(self, name: str, data: bytes) -> None:
+        self.makedirs()
 
     def fsync_dir(self, name: str = "") -> None:
         return None

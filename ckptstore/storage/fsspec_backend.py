@@ -92,6 +92,8 @@ class FsspecStorage(Storage):
             opts.setdefault("use_listings_cache", False)
             if self.protocol in ("gs", "gcs"):
                 opts.setdefault("consistency", "size")
+            if self.protocol in ("s3", "s3a"):  # parts of one multipart upload in flight
+                opts.setdefault("max_concurrency", 4)
             self._fs = fsspec.filesystem(self.protocol, **opts)
         return self._fs
 
