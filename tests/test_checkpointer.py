@@ -148,3 +148,20 @@ def test_load_into_module(tmp_path):
         report = ck.load(into={"model": other.state_dict()})
         assert report.ok
         assert torch.equal(other.weight, model.weight)
+
+
+def test_local_directory_as_remote_tier(tmp_path, frozen):
+    remote = tmp_path / "remote"
+    with ckptstore.Checkpointer(tmp_path / "local", f"file://{remote}", keep_last=1,
+                                remote_keep_last=2) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, _state(s, frozen))
+        ck.wait()
+    assert sorted(os.listdir(remote))[-2:] == [step_name(2), step_name(3)]
+    assert not (remote / step_name(1) / fmt.MANIFEST_NAME).exists()
+    assert (tmp_path / "local" / step_name(3) / fmt.MANIFEST_NAME).exists()
+    assert not (tmp_path / "local" / step_name(2) / fmt.MANIFEST_NAME).exists()
+    for s in (2, 3):
+        report = ckptstore.fsck(remote / step_name(s))
+        assert report.ok, report.damage
+        assert_same_tree(ckptstore.load(remote / step_name(s)), _state(s, frozen))
