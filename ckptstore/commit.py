@@ -45,7 +45,12 @@ class AtomicFile:
         self.size = 0
 
     def __enter__(self) -> "AtomicFile":
-        self.handle = self.storage.open_write(self.target)
+        try:
+            self.handle = self.storage.open_write(self.target)
+        except BaseException:  # an open may fail after creating the file
+            if self.posix:
+                _quietly(lambda: self.storage.remove(self.target))
+            raise
         return self
 
     def write(self, data: memoryview | bytes) -> int:

@@ -349,6 +349,7 @@ def _cleanup(storage: Storage, futures, ring: Ring) -> None:
 
 def _commit(eng: Engine, storage: Storage, futures, ring: Ring, handle: SaveHandle, meta: dict,
             t0: float, overwrite: bool) -> None:
+    data: bytes | None = None
     try:
         results: dict[str, FileResult] = {}
         for fp, f in futures:
@@ -379,7 +380,8 @@ def _commit(eng: Engine, storage: Storage, futures, ring: Ring, handle: SaveHand
                                   time.perf_counter() - t0), None)
         log.debug("committed %s (%d bytes)", storage.url, stored)
     except BaseException as e:  # kept with its own type; raised by wait() or next save()
-        _cleanup(storage, futures, ring)
+        if not _manifest_visible(storage, data):  # else removing shards would tear it
+            _cleanup(storage, futures, ring)
         if isinstance(e, BrokenProcessPool):
             eng.writers.reset()
             err: BaseException = WriterDiedError(
@@ -388,6 +390,19 @@ def _commit(eng: Engine, storage: Storage, futures, ring: Ring, handle: SaveHand
             e = err
         log.error("save to %s failed: %s", storage.url, e)
         handle._finish(None, e)
+
+
+def _manifest_visible(storage: Storage, data: bytes | None) -> bool:
+    """Whether our manifest may be in place although the commit reported an error
+    (e.g. the directory fsync after the link failed); unknown counts as yes."""
+    if data is None:
+        return False
+    try:
+        return storage.read(fmt.MANIFEST_NAME) == data
+    except FileNotFoundError:
+        return False
+    except Exception:
+        return True
 
 
 def _manifest(meta: dict, results: dict[str, FileResult]) -> fmt.Manifest:

@@ -2,13 +2,14 @@
 tensor and chunk instead of stopping at the first."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass
 from typing import Callable
 
 from . import format as fmt
 from .codec import decode_planes, hash_bytes
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import CheckpointNotFoundError, CkptError, CorruptCheckpointError
 from .reader import read_manifest
 from .storage import Storage, open_storage
 from .storage.base import linked
@@ -32,6 +33,35 @@ class Damage:
         if self.file is not None:
             where.append(f"in {self.file}")
         return (" ".join(where) + ": " if where else "") + self.problem
+
+
+def _structure(m: fmt.Manifest) -> list[Damage]:
+    """What ``load`` would refuse before reading data: unknown or unsafe dtypes,
+    sizes that do not fit the shape, a state tree naming missing tensors."""
+    from .tree import safe_numpy_dtype, torch_dtype, unflatten
+
+    damage = []
+    for t in m.tensors:
+        try:
+            itemsize = (torch_dtype(t.dtype).itemsize if t.kind == "torch"
+                        else safe_numpy_dtype(t.dtype).itemsize)
+            if math.prod(t.shape) * itemsize != t.nbytes:
+                raise CorruptCheckpointError(f"{t.nbytes} bytes do not fit shape "
+                                             f"{list(t.shape)} of {t.dtype}")
+        except CkptError as e:
+            damage.append(Damage(fmt.MANIFEST_NAME, t.name, None, str(e)))
+
+    def leaf(kind: str, i: object) -> None:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(m.tensors):
+            raise CorruptCheckpointError(f"state tree refers to tensor {i!r}, which does not exist")
+        if m.tensors[i].kind != ("torch" if kind == "tensor" else "numpy"):
+            raise CorruptCheckpointError(f"state tree expects another kind of array for tensor {i}")
+
+    try:
+        unflatten(m.tree, leaf)
+    except CkptError as e:
+        damage.append(Damage(fmt.MANIFEST_NAME, None, None, f"state tree: {e}"))
+    return damage
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +97,7 @@ def fsck(path: "str | os.PathLike | Storage", *, deep: bool = False,
     except CorruptCheckpointError as e:
         return FsckReport(storage.url, False, 0, 0, 0, 0,
                           (Damage(fmt.MANIFEST_NAME, None, None, f"manifest is damaged: {e}"),))
+    damage.extend(_structure(m))
     storage = linked(storage, m.files)  # incremental saves name older steps' files
     sizes: dict[str, int | None] = {}
     for f in m.files:

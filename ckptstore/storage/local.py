@@ -8,7 +8,10 @@ import stat
 from ..errors import StorageError, UnsafeCheckpointError
 from .base import Capabilities, Storage, WriteHandle, check_name
 
-_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+# O_NONBLOCK: opening a FIFO planted in a checkpoint must not block forever (the
+# S_ISREG check then refuses it); it changes nothing for regular files.
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+               | getattr(os, "O_NONBLOCK", 0))
 _WRITE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_TRUNC
                 | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
 

@@ -1,0 +1,75 @@
+"""``python -m fuzz crash|power|errors|corrupt|parsers|malicious|all --budget SECONDS``."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+FAMILIES = ("crash", "power", "errors", "corrupt", "parsers", "malicious")
+
+
+def run(family: str, budget: float, *, kills: int = 0, seed: int = 0):
+    """Run one family (or ``all``, splitting the budget) and return its Report."""
+    from .common import Budget, Report
+
+    report = Report()
+    if family == "all":
+        for f in FAMILIES:
+            report.merge(run(f, budget / len(FAMILIES), kills=kills, seed=seed))
+        return report
+    b = Budget(budget)
+    if family == "crash":
+        from . import crash
+
+        if kills:
+            crash.sweep(report, Budget(budget / 2), seed=seed)
+            crash.blackbox(report, b, kills, seed=seed)
+        else:
+            crash.sweep(report, b, seed=seed)
+    elif family == "power":
+        from . import power
+
+        power.run(report, b, seed=seed)
+    elif family == "errors":
+        from . import errors
+
+        errors.run(report, b, seed=seed)
+    elif family == "corrupt":
+        from . import corrupt
+
+        corrupt.run(report, b, seed=seed)
+    elif family == "parsers":
+        from . import parsers
+
+        parsers.run(report, b, seed=seed)
+    elif family == "malicious":
+        from . import malicious
+
+        malicious.run(report, b)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fuzz", description=__doc__)
+    p.add_argument("family", choices=FAMILIES + ("all",))
+    p.add_argument("--budget", type=float, default=60.0, help="seconds (split over families for all)")
+    p.add_argument("--kills", type=int, default=0, help="blackbox kills after the sweep (crash)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="OUT", help="also write the counts to this file")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.CRITICAL)  # expected failures log errors by design
+    from .common import write_json
+
+    report = run(args.family, args.budget, kills=args.kills, seed=args.seed)
+    payload = dict(family=args.family, budget=args.budget, seed=args.seed, **report.to_json())
+    json.dump(payload, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    write_json(args.json, payload)
+    return 1 if payload["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

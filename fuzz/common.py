@@ -1,0 +1,153 @@
+"""Shared pieces of the fuzz harness: reports, deterministic states, the oracle."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import ckptstore
+from ckptstore.errors import CheckpointNotFoundError, CkptError
+
+MODES = ("none", "zstd", "lz4")
+#: small chunks and shards so a tiny state still has several files and chunks
+SMALL = dict(chunk_size=1024, shard_size=2048)
+
+COUNTERS = ("crash_points", "kills", "crash_states", "faults_injected", "corruptions",
+            "fuzz_inputs", "malicious_cases", "failures")
+
+
+@dataclass
+class Report:
+    """Counts of one harness run; ``failures`` must stay 0."""
+
+    counts: dict = field(default_factory=lambda: {k: 0 for k in COUNTERS})
+    details: list = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def fail(self, what: str) -> None:
+        self.counts["failures"] += 1
+        if len(self.details) < 50:
+            self.details.append(what)
+
+    def check(self, ok: bool, what: str) -> bool:
+        if not ok:
+            self.fail(what)
+        return ok
+
+    def merge(self, other: "Report") -> None:
+        for k, v in other.counts.items():
+            self.add(k, v)
+        self.details.extend(other.details[: 50 - len(self.details)])
+
+    def to_json(self) -> dict:
+        return dict(self.counts, seconds=round(time.monotonic() - self.started, 2),
+                    failure_details=self.details)
+
+
+class Budget:
+    """A wall-clock budget; ``left()`` is what remains."""
+
+    def __init__(self, seconds: float) -> None:
+        self.deadline = time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def out(self) -> bool:
+        return self.left() <= 0
+
+
+def make_state(seed: int, scale: int = 1) -> dict:
+    """A small training-like state; equal seeds give bit-identical states."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {"w": torch.randn(48 * scale, 16, generator=g),
+                  "b": torch.randn(40, generator=g).to(torch.bfloat16),
+                  "idx": torch.arange(seed, seed + 33, dtype=torch.int64)},
+        "optim": {"m": torch.randn(3, 5, 7, generator=g, dtype=torch.float64)},
+        "np": np.arange(seed, seed + 20, dtype=np.int32),
+        "step": seed, "config": {"lr": 0.25 * seed, "name": f"run-{seed}"},
+    }
+
+
+def tree_digest(tree: Any) -> str:
+    """A hash of a state tree's structure, types and exact bytes."""
+    h = hashlib.sha256()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            t = x.detach().contiguous().cpu()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, np.ndarray):
+            h.update(f"N{x.dtype}{x.shape}".encode() + x.tobytes())
+        elif isinstance(x, dict):
+            h.update(f"D{type(x).__name__}{len(x)}".encode())
+            for k, v in x.items():
+                h.update(repr(k).encode())
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{type(x).__name__}{len(x)}".encode())
+            for v in x:
+                walk(v)
+        else:
+            h.update(f"V{type(x).__name__}{x!r}".encode())
+
+    walk(tree)
+    return h.hexdigest()
+
+
+def outcome(path: str) -> str:
+    """What a load of ``path`` gives: a tree digest, ``"absent"`` (not committed)
+    or ``"error:<Type>"`` for a typed error; other exceptions propagate."""
+    try:
+        return tree_digest(ckptstore.load(path))
+    except CheckpointNotFoundError:
+        return "absent"
+    except CkptError as e:
+        return f"error:{type(e).__name__}"
+
+
+def fsck_code(path: str, deep: bool = False) -> int:
+    """Exit code of ``ckptstore fsck PATH`` (0 clean, 1 damaged, 2 not a checkpoint)."""
+    import contextlib
+    import io
+
+    from ckptstore.cli import main
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return main(["fsck", path] + (["--deep"] if deep else []))
+
+
+def dir_snapshot(root: str) -> dict[str, str]:
+    """Relative path -> content hash (or link target) of everything below ``root``."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for n in dirs + files:
+            p = os.path.join(d, n)
+            rel = os.path.relpath(p, root)
+            if os.path.islink(p):
+                out[rel] = "link:" + os.readlink(p)
+            elif os.path.isfile(p):
+                with open(p, "rb") as f:
+                    out[rel] = hashlib.sha256(f.read()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return out
+
+
+def write_json(path: str | None, payload: dict) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")

@@ -1,0 +1,236 @@
+"""Crash injection: a kill-point sweep over every I/O call of a save, and blackbox kills.
+
+Kill-point sweep. A clean save of a small state is run once through a
+:class:`~ckptstore.storage.faulty.FaultyStorage` to count its mutating calls (every
+open, write, fsync, close, rename, link, directory fsync of shards and manifest).
+Then, for every call k, a fresh process saves the same state and SIGKILLs its
+whole process group (trainer and writers, like a lost node) just before or just
+after call k. Two scenarios per compression mode: a new step next to a committed
+one, and ``overwrite=True`` over a committed one.
+
+Oracle after each kill: the previously committed checkpoint loads bit-identical
+(or, for an overwrite, exactly one of old/new loads); the new one either loads
+bit-identical or is absent (``load`` raises CheckpointNotFoundError and ``fsck``
+exits 2), never a mix; once the manifest's link/rename has run the new one must
+load (nothing committed is lost); and a new save to the same path then succeeds.
+
+Blackbox kills: a parent SIGKILLs the trainer, one writer, or the whole group after
+a random delay; the same oracle applies.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import ckptstore
+from ckptstore.errors import CheckpointExistsError
+from ckptstore.storage.faulty import Ledger, ops_of
+
+from .common import MODES, SMALL, Budget, Report, fsck_code, make_state, outcome, tree_digest
+
+OLD_SEED, NEW_SEED = 1, 2
+
+
+class Zygote:
+    """A fork server (``python -m fuzz.child --serve``): torch is imported once and
+    every saving process is a fork of it, so a kill point costs a fork, not a start."""
+
+    def __init__(self, tmp: str) -> None:
+        env = dict(os.environ, CKPTSTORE_WRITERS="1")  # one writer: a deterministic call order
+        self.tmp = tmp
+        self.log = open(os.path.join(tmp, "zygote.log"), "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "fuzz.child", "--serve"], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True,
+                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def run(self, spec: dict) -> tuple[int, dict]:
+        """Run one save; returns (exit status, the child's JSON answer or {})."""
+        result = os.path.join(self.tmp, "result.json")
+        spec = dict(spec, result=result)
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the fuzz fork server died; see zygote.log")
+        status = json.loads(line)["status"]
+        try:
+            with open(result) as f:
+                text = f.read().strip()
+            os.unlink(result)
+        except FileNotFoundError:
+            text = ""
+        return status, (json.loads(text.splitlines()[-1]) if text else {})
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+    def __enter__(self) -> "Zygote":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _base(tmp: str, mode: str) -> str:
+    """A run directory holding one committed checkpoint, ``step-1``."""
+    base = os.path.join(tmp, f"base-{mode}")
+    if not os.path.exists(base):
+        ckptstore.save(make_state(OLD_SEED), os.path.join(base, "step-1"), compression=mode,
+                       blocking=True, **SMALL)
+    return base
+
+
+def _commit_index(journal: list[dict]) -> int:
+    """The mutating-call index of the manifest's link/rename (0 if none)."""
+    for r in journal:
+        if r["op"] in ("link_exclusive", "rename", "put_exclusive") and \
+                r.get("dst", r["name"]).rpartition("/")[2] == "manifest.json":
+            return r["index"]
+    return 0
+
+
+class Case:
+    """One (mode, scenario) pair: its base directory and clean-save call count."""
+
+    def __init__(self, tmp: str, zygote: Zygote, mode: str, scenario: str) -> None:
+        self.mode, self.scenario = mode, scenario
+        self.base = _base(tmp, mode)
+        self.tmp = tmp
+        self.old = tree_digest(make_state(OLD_SEED))
+        self.new = tree_digest(make_state(NEW_SEED))
+        run = self.fresh("count")
+        ledger = Ledger(os.path.join(tmp, f"ledger-{mode}-{scenario}"))
+        status, _ = zygote.run(self.spec(run, ledger))
+        if status != 0:
+            raise RuntimeError(f"clean save failed with status {status} ({mode}, {scenario})")
+        ops = ops_of(ledger.journal())
+        self.total = len(ops)
+        self.commit_at = _commit_index(ops)
+        ledger.remove()
+        shutil.rmtree(run)
+
+    def fresh(self, tag: str) -> str:
+        run = os.path.join(self.tmp, f"run-{self.mode}-{self.scenario}-{tag}")
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(self.base, run)
+        return run
+
+    def target(self, run: str) -> str:
+        return os.path.join(run, "step-1" if self.scenario == "overwrite" else "step-2")
+
+    def spec(self, run: str, ledger: Ledger, **kw) -> dict:
+        return dict(target=self.target(run), ledger=ledger.path, mode=self.mode, seed=NEW_SEED,
+                    overwrite=self.scenario == "overwrite", **kw)
+
+    def check(self, report: Report, run: str, status: int, answer: dict, what: str,
+              must_be_new: bool = False, failed: bool = False) -> None:
+        """The oracle (see the module docstring), then a recovery save. ``failed``:
+        the save reported an error, so the new checkpoint must not be committed."""
+        if status not in (0, -signal.SIGKILL) and not failed:
+            report.fail(f"{what}: saving process ended with status {status} {answer}")
+        target = self.target(run)
+        got = outcome(target)
+        if self.scenario == "new":
+            report.check(outcome(os.path.join(run, "step-1")) == self.old,
+                         f"{what}: the committed step-1 changed")
+            allowed = {self.new} if (must_be_new or status == 0) else {self.new, "absent"}
+        else:
+            allowed = {self.new} if (must_be_new or status == 0) else {self.old, self.new}
+        if failed:
+            allowed = {"absent" if self.scenario == "new" else self.old}
+        if not report.check(got in allowed, f"{what}: load gave {got}, allowed {sorted(allowed)}"):
+            return
+        code = fsck_code(target)
+        report.check(code == (2 if got == "absent" else 0), f"{what}: fsck exited {code} ({got})")
+        if got == self.new:
+            return
+        try:  # recovery: the same save again, over the debris of the killed one
+            ckptstore.save(make_state(NEW_SEED), target, compression=self.mode, blocking=True,
+                           overwrite=self.scenario == "overwrite", **SMALL)
+        except CheckpointExistsError as e:
+            report.fail(f"{what}: recovery save refused: {e}")
+            return
+        report.check(outcome(target) == self.new, f"{what}: recovery save does not load")
+
+
+def sweep(report: Report, budget: Budget, *, modes=MODES, scenarios=("new", "overwrite"),
+          seed: int = 0) -> None:
+    """The kill-point sweep; exhaustive when the budget allows, else a random sample."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="fuzz-crash-") as tmp, Zygote(tmp) as zygote:
+        # Cases are built lazily and visited round-robin, so a short budget still
+        # samples every (mode, scenario) and a long one is exhaustive.
+        pending = [(m, s) for m in modes for s in scenarios]
+        rng.shuffle(pending)
+        queues: list[tuple[Case, list]] = []
+        while pending or any(pts for _, pts in queues):
+            if budget.out():
+                break
+            if pending:
+                c = Case(tmp, zygote, *pending.pop())
+                pts = [(k, when) for k in range(1, c.total + 1) for when in ("before", "after")]
+                rng.shuffle(pts)
+                queues.append((c, pts))
+            for c, pts in queues:
+                if not pts or budget.out():
+                    continue
+                k, when = pts.pop()
+                _kill_point(report, tmp, zygote, c, k, when)
+
+
+def _kill_point(report: Report, tmp: str, zygote: Zygote, c: Case, k: int, when: str) -> None:
+    """Kill one save at call ``k`` and check the oracle."""
+    run = c.fresh(f"{k}-{when}")
+    ledger = Ledger(os.path.join(tmp, "ledger"))
+    status, answer = zygote.run(c.spec(run, ledger, kill_at=k, kill_when=when))
+    ledger.remove()
+    report.add("crash_points")
+    if status == -signal.SIGKILL:
+        report.add("kills")
+    else:
+        report.fail(f"kill at {c.mode}/{c.scenario} call {k} {when} did not happen "
+                    f"(status {status} {answer})")
+    done = k > c.commit_at or (k == c.commit_at and when == "after")
+    c.check(report, run, status, answer, f"{c.mode}/{c.scenario} kill {when} call {k}",
+            must_be_new=done and c.commit_at > 0)
+    shutil.rmtree(run, ignore_errors=True)
+
+
+def blackbox(report: Report, budget: Budget, kills: int, *, seed: int = 0) -> None:
+    """Kill the trainer, a writer or both after random delays, ``kills`` times."""
+    rng = random.Random(seed)
+    with tempfile.TemporaryDirectory(prefix="fuzz-kill-") as tmp, Zygote(tmp) as zygote:
+        cases = {}
+        for i in range(kills):
+            if budget.out():
+                break
+            mode, scenario = rng.choice(MODES), rng.choice(("new", "overwrite"))
+            if (mode, scenario) not in cases:
+                cases[mode, scenario] = Case(tmp, zygote, mode, scenario)
+            c = cases[mode, scenario]
+            run = c.fresh(f"bb-{i}")
+            ledger = Ledger(os.path.join(tmp, "ledger"))
+            victim = rng.choice(("group", "trainer", "writer"))
+            spec = c.spec(run, ledger, blackbox=dict(victim=victim, delay=rng.uniform(0, 0.6)))
+            status, answer = zygote.run(spec)
+            ledger.remove()
+            report.add("kills")
+            failed = victim == "writer" and status == 3 and answer.get("error") == "WriterDiedError"
+            c.check(report, run, status, answer, f"blackbox {victim} kill #{i} {mode}/{scenario}",
+                    failed=failed)
+            shutil.rmtree(run, ignore_errors=True)

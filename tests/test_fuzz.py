@@ -1,0 +1,108 @@
+"""Short runs of every harness family (python -m fuzz ...) with small budgets, and
+checks that each oracle can fail."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from fuzz import corrupt, crash, errors, parsers, power
+from fuzz.__main__ import main as fuzz_main
+from fuzz.common import Budget, Report
+
+
+def _assert_clean(report: Report, key: str) -> None:
+    assert report.counts["failures"] == 0, report.details
+    assert report.counts[key] > 0, report.counts
+
+
+@pytest.mark.timeout(300)
+def test_crash_sweep_and_blackbox_kills():
+    report = Report()
+    crash.sweep(report, Budget(35), modes=("lz4", "none"), seed=1)
+    crash.blackbox(report, Budget(12), 3, seed=1)
+    _assert_clean(report, "crash_points")
+    assert report.counts["kills"] >= report.counts["crash_points"]
+
+
+@pytest.mark.timeout(300)
+def test_power_loss_states():
+    report = Report()
+    power.run(report, Budget(15))
+    _assert_clean(report, "crash_states")
+
+
+@pytest.mark.timeout(300)
+def test_power_oracle_catches_missing_fsyncs():
+    """Replaying a journal without its fsyncs must produce torn states."""
+    report = Report()
+    power.run(report, Budget(8), modes=("zstd",), drop=("fsync",))
+    assert report.counts["failures"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_error_injection():
+    report = Report()
+    errors.run(report, Budget(30), modes=("zstd", "none"))
+    _assert_clean(report, "faults_injected")
+
+
+@pytest.mark.timeout(300)
+def test_corruption_matrix():
+    report = Report()
+    corrupt.run(report, Budget(10), seed=2)
+    _assert_clean(report, "corruptions")
+
+
+def test_corruption_oracle_notices_a_blind_fsck(monkeypatch, tmp_path):
+    """If fsck saw nothing, the matrix must report failures."""
+    import random
+
+    from ckptstore.verify import FsckReport
+
+    s = corrupt.Subject(str(tmp_path), "zstd")
+    shutil.copytree(s.path, os.path.join(str(tmp_path), "work-zstd"))
+    monkeypatch.setattr(corrupt, "fsck", lambda storage, deep=False: FsckReport(
+        "x", True, 0, 0, 0, 0, ()))
+    report = Report()
+    for label, name, new in list(s.mutations(random.Random(0)))[-20:]:
+        corrupt.check(report, s, label, name, new, cli=False)
+    assert report.counts["failures"] > 0
+
+
+@pytest.mark.timeout(300)
+def test_parsers():
+    report = Report()
+    parsers.run(report, Budget(12))
+    _assert_clean(report, "fuzz_inputs")
+
+
+def test_crash_oracle_notices_a_torn_checkpoint(tmp_path):
+    """A manifest whose shard is gone must fail the crash oracle."""
+    import ckptstore
+    from fuzz.common import SMALL, make_state
+
+    run = tmp_path / "run"
+    ckptstore.save(make_state(1), run / "step-1", compression="zstd", blocking=True, **SMALL)
+    ckptstore.save(make_state(2), run / "step-2", compression="zstd", blocking=True, **SMALL)
+    os.unlink(run / "step-2" / sorted(n for n in os.listdir(run / "step-2")
+                                      if n.startswith("shard-"))[0])
+    case = object.__new__(crash.Case)
+    case.mode, case.scenario = "zstd", "new"
+    case.old, case.new = (crash.tree_digest(make_state(s)) for s in (1, 2))
+    report = Report()
+    case.check(report, str(run), -9, {}, "torn")
+    assert report.counts["failures"] > 0
+
+
+def test_cli_writes_json_counts(tmp_path, capsys):
+    out = tmp_path / "counts.json"
+    code = fuzz_main(["malicious", "--budget", "60", "--json", str(out)])
+    counts = json.loads(out.read_text())
+    assert code == 0 and counts["failures"] == 0 and counts["malicious_cases"] > 10
+    for key in ("crash_points", "kills", "crash_states", "faults_injected", "corruptions",
+                "fuzz_inputs"):
+        assert key in counts
+    assert json.loads(capsys.readouterr().out)["malicious_cases"] == counts["malicious_cases"]
