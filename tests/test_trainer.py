@@ -121,16 +121,23 @@ def test_config_file_then_flags(tmp_path):
     assert cfg.remat == "full" and cfg.model_dims()["width"] == 96 and cfg.model_dims()["depth"] == 2
 
 
-@pytest.mark.parametrize("flags, word", [
-    (["--amp", "fp8"], "--amp"),
-    (["--remat", "some"], "--remat"),
-    (["--preset", "tiny", "--width", "65"], "divisible"),
-    (["--batch-size", "3"], "world size"),
-    (["--resume", "latest"], "--resume"),
+@pytest.mark.parametrize("fields, word", [
+    ({"amp": "fp8"}, "--amp"),
+    ({"remat": "some"}, "--remat"),
+    ({"preset": "tiny", "width": 65}, "divisible"),
+    ({"batch_size": 3}, "world size"),
+    ({"resume": "latest"}, "--resume"),
+    ({"steps": 5, "warmup_steps": 10}, "--warmup-steps"),
 ])
-def test_config_validation_names_the_problem(flags, word):
+def test_config_validation_names_the_problem(fields, word):
     with pytest.raises(ConfigError, match=word):
-        parse_config(flags).validate(world_size=2)
+        TrainConfig(**fields).validate(world_size=2)
+
+
+def test_cli_rejects_unknown_choices(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--amp", "fp8"])
+    assert "invalid choice" in capsys.readouterr().err
 
 
 def test_config_file_rejects_unknown_keys(tmp_path):

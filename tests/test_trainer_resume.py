@@ -24,12 +24,13 @@ except (AttributeError, ImportError) as exc:  # the run manager is not in this t
     pytest.skip(f"ckptstore.Checkpointer unavailable: {exc}", allow_module_level=True)
 
 STEPS = 10
+GRAD_ACCUM = 2  # micro-batches per step: the FSDP2 no-sync path is exercised too
 
 
 def args(out_dir, *extra: str) -> list[str]:
     return ["--preset", "tiny", "--steps", str(STEPS), "--batch-size", "4", "--lr", "1e-2",
             "--warmup-steps", "2", "--out-dir", str(out_dir), "--ckpt-every-steps", "2",
-            "--val-every", "5", "--log-every", "1", *extra]
+            "--val-every", "5", "--log-every", "1", "--grad-accum", str(GRAD_ACCUM), *extra]
 
 
 def step_losses(run_dir) -> dict[int, list[float]]:
@@ -111,5 +112,5 @@ def test_sigterm_saves_current_step_and_exits_zero(tmp_path):
     assert emergency and emergency[0]["step"] == last_step >= seen
     assert emergency[0]["signal"] == signal.SIGTERM
     state = final_state(tmp_path, last_step)
-    assert state["step"] == last_step and state["data"]["consumed"] == last_step
+    assert state["step"] == last_step and state["data"]["consumed"] == last_step * GRAD_ACCUM
     assert json.loads(json.dumps(state["config"]))["steps"] == 100

@@ -162,6 +162,10 @@ def _scalar_type(f: dataclasses.Field) -> Any:
     return str
 
 
+_CHOICES: dict[str, Sequence[str]] = {"preset": tuple(PRESETS), "amp": AMP_MODES,
+                                      "remat": REMAT_MODES, "device": DEVICES}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Argument parser with one ``--flag`` per TrainConfig field (all default to 'not given')."""
     parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.split("\n\n")[0],
@@ -170,8 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
         help_text = f.metadata.get("help", f"default: {default}")
-        parser.add_argument(flag, dest=f.name, type=_scalar_type(f), help=help_text,
-                            **({"nargs": "?", "const": True} if "bool" in str(f.type) else {}))
+        extra: dict[str, Any] = {"nargs": "?", "const": True} if "bool" in str(f.type) else {}
+        if f.name in _CHOICES:
+            extra["choices"] = _CHOICES[f.name]
+        parser.add_argument(flag, dest=f.name, type=_scalar_type(f), help=help_text, **extra)
     return parser
 
 

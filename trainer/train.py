@@ -229,9 +229,11 @@ def train(cfg: TrainConfig, backend_factory: Callable[[TrainConfig], Backend] | 
 def _run(cfg: TrainConfig, ctx: DistContext, backend_factory: Callable[[TrainConfig], Backend] | None,
          stop: StopFlag | None) -> list[dict[str, Any]]:
     parts = build_parts(cfg, ctx)
-    if cfg.amp == "fp16" and ctx.device.type == "cpu":
-        log.warning("fp16 autocast on CPU runs, but slowly and only to exercise the GradScaler path; "
-                    "prefer --amp bf16 on CPU")
+    if cfg.amp != "none" and ctx.device.type == "cpu":
+        log.warning("--amp %s on CPU works but runs 10x slower or worse without native %s matmuls "
+                    "(this CPU: %s); it is here to exercise the %s path, use --amp none for speed",
+                    cfg.amp, cfg.amp, torch.backends.cpu.get_cpu_capability(),
+                    "GradScaler" if cfg.amp == "fp16" else "autocast")
     metrics = MetricsLog(cfg.metrics_path, enabled=ctx.is_main, log_every=cfg.log_every)
     ckpt = TrainCheckpointer(parts, backend_factory)
     if stop is None:
