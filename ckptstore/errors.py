@@ -71,3 +71,20 @@ class TransientStorageError(StorageError):
 
 class CkptTimeoutError(CkptError, TimeoutError):
     """A wait ran past its timeout."""
+
+
+class DistributedSaveError(CkptError, RuntimeError):
+    """A save by several ranks was not committed because some ranks failed.
+
+    Every rank raises the same error; ``failures`` holds one
+    ``(rank, phase, error type, message)`` tuple per failure (phase is ``"plan"``,
+    ``"stage"``, ``"write"``, ``"commit"`` or ``"collective"``)."""
+
+    def __init__(self, message: str, failures: tuple = ()) -> None:
+        super().__init__(message)
+        self.failures = tuple(failures)
+
+    @property
+    def ranks(self) -> tuple:
+        """The ranks that failed, in order."""
+        return tuple(sorted({f[0] for f in self.failures if isinstance(f[0], int)}))

@@ -42,7 +42,12 @@ class ChunkRecord:
 @dataclass(frozen=True, slots=True)
 class TensorRecord:
     """A tensor (``kind="torch"``) or numpy array (``kind="numpy"``) and its chunks,
-    in order: their raw bytes concatenated are the array's C-contiguous bytes."""
+    in order: their raw bytes concatenated are the array's C-contiguous bytes.
+
+    A tensor saved by several ranks has ``shards`` (:class:`ShardRecord`, which tile
+    ``shape``): its chunks are then each shard's C-contiguous bytes in turn, every
+    shard starting on a chunk boundary. Empty ``shards`` means one whole tensor.
+    """
 
     name: str
     kind: str
@@ -51,6 +56,17 @@ class TensorRecord:
     nbytes: int
     digest: str
     chunks: tuple
+    shards: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRecord:
+    """A box of a sharded tensor: ``shape`` elements from ``offsets`` (global
+    coordinates); its bytes are the next ``nchunks`` chunks of the tensor record."""
+
+    offsets: tuple
+    shape: tuple
+    nchunks: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +147,9 @@ def encode(m: Manifest) -> bytes:
                      "nbytes": t.nbytes, "digest": t.digest,
                      "chunks": [[c.file, c.offset, c.length, c.raw_length, c.group,
                                  [list(p) for p in c.planes], c.hash, c.raw_hash]
-                                for c in t.chunks]}
+                                for c in t.chunks],
+                     **({"shards": [[list(h.offsets), list(h.shape), h.nchunks] for h in t.shards]}
+                        if t.shards else {})}
                     for t in m.tensors],
         "tree": m.tree,
     }
@@ -244,7 +262,10 @@ def _build(obj: dict) -> Manifest:
                 dtype=_str(t["dtype"], "dtype"),
                 shape=tuple(_int(d, "dimension", 1 << 48) for d in t["shape"]),
                 nbytes=_int(t["nbytes"], "tensor size"), digest=_str(t["digest"], "digest"),
-                chunks=chunks))
+                chunks=chunks, shards=tuple(ShardRecord(
+                    offsets=tuple(_int(d, "shard offset", 1 << 48) for d in h[0]),
+                    shape=tuple(_int(d, "shard dimension", 1 << 48) for d in h[1]),
+                    nchunks=_int(h[2], "shard chunk count")) for h in t.get("shards", ()))))
         m = Manifest(
             schema_version=obj["schema_version"], writer=obj.get("writer", {}),
             created=str(obj.get("created", "")), save_id=_str(obj["save_id"], "save_id"),
@@ -302,8 +323,51 @@ def validate(m: Manifest) -> None:
         if total != t.nbytes:
             raise CorruptCheckpointError(
                 f"tensor {t.name!r}: chunks hold {total} bytes, the tensor needs {t.nbytes}")
+        if t.shards:
+            validate_shards(t)
     for name, rs in ranges.items():
         rs.sort()
         for (a0, a1, wa), (b0, b1, wb) in zip(rs, rs[1:]):
             if b0 < a1:
                 raise UnsafeCheckpointError(f"{wa} and {wb} overlap in file {name!r}")
+
+
+def validate_shards(t: TensorRecord) -> None:
+    """Shards must tile the tensor as a grid (each dimension cut into disjoint
+    intervals, every combination present once) and own whole chunks."""
+    nd = len(t.shape)
+    if t.nbytes % max(math.prod(t.shape), 1):
+        raise CorruptCheckpointError(f"tensor {t.name!r}: {t.nbytes} bytes do not fit its shape")
+    itemsize = t.nbytes // max(math.prod(t.shape), 1)
+    cuts: list[set] = [set() for _ in range(nd)]
+    boxes = set()
+    first = 0
+    for h in t.shards:
+        if len(h.offsets) != nd or len(h.shape) != nd or not all(h.shape):
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shard {h.offsets} is malformed")
+        if any(o + n > d for o, n, d in zip(h.offsets, h.shape, t.shape)):
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shard {h.offsets} lies outside {t.shape}")
+        box = tuple(zip(h.offsets, h.shape))
+        if box in boxes:
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shard {h.offsets} is listed twice")
+        boxes.add(box)
+        for d, iv in enumerate(box):
+            cuts[d].add(iv)
+        raw = sum(c.raw_length for c in t.chunks[first:first + h.nchunks])
+        if h.nchunks < 1 or first + h.nchunks > len(t.chunks) or raw != math.prod(h.shape) * itemsize:
+            raise CorruptCheckpointError(f"tensor {t.name!r}: shard {h.offsets} does not own "
+                                         "whole chunks of its size")
+        first += h.nchunks
+    if first != len(t.chunks):
+        raise CorruptCheckpointError(f"tensor {t.name!r}: chunks left over after its shards")
+    for d, ivs in enumerate(cuts):
+        end = 0
+        for o, n in sorted(ivs):
+            if o != end:
+                raise UnsafeCheckpointError(f"tensor {t.name!r}: shards overlap or leave a gap "
+                                            f"in dimension {d}")
+            end = o + n
+        if end != t.shape[d]:
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shards do not cover dimension {d}")
+    if len(boxes) != math.prod(len(c) for c in cuts):
+        raise UnsafeCheckpointError(f"tensor {t.name!r}: shards do not tile its shape")

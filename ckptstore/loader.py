@@ -33,6 +33,16 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     """
     storage = open_storage(path, storage_options)
     manifest = read_manifest(storage)
+    from .distributed import holds_dtensor
+
+    if any(t.shards for t in manifest.tensors) or holds_dtensor(into):  # saved or loaded sharded
+        if rename is not None or keys is not None:
+            raise NotImplementedError("rename= and keys= are not supported yet for sharded "
+                                      "checkpoints or DTensor targets")
+        from .distributed.reshard import load_resharded
+
+        return load_resharded(storage, manifest, into=into, strict=strict, verify=verify,
+                              cast=cast)
     if rename is not None or keys is not None:
         from .lazy import partial_load
 

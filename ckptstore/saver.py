@@ -146,7 +146,8 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
          byte_grouping: bool = True, staging_budget: int | None = None,
          chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD,
          if_busy: str = "wait", overwrite: bool = False,
-         storage_options: dict | None = None, base: str | None = None) -> SaveHandle:
+         storage_options: dict | None = None, base: str | None = None,
+         distributed: bool | None = None) -> SaveHandle:
     """Snapshot ``state`` and write it to ``path`` in the background.
 
     Returns once every tensor is copied into staging memory; training may then
@@ -173,7 +174,22 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
             parent directory); chunks whose bytes equal that checkpoint's chunk of the
             same tensor are not written again, the manifest references its file.
             Only for compressed saves (plain safetensors shards must be whole).
+        distributed: collective save by every rank of the process group (each writes
+            its own shards, rank 0 commits; see docs/distributed.md). Default: when
+            ``state`` holds DTensors.
     """
+    from .distributed import wants_distributed_save
+
+    if wants_distributed_save(state, distributed):
+        if base is not None:
+            raise ValueError("incremental saves (base=...) are not supported for distributed saves")
+        from .distributed.dsave import save as distributed_save
+
+        return distributed_save(state, path, compression=compression, blocking=blocking,
+                                metadata=metadata, zstd_level=zstd_level,
+                                byte_grouping=byte_grouping, staging_budget=staging_budget,
+                                chunk_size=chunk_size, shard_size=shard_size, if_busy=if_busy,
+                                overwrite=overwrite, storage_options=storage_options)
     if compression not in COMPRESSION:
         raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
     if if_busy not in ("wait", "raise"):

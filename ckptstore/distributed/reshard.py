@@ -1,0 +1,269 @@
+"""Loading sharded checkpoints on any number of ranks: each rank reads only the
+chunks that hold the boxes it needs.
+
+A box read intersects the wanted box with every stored shard of the tensor; for each
+overlap it reads the rows of that shard the overlap spans (a contiguous byte range
+of the shard, so chunk-granular and row-aligned), verifies each chunk's hash, and
+copies the overlap into place. Saved at N ranks, loaded at M: the boxes of the M
+ranks come from their own DTensors (``__create_chunk_list__``), so any placement DCP
+understands works, and M = 1 without a process group assembles whole tensors.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from .. import format as fmt
+from ..errors import CorruptCheckpointError, StrictLoadError
+from ..into import LoadReport, leaves_of
+from ..reader import READ_THREADS, check_headers, read_chunk, read_tensors
+from ..storage import Storage
+from ..tree import torch_dtype, unflatten
+from .shards import is_dtensor
+
+
+@dataclass(frozen=True, slots=True)
+class Ref:
+    """A leaf of the saved tree, not read yet."""
+
+    kind: str  # "tensor" | "ndarray"
+    index: int
+
+
+def _storage_for(storage: Storage, manifest: fmt.Manifest) -> Storage:
+    try:  # incremental saves name files of older steps (ckptstore.storage.base.linked)
+        from ..storage.base import linked  # type: ignore[attr-defined]
+    except ImportError:
+        return storage
+    return linked(storage, manifest.files)
+
+
+def whole_shards(rec: fmt.TensorRecord) -> tuple:
+    """A record's shards; an unsharded tensor is one shard covering it."""
+    return rec.shards or (fmt.ShardRecord((0,) * len(rec.shape), tuple(rec.shape),
+                                          len(rec.chunks)),)
+
+
+class BoxRead:
+    """Plan the chunk reads of one box of one tensor, then assemble it.
+
+    ``jobs`` are ``(record, chunk index, byte view)`` to run (in any order, in
+    parallel); ``finish()`` returns the box as a tensor of shape ``sizes``.
+    """
+
+    def __init__(self, rec: fmt.TensorRecord, offsets: tuple, sizes: tuple) -> None:
+        self.rec, self.offsets, self.sizes = rec, tuple(offsets), tuple(sizes)
+        self.dtype = torch_dtype(rec.dtype)
+        itemsize = self.dtype.itemsize
+        if math.prod(rec.shape) * itemsize != rec.nbytes:
+            raise CorruptCheckpointError(f"tensor {rec.name!r}: {rec.nbytes} bytes do not fit "
+                                         f"shape {list(rec.shape)} of {rec.dtype}")
+        if len(self.offsets) != len(rec.shape) or any(
+                o < 0 or o + n > d for o, n, d in zip(self.offsets, self.sizes, rec.shape)):
+            raise ValueError(f"box {self.offsets}+{self.sizes} is outside tensor {rec.name!r} "
+                             f"of shape {list(rec.shape)}")
+        self.out = torch.empty(self.sizes, dtype=self.dtype)
+        self.jobs: list[tuple] = []
+        self._parts: list[tuple] = []
+        if self.out.numel() == 0:
+            return
+        first = 0
+        for h in whole_shards(rec):
+            lo = [max(o, so) for o, so in zip(self.offsets, h.offsets)]
+            hi = [min(o + n, so + sn) for o, n, so, sn in
+                  zip(self.offsets, self.sizes, h.offsets, h.shape)]
+            if all(a < b for a, b in zip(lo, hi)):
+                self._plan_overlap(h, first, lo, hi, itemsize)
+            first += h.nchunks
+
+    def _plan_overlap(self, h: fmt.ShardRecord, first: int, lo: list, hi: list,
+                      itemsize: int) -> None:
+        rec = self.rec
+        if h.shape:  # rows [r0, r1) of the shard hold the overlap
+            row = math.prod(h.shape[1:]) * itemsize
+            r0, r1 = lo[0] - h.offsets[0], hi[0] - h.offsets[0]
+            b0, b1 = r0 * row, r1 * row
+        else:
+            r0 = r1 = 0
+            b0, b1 = 0, itemsize
+        pos, ks = 0, []
+        for k in range(first, first + h.nchunks):
+            n = rec.chunks[k].raw_length
+            if pos < b1 and pos + n > b0:
+                ks.append((k, pos))
+            pos += n
+        start = ks[0][1]
+        end = ks[-1][1] + rec.chunks[ks[-1][0]].raw_length
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        for k, p in ks:
+            self.jobs.append((rec, k, view[p - start:p - start + rec.chunks[k].raw_length]))
+        self._parts.append((h, lo, hi, buf, b0 - start, b1 - start, r1 - r0))
+
+    def finish(self) -> torch.Tensor:
+        for h, lo, hi, buf, a, b, nrows in self._parts:
+            block = buf[a:b].view(self.dtype)
+            if h.shape:
+                block = block.reshape((nrows, *h.shape[1:]))
+                src = block[(slice(None),) + tuple(
+                    slice(l_ - so, h_ - so) for l_, h_, so in zip(lo[1:], hi[1:], h.offsets[1:]))]
+            else:
+                src = block.reshape(())
+            dst = self.out[tuple(slice(l_ - o, h_ - o) for l_, h_, o in zip(lo, hi, self.offsets))]
+            dst.copy_(src)
+        return self.out
+
+
+def run_jobs(storage: Storage, jobs: list, verify: bool, threads: int = READ_THREADS) -> None:
+    """Read and verify chunks into their views, in parallel."""
+    if threads <= 1 or len(jobs) <= 1:
+        for rec, k, view in jobs:
+            read_chunk(storage, rec, k, view, verify)
+        return
+    with cf.ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="ckptstore-read") as ex:
+        for f in [ex.submit(read_chunk, storage, rec, k, view, verify) for rec, k, view in jobs]:
+            f.result()
+
+
+def read_boxes(storage: Storage, manifest: fmt.Manifest, wanted: list[tuple[int, tuple, tuple]],
+               *, verify: bool = True) -> list[torch.Tensor]:
+    """Read ``(tensor index, offsets, sizes)`` boxes; only the chunks they touch."""
+    storage = _storage_for(storage, manifest)
+    reads = [BoxRead(manifest.tensors[i], o, s) for i, o, s in wanted]
+    jobs = [j for r in reads for j in r.jobs]
+    if verify:
+        check_headers(storage, manifest, {rec.chunks[k].file for rec, k, _ in jobs})
+    run_jobs(storage, jobs, verify)
+    return [r.finish() for r in reads]
+
+
+def _refs(manifest: fmt.Manifest) -> Any:
+    def leaf(kind: str, i: Any) -> Ref:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(manifest.tensors):
+            raise CorruptCheckpointError(f"state tree refers to tensor {i!r}, which does not exist")
+        want = "torch" if kind == "tensor" else "numpy"
+        if manifest.tensors[i].kind != want:
+            raise CorruptCheckpointError(f"state tree expects a {want} array for tensor {i}")
+        return Ref(kind, i)
+
+    return unflatten(manifest.tree, leaf)
+
+
+def _read_whole(storage: Storage, manifest: fmt.Manifest, refs: list[Ref],
+                verify: bool) -> dict[int, Any]:
+    """Whole arrays for ``refs``: torch tensors assembled from shards, numpy as saved."""
+    torch_ids = sorted({r.index for r in refs if r.kind == "tensor"})
+    np_ids = {r.index for r in refs if r.kind != "tensor"}
+    recs = manifest.tensors
+    out = dict(zip(torch_ids, read_boxes(
+        storage, manifest, [(i, (0,) * len(recs[i].shape), recs[i].shape) for i in torch_ids],
+        verify=verify)))
+    if np_ids:
+        ids = {id(recs[i]) for i in np_ids}
+        out.update(read_tensors(_storage_for(storage, manifest), manifest, verify=verify,
+                                select=lambda r: id(r) in ids))
+    return out
+
+
+def _substitute(tree: Any, values: Callable[[Ref], Any]) -> Any:
+    if isinstance(tree, Ref):
+        return values(tree)
+    if isinstance(tree, dict):
+        out = type(tree)()
+        for k, v in tree.items():
+            out[k] = _substitute(v, values)
+        return out
+    if isinstance(tree, list):
+        return [_substitute(v, values) for v in tree]
+    if isinstance(tree, tuple):
+        return tuple(_substitute(v, values) for v in tree)
+    return tree
+
+
+def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
+                   strict: bool = True, verify: bool = True, cast: bool = False) -> Any:
+    """``ckptstore.load`` for sharded checkpoints and/or DTensor targets.
+
+    Without ``into``: the whole tree with whole tensors. With ``into`` (a state dict
+    or module, DTensors allowed): each DTensor receives only its local box, read from
+    the chunks that hold it; returns a :class:`LoadReport`.
+    """
+    tree = _refs(manifest)
+    if into is None:
+        refs = [v[0] for v in leaves_of(tree).values() if isinstance(v[0], Ref)]
+        arrays = _read_whole(storage, manifest, refs, verify)
+        return _substitute(tree, lambda r: arrays[r.index])
+    if isinstance(into, torch.nn.Module):
+        into = into.state_dict()
+    src = {k: v[0] for k, v in leaves_of(tree).items()}
+    dst = leaves_of(into)
+    missing, mismatched, actions = [], [], []
+    for name, (value, parent, key) in dst.items():
+        if name not in src:
+            missing.append(name)
+            continue
+        why = _compare(manifest, src[name], value, cast)
+        if why:
+            mismatched.append((name, why))
+        else:
+            actions.append((name, value, parent, key))
+    unexpected = [k for k in src if k not in dst]
+    report = LoadReport((), tuple(missing), tuple(unexpected), tuple(mismatched))
+    if strict and not report.ok:
+        raise StrictLoadError(f"checkpoint does not match the target: {report.summary()}", report)
+    # plan every read first, so all chunks are fetched in one parallel pass
+    boxes, whole = [], []
+    for name, value, parent, key in actions:
+        s = src[name]
+        if isinstance(s, Ref) and is_dtensor(value):
+            (c,) = value.__create_chunk_list__()
+            boxes.append((s.index, tuple(c.offsets), tuple(c.sizes)))
+        elif isinstance(s, Ref):
+            whole.append(s)
+    box_data = dict(zip(range(len(boxes)), read_boxes(storage, manifest, boxes, verify=verify)))
+    arrays = _read_whole(storage, manifest, whole, verify)
+    loaded, b = [], 0
+    with torch.no_grad():
+        for name, value, parent, key in actions:
+            s = src[name]
+            if isinstance(s, Ref) and is_dtensor(value):
+                local = value.to_local()
+                data = box_data[b].reshape(local.shape)
+                b += 1
+                local.copy_(data.to(local.dtype) if cast else data)
+            elif isinstance(value, torch.Tensor):
+                data = arrays[s.index] if isinstance(s, Ref) else s
+                data = torch.from_numpy(data) if isinstance(data, np.ndarray) else data
+                value.copy_(data.to(value.dtype) if cast else data)
+            elif isinstance(value, np.ndarray):
+                np.copyto(value, arrays[s.index] if isinstance(s, Ref) else s,
+                          casting="unsafe" if cast else "no")
+            elif isinstance(parent, (dict, list)):
+                parent[key] = arrays[s.index] if isinstance(s, Ref) else _substitute(
+                    s, lambda r: arrays[r.index])
+            elif parent is not None and value != s:
+                mismatched.append((name, "cannot replace a value inside a tuple"))
+                continue
+            loaded.append(name)
+    return LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched))
+
+
+def _compare(manifest: fmt.Manifest, src: Any, dst: Any, cast: bool) -> str | None:
+    if not isinstance(dst, (torch.Tensor, np.ndarray)):
+        return None
+    if not isinstance(src, Ref):
+        return f"checkpoint holds a {type(src).__name__}, not a tensor"
+    rec = manifest.tensors[src.index]
+    if tuple(rec.shape) != tuple(dst.shape):
+        return f"shape {list(rec.shape)} in checkpoint, {list(dst.shape)} here"
+    here = str(dst.dtype).removeprefix("torch.") if isinstance(dst, torch.Tensor) else dst.dtype.str
+    if rec.dtype != here and not cast:
+        return f"dtype {rec.dtype} in checkpoint, {here} here (pass cast=True to convert)"
+    if isinstance(dst, np.ndarray) and rec.kind != "numpy":
+        return "checkpoint holds a torch tensor, not a numpy array"
+    return None
