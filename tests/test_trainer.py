@@ -318,3 +318,17 @@ def test_find_batch_size_says_it_needs_a_gpu(capsys):
 
     assert main(["--find-batch-size", "--preset", "tiny", "--device", "cpu"]) == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_real_checkpointer_with_remote_tier(tmp_path):
+    """Default backend (ckptstore.Checkpointer): local retention plus a file:// object tier."""
+    ckptstore = pytest.importorskip("ckptstore")
+    remote = f"file://{tmp_path / 'remote'}"
+    cfg = tiny(tmp_path, steps=6, val_every=0, ckpt_every_steps=2, keep_last=1, remote=remote)
+    train(cfg, stop=StopFlag())
+    with ckptstore.Checkpointer(cfg.ckpt_dir) as local:
+        assert local.steps() == [6]  # keep_last=1 locally
+    with ckptstore.Checkpointer(None, remote) as far:
+        assert far.steps() == [2, 4, 6]  # every save promoted
+        state = far.load(4)
+    assert state["step"] == 4 and state["data"] == {"seed": 1337, "consumed": 4}

@@ -61,7 +61,8 @@ def make_backend(cfg: TrainConfig) -> Backend:
     """The real engine: ``ckptstore.Checkpointer`` on the run's local dir (+ optional remote)."""
     import ckptstore  # imported late: the trainer's other parts do not need the engine
 
-    keep_best = ("val_loss", "min", cfg.keep_best) if cfg.keep_best else None
+    # keep_best also narrows the remote tier's retention, so only ask for it when there is a val loss
+    keep_best = ("val_loss", "min", cfg.keep_best) if cfg.keep_best and cfg.val_every else None
     return ckptstore.Checkpointer(cfg.ckpt_dir, cfg.remote, keep_last=cfg.keep_last,
                                   keep_every=cfg.keep_every, keep_best=keep_best,
                                   remote_keep_last=cfg.remote_keep_last,
