@@ -218,6 +218,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
                 f"{storage.url} already holds a committed checkpoint; save to a new path "
                 "or pass overwrite=True")
         handle = SaveHandle(storage.url)
+        eng.writers.start_async()  # the first save overlaps writer start-up with staging
         t0 = time.perf_counter()
         skeleton, leaves = flatten(state)
         save_id = secrets.token_hex(6)
@@ -235,11 +236,10 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         arena = eng.staging.ensure(capacity)
         ring = Ring(arena.size)
         storage.makedirs()
-        pool = eng.writers.get()
         futures: list[tuple[FilePlan, cf.Future]] = []
         try:
             for fp in plan.files:
-                futures.append((fp, _stage_and_submit(pool, storage, arena, ring, fp, plan,
+                futures.append((fp, _stage_and_submit(eng.writers, storage, arena, ring, fp, plan,
                                                       leaves, codec, zstd_level, prev_hashes)))
         except BaseException as e:
             _cleanup(storage, futures, ring)
@@ -311,7 +311,7 @@ def _source_bytes(value: Any) -> torch.Tensor:
     return torch.from_numpy(a.reshape(-1).view(np.uint8)) if a.size else torch.empty(0, dtype=torch.uint8)
 
 
-def _stage_and_submit(pool, storage, arena, ring, fp: FilePlan, plan: SavePlan, leaves,
+def _stage_and_submit(writers: WriterPool, storage, arena, ring, fp: FilePlan, plan: SavePlan, leaves,
                       codec: str, level: int, prev_hashes: dict | None = None) -> cf.Future:
     offset, region = ring.alloc(fp.nbytes)
     side = None
@@ -334,7 +334,7 @@ def _stage_and_submit(pool, storage, arena, ring, fp: FilePlan, plan: SavePlan, 
                             plan.tensors[p.tensor].group,
                             _piece_prev(prev_hashes, p, plan.chunk_size)) for p in fp.pieces)
     job = FileJob(storage, fp.name, fp.header, arena.ref, pieces, plan.chunk_size, codec, level)
-    fut = pool.submit(write_file, job)
+    fut = writers.get().submit(write_file, job)  # get() waits for a pool still starting
     fut.add_done_callback(lambda _f: ring.free(region))
     return fut
 
