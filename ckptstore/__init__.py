@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CkptError,  # noqa: E402
-                     CkptTimeoutError, CorruptCheckpointError, SchemaVersionError,
+                     CkptTimeoutError, CorruptCheckpointError, DistributedSaveError,
+                     SchemaVersionError,
                      StagingBusyError, StorageError, StrictLoadError, TransientStorageError,
                      UnsafeCheckpointError, UnsupportedTypeError, WriterDiedError)
 
@@ -27,6 +28,7 @@ _LAZY = {
     "FsckReport": ("verify", "FsckReport"),
     "Checkpointer": ("checkpointer", "Checkpointer"),
     "open": ("lazy", "open"),
+    "shutdown": ("saver", "shutdown"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,9 +49,10 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ckptstore' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "save", "load", "fsck", "Checkpointer", "SaveHandle", "SaveResult",
+__all__ = ["__version__", "save", "load", "fsck", "open", "shutdown", "Checkpointer", "SaveHandle", "SaveResult",
            "LoadReport", "FsckReport", "CkptError", "CheckpointExistsError",
            "CheckpointNotFoundError", "CkptTimeoutError", "CorruptCheckpointError",
+           "DistributedSaveError",
            "SchemaVersionError", "StagingBusyError", "StorageError", "StrictLoadError",
            "TransientStorageError", "UnsafeCheckpointError", "UnsupportedTypeError",
            "WriterDiedError"]

@@ -18,6 +18,7 @@ import concurrent.futures as cf
 import datetime as _dt
 import json
 import logging
+import multiprocessing.util
 import os
 import platform
 import secrets
@@ -128,7 +129,20 @@ def engine() -> Engine:
         if _engine is None:
             _engine = Engine()
             atexit.register(_shutdown)
+            # A multiprocessing child (e.g. a rank started by torch.multiprocessing.spawn)
+            # exits through os._exit without atexit hooks, after joining its children:
+            # our writers must be stopped first or that join waits forever.
+            multiprocessing.util.Finalize(None, _shutdown, exitpriority=100)
         return _engine
+
+
+def shutdown() -> None:
+    """Wait for the save in flight, stop the writer processes and free staging memory.
+
+    Runs by itself at interpreter exit; call it explicitly where ``atexit`` hooks do
+    not run (e.g. processes started by ``torch.multiprocessing.spawn``). A later
+    ``save()`` starts a new engine."""
+    _shutdown()
 
 
 def _shutdown() -> None:

@@ -98,3 +98,27 @@ def test_load_into_strict_reports_everything_and_changes_nothing(tmp_path):
 def test_load_missing_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError):
         ckptstore.load(tmp_path / "none")
+
+
+SPAWN_SCRIPT = r"""
+import sys, torch, torch.multiprocessing as mp
+
+def run(rank, d):
+    import ckptstore
+    ckptstore.save({"x": torch.ones(3)}, f"{d}/r{rank}").wait()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1],), nprocs=1)
+    print("JOINED")
+"""
+
+
+def test_spawned_child_that_saved_exits(tmp_path):
+    """A torch.multiprocessing child exits via os._exit after joining its children;
+    the engine must stop its writers before that join or the child never exits."""
+    script = tmp_path / "spawn_save.py"
+    script.write_text(SPAWN_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True,
+                         text=True, timeout=120)
+    assert "JOINED" in out.stdout, out.stderr
+    assert (tmp_path / "r0" / "manifest.json").exists()
