@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import format as fmt
-from .errors import (CheckpointNotFoundError, CorruptCheckpointError, SchemaVersionError,
-                     StorageError)
+from .errors import (CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
+                     SchemaVersionError, StorageError)
 from .retention import Best, Policy, drop_step, parse_step, referenced_files, select_keep, step_name
 from .storage import Storage, open_storage
 from .storage.base import linked
@@ -129,6 +129,7 @@ class Checkpointer:
         last = self._last
         if last is not None:
             last._done.wait()  # save() waits for it anyway; the base must be committed
+        self._retire_damaged(step)
         base = self._base_for(step) if self.incremental else None
         opts = {**self.save_options, **kwargs}
         handle = save(state, self.primary.root.child(name), compression=self.compression,
@@ -137,6 +138,30 @@ class Checkpointer:
         self._ensure_worker()
         self._queue.put((step, handle))
         return handle
+
+    def _retire_damaged(self, step: int) -> None:
+        """A run that fell back past a damaged step saves that step again: retire
+        the damaged copy's manifest (its files go to gc) so the new save can commit.
+        An intact committed copy is never replaced."""
+        from .verify import fsck
+
+        where = self.primary.root.child(step_name(step))
+        if not where.exists(fmt.MANIFEST_NAME):
+            return
+        try:
+            report = fsck(where)
+            problem = None if report.ok else "; ".join(str(d) for d in report.damage[:5])
+        except (CorruptCheckpointError, OSError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem is None:
+            raise CheckpointExistsError(
+                f"step {step} is already committed and intact at {where.url}; a Checkpointer "
+                "never replaces an intact checkpoint: delete it first or save another step")
+        log.warning("step %d at %s is damaged (%s); retiring it so it can be saved again",
+                    step, where.url, problem)
+        where.remove(fmt.MANIFEST_NAME)
+        if where.capabilities.fsync:
+            where.fsync_dir()
 
     def _base_for(self, step: int) -> str | None:
         older = [s for s in self._committed(self.primary) if s < step]

@@ -165,3 +165,24 @@ def test_local_directory_as_remote_tier(tmp_path, frozen):
         report = ckptstore.fsck(remote / step_name(s))
         assert report.ok, report.damage
         assert_same_tree(ckptstore.load(remote / step_name(s)), _state(s, frozen))
+
+
+def test_resaving_a_damaged_step_after_fallback(tmp_path, frozen):
+    """A run that fell back past a damaged step reaches that step again and saves it."""
+    with ckptstore.Checkpointer(tmp_path, keep_last=5, incremental=False) as ck:
+        for s in (1, 2):
+            ck.save(s, _state(s, frozen))
+        ck.wait()
+        shard = [n for n in os.listdir(tmp_path / step_name(2)) if n.startswith("shard")][0]
+        p = tmp_path / step_name(2) / shard
+        raw = bytearray(p.read_bytes())
+        raw[len(raw) // 2] ^= 0x01  # a flip only chunk hashes see
+        p.write_bytes(bytes(raw))
+        with pytest.warns(CheckpointFallbackWarning):
+            ck.load()
+        assert ck.loaded_step == 1
+        ck.save(2, _state(2, frozen)).wait()  # the resumed run saves step 2 again
+        assert_same_tree(ck.load(2), _state(2, frozen))
+        assert ckptstore.fsck(tmp_path / step_name(2)).ok
+        with pytest.raises(ckptstore.CheckpointExistsError):  # intact: never replaced
+            ck.save(2, _state(2, frozen))
