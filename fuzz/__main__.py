@@ -9,24 +9,25 @@ import sys
 FAMILIES = ("crash", "power", "errors", "corrupt", "parsers", "malicious")
 
 
-def run(family: str, budget: float, *, kills: int = 0, seed: int = 0):
+def run(family: str, budget: float, *, kills: int = 0, seed: int = 0,
+        tiers: tuple = ("local",)):
     """Run one family (or ``all``, splitting the budget) and return its Report."""
     from .common import Budget, Report
 
     report = Report()
     if family == "all":
         for f in FAMILIES:
-            report.merge(run(f, budget / len(FAMILIES), kills=kills, seed=seed))
+            report.merge(run(f, budget / len(FAMILIES), kills=kills, seed=seed, tiers=tiers))
         return report
     b = Budget(budget)
     if family == "crash":
         from . import crash
 
+        share = budget / (len(tiers) + (1 if kills else 0))
+        for tier in tiers:
+            crash.sweep(report, Budget(share), seed=seed, tier=tier)
         if kills:
-            crash.sweep(report, Budget(budget / 2), seed=seed)
             crash.blackbox(report, b, kills, seed=seed)
-        else:
-            crash.sweep(report, b, seed=seed)
     elif family == "power":
         from . import power
 
@@ -58,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help="seconds (split over families for all)")
     p.add_argument("--kills", type=int, default=0, help="blackbox kills after the sweep (crash)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tier", action="append", choices=("local", "s3"),
+                   help="crash sweep tiers (repeatable; default local; s3 runs a moto server)")
     p.add_argument("--json", metavar="OUT", help="also write the counts to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)  # expected failures log errors by design
     from .common import write_json
 
-    report = run(args.family, args.budget, kills=args.kills, seed=args.seed)
+    report = run(args.family, args.budget, kills=args.kills, seed=args.seed,
+                 tiers=tuple(args.tier or ("local",)))
     payload = dict(family=args.family, budget=args.budget, seed=args.seed, **report.to_json())
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")

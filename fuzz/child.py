@@ -14,15 +14,16 @@ import time
 
 def main(spec: dict) -> int:
     import ckptstore
-    from ckptstore.storage import LocalStorage
+    from ckptstore.storage import open_storage
     from ckptstore.storage.faulty import FaultyStorage
 
     from .common import SMALL, make_state
 
+    inner = open_storage(spec["target"], spec.get("options"))
     if spec.get("plain"):
-        storage = LocalStorage(spec["target"])
+        storage = inner
     else:
-        storage = FaultyStorage(LocalStorage(spec["target"]), kill_at=spec.get("kill_at"),
+        storage = FaultyStorage(inner, kill_at=spec.get("kill_at"),
                                 kill_when=spec.get("kill_when", "before"),
                                 kill_scope=spec.get("kill_scope", "group"), ledger=spec["ledger"])
     state = make_state(spec["seed"], spec.get("scale", 1))

@@ -31,6 +31,7 @@ import time
 
 import ckptstore
 from ckptstore.errors import CheckpointExistsError
+from ckptstore.storage import Storage, open_storage
 from ckptstore.storage.faulty import Ledger, ops_of
 
 from .common import MODES, SMALL, Budget, Report, fsck_code, make_state, outcome, tree_digest
@@ -86,13 +87,108 @@ class Zygote:
         self.close()
 
 
-def _base(tmp: str, mode: str) -> str:
-    """A run directory holding one committed checkpoint, ``step-1``."""
-    base = os.path.join(tmp, f"base-{mode}")
-    if not os.path.exists(base):
-        ckptstore.save(make_state(OLD_SEED), os.path.join(base, "step-1"), compression=mode,
-                       blocking=True, **SMALL)
-    return base
+class LocalTier:
+    """Runs are directories below a temp dir."""
+
+    name = "local"
+    options: dict | None = None
+
+    def __init__(self, tmp: str) -> None:
+        self.tmp = tmp
+
+    def join(self, run: str, name: str) -> str:
+        return f"{run}/{name}"
+
+    def storage(self, where: str) -> Storage:
+        return open_storage(where, self.options)
+
+    def base(self, mode: str) -> str:
+        """A run holding one committed checkpoint, ``step-1``."""
+        base = os.path.join(self.tmp, f"base-{mode}")
+        if not os.path.exists(base):
+            ckptstore.save(make_state(OLD_SEED), self.storage(self.join(base, "step-1")),
+                           compression=mode, blocking=True, **SMALL)
+        return base
+
+    def fresh(self, base: str, tag: str) -> str:
+        run = os.path.join(self.tmp, f"run-{tag}")
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(base, run)
+        return run
+
+    def remove(self, run: str) -> None:
+        shutil.rmtree(run, ignore_errors=True)
+
+    def fsck(self, where: str) -> int:
+        return fsck_code(where)
+
+    def close(self) -> None:
+        pass
+
+
+class S3Tier(LocalTier):
+    """Runs are prefixes in a bucket of a moto S3 server started here (the saving
+    processes reach it over HTTP); no rename: data objects, then a create-only
+    manifest object."""
+
+    name = "s3"
+
+    def __init__(self, tmp: str) -> None:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
+        super().__init__(tmp)
+        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                     ("AWS_DEFAULT_REGION", "us-east-1")):
+            os.environ.setdefault(k, v)
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        self.options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing",
+                        "secret": "testing"}
+        import fsspec
+
+        self.fs = fsspec.filesystem("s3", skip_instance_cache=True, **self.options)
+        self.fs.mkdir("fuzz")
+
+    def base(self, mode: str) -> str:
+        base = f"s3://fuzz/base-{mode}"
+        if not self.fs.exists(f"fuzz/base-{mode}/step-1/manifest.json"):
+            ckptstore.save(make_state(OLD_SEED), self.storage(self.join(base, "step-1")),
+                           compression=mode, blocking=True, **SMALL)
+        return base
+
+    def fresh(self, base: str, tag: str) -> str:
+        run = f"s3://fuzz/run-{tag}"
+        self.remove(run)
+        src = base[len("s3://"):]
+        for key in self.fs.find(src):
+            self.fs.copy(key, "fuzz/run-" + tag + key[len(src):])
+        return run
+
+    def remove(self, run: str) -> None:
+        path = run[len("s3://"):]
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+        self.fs.invalidate_cache()
+
+    def fsck(self, where: str) -> int:
+        from ckptstore.errors import CheckpointNotFoundError
+        from ckptstore.verify import fsck
+
+        try:
+            return 0 if fsck(self.storage(where)).ok else 1
+        except CheckpointNotFoundError:
+            return 2
+
+    def close(self) -> None:
+        self.server.stop()
 
 
 def _commit_index(journal: list[dict]) -> int:
@@ -107,9 +203,11 @@ def _commit_index(journal: list[dict]) -> int:
 class Case:
     """One (mode, scenario) pair: its base directory and clean-save call count."""
 
-    def __init__(self, tmp: str, zygote: Zygote, mode: str, scenario: str) -> None:
+    def __init__(self, tmp: str, zygote: Zygote, mode: str, scenario: str,
+                 tier: LocalTier | None = None) -> None:
         self.mode, self.scenario = mode, scenario
-        self.base = _base(tmp, mode)
+        self.tier = tier or LocalTier(tmp)
+        self.base = self.tier.base(mode)
         self.tmp = tmp
         self.old = tree_digest(make_state(OLD_SEED))
         self.new = tree_digest(make_state(NEW_SEED))
@@ -122,20 +220,17 @@ class Case:
         self.total = len(ops)
         self.commit_at = _commit_index(ops)
         ledger.remove()
-        shutil.rmtree(run)
+        self.tier.remove(run)
 
     def fresh(self, tag: str) -> str:
-        run = os.path.join(self.tmp, f"run-{self.mode}-{self.scenario}-{tag}")
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.copytree(self.base, run)
-        return run
+        return self.tier.fresh(self.base, f"{self.mode}-{self.scenario}-{tag}")
 
     def target(self, run: str) -> str:
-        return os.path.join(run, "step-1" if self.scenario == "overwrite" else "step-2")
+        return self.tier.join(run, "step-1" if self.scenario == "overwrite" else "step-2")
 
     def spec(self, run: str, ledger: Ledger, **kw) -> dict:
-        return dict(target=self.target(run), ledger=ledger.path, mode=self.mode, seed=NEW_SEED,
-                    overwrite=self.scenario == "overwrite", **kw)
+        return dict(target=self.target(run), options=self.tier.options, ledger=ledger.path,
+                    mode=self.mode, seed=NEW_SEED, overwrite=self.scenario == "overwrite", **kw)
 
     def check(self, report: Report, run: str, status: int, answer: dict, what: str,
               must_be_new: bool = False, failed: bool = False) -> None:
@@ -143,10 +238,11 @@ class Case:
         the save reported an error, so the new checkpoint must not be committed."""
         if status not in (0, -signal.SIGKILL) and not failed:
             report.fail(f"{what}: saving process ended with status {status} {answer}")
-        target = self.target(run)
+        target = self.tier.storage(self.target(run))
         got = outcome(target)
+        what = f"{self.tier.name} {what}"
         if self.scenario == "new":
-            report.check(outcome(os.path.join(run, "step-1")) == self.old,
+            report.check(outcome(self.tier.storage(self.tier.join(run, "step-1"))) == self.old,
                          f"{what}: the committed step-1 changed")
             allowed = {self.new} if (must_be_new or status == 0) else {self.new, "absent"}
         else:
@@ -155,7 +251,7 @@ class Case:
             allowed = {"absent" if self.scenario == "new" else self.old}
         if not report.check(got in allowed, f"{what}: load gave {got}, allowed {sorted(allowed)}"):
             return
-        code = fsck_code(target)
+        code = self.tier.fsck(self.target(run))
         report.check(code == (2 if got == "absent" else 0), f"{what}: fsck exited {code} ({got})")
         if got == self.new:
             return
@@ -169,28 +265,41 @@ class Case:
 
 
 def sweep(report: Report, budget: Budget, *, modes=MODES, scenarios=("new", "overwrite"),
-          seed: int = 0) -> None:
-    """The kill-point sweep; exhaustive when the budget allows, else a random sample."""
+          seed: int = 0, tier: str = "local") -> None:
+    """The kill-point sweep; exhaustive when the budget allows, else a random sample.
+    ``tier``: ``"local"`` or ``"s3"`` (a moto server)."""
     rng = random.Random(seed)
-    with tempfile.TemporaryDirectory(prefix="fuzz-crash-") as tmp, Zygote(tmp) as zygote:
-        # Cases are built lazily and visited round-robin, so a short budget still
-        # samples every (mode, scenario) and a long one is exhaustive.
-        pending = [(m, s) for m in modes for s in scenarios]
-        rng.shuffle(pending)
-        queues: list[tuple[Case, list]] = []
-        while pending or any(pts for _, pts in queues):
-            if budget.out():
-                break
-            if pending:
-                c = Case(tmp, zygote, *pending.pop())
-                pts = [(k, when) for k in range(1, c.total + 1) for when in ("before", "after")]
-                rng.shuffle(pts)
-                queues.append((c, pts))
-            for c, pts in queues:
-                if not pts or budget.out():
-                    continue
-                k, when = pts.pop()
-                _kill_point(report, tmp, zygote, c, k, when)
+    with tempfile.TemporaryDirectory(prefix="fuzz-crash-") as tmp:
+        where = S3Tier(tmp) if tier == "s3" else LocalTier(tmp)
+        try:
+            with Zygote(tmp) as zygote:
+                _sweep(report, budget, zygote, where, tmp, modes, scenarios, rng)
+        finally:
+            where.close()
+
+
+def _sweep(report: Report, budget: Budget, zygote: "Zygote", tier: LocalTier, tmp: str,
+           modes, scenarios, rng: random.Random) -> None:
+    # Cases are built lazily and visited round-robin, so a short budget still
+    # samples every (mode, scenario) and a long one is exhaustive.
+    pending = [(m, s) for m in modes for s in scenarios]
+    rng.shuffle(pending)
+    queues: list[tuple[Case, list]] = []
+    done = 0  # at least one point, however slow the setup was
+    while pending or any(pts for _, pts in queues):
+        if budget.out() and done:
+            break
+        if pending:
+            c = Case(tmp, zygote, *pending.pop(), tier=tier)
+            pts = [(k, when) for k in range(1, c.total + 1) for when in ("before", "after")]
+            rng.shuffle(pts)
+            queues.append((c, pts))
+        for c, pts in queues:
+            if not pts or (budget.out() and done):
+                continue
+            k, when = pts.pop()
+            _kill_point(report, tmp, zygote, c, k, when)
+            done += 1
 
 
 def _kill_point(report: Report, tmp: str, zygote: Zygote, c: Case, k: int, when: str) -> None:
@@ -208,7 +317,7 @@ def _kill_point(report: Report, tmp: str, zygote: Zygote, c: Case, k: int, when:
     done = k > c.commit_at or (k == c.commit_at and when == "after")
     c.check(report, run, status, answer, f"{c.mode}/{c.scenario} kill {when} call {k}",
             must_be_new=done and c.commit_at > 0)
-    shutil.rmtree(run, ignore_errors=True)
+    c.tier.remove(run)
 
 
 def blackbox(report: Report, budget: Budget, kills: int, *, seed: int = 0) -> None:

@@ -21,10 +21,19 @@ def _assert_clean(report: Report, key: str) -> None:
 @pytest.mark.timeout(300)
 def test_crash_sweep_and_blackbox_kills():
     report = Report()
-    crash.sweep(report, Budget(35), modes=("lz4", "none"), seed=1)
+    crash.sweep(report, Budget(30), modes=("lz4", "none"), seed=1)
     crash.blackbox(report, Budget(12), 3, seed=1)
     _assert_clean(report, "crash_points")
     assert report.counts["kills"] >= report.counts["crash_points"]
+
+
+@pytest.mark.timeout(300)
+def test_crash_sweep_s3_tier():
+    """Kill points of a save to S3 (moto): data objects, then the create-only manifest."""
+    pytest.importorskip("moto")
+    report = Report()
+    crash.sweep(report, Budget(20), modes=("zstd",), seed=3, tier="s3")
+    _assert_clean(report, "crash_points")
 
 
 @pytest.mark.timeout(300)
@@ -91,6 +100,7 @@ def test_crash_oracle_notices_a_torn_checkpoint(tmp_path):
                                       if n.startswith("shard-"))[0])
     case = object.__new__(crash.Case)
     case.mode, case.scenario = "zstd", "new"
+    case.tier = crash.LocalTier(str(tmp_path))
     case.old, case.new = (crash.tree_digest(make_state(s)) for s in (1, 2))
     report = Report()
     case.check(report, str(run), -9, {}, "torn")

@@ -250,6 +250,9 @@ class FaultyStorage(Storage):
     def child(self, name: str) -> "FaultyStorage":
         return self._wrap(self.inner.child(name))
 
+    def sibling(self, name: str) -> "FaultyStorage":
+        return self._wrap(self.inner.sibling(name))
+
     def makedirs(self) -> None:
         self._call("makedirs", "", self.inner.makedirs)
 
