@@ -15,6 +15,12 @@ next ``save()``; the local checkpoint stays whatever happens to its promotion.
 Retention never deletes the newest committed step (and skips a round when that step
 fails verification), a kept-best step, or a local step whose wanted promotion has
 not committed. See docs/tiers.md.
+
+Inside a process group of several ranks the Checkpointer is *collective*: every rank
+calls ``save``, ``latest``, ``load``, ``wait`` and ``close`` together. Each rank writes
+its own shards (docs/distributed.md); everything else that changes the run directory
+(retiring a damaged step, retention, promotion) runs on rank 0 alone, and rank 0
+decides what ``latest``/``load`` pick and broadcasts it, so ranks never diverge.
 """
 from __future__ import annotations
 
@@ -25,11 +31,14 @@ import queue
 import threading
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
+import torch.distributed as dist
+
+from . import errors as _errors
 from . import format as fmt
 from .errors import (CheckpointExistsError, CheckpointNotFoundError, CorruptCheckpointError,
-                     SchemaVersionError, StorageError)
+                     DistributedSaveError, SchemaVersionError, StorageError)
 from .retention import Best, Policy, drop_step, parse_step, referenced_files, select_keep, step_name
 from .storage import Storage, open_storage
 from .storage.base import linked
@@ -68,6 +77,10 @@ class Checkpointer:
         incremental: skip chunks identical to the previous committed step's (the
             manifest references the older file). Only with compression.
         save_options: more keyword arguments for :func:`ckptstore.save`.
+        distributed: collective use by every rank of the process group (see the
+            module docstring). Default: when a process group of more than one rank
+            is initialized. Pass False for the ``if rank == 0:`` pattern. Collective
+            saves are never incremental (sharded saves do not support it yet).
     """
 
     def __init__(self, local_dir: "str | os.PathLike | None", remote: str | None = None, *,
@@ -75,7 +88,7 @@ class Checkpointer:
                  keep_every: int | None = None, keep_best: Any = None,
                  remote_keep_last: int | None = None, remote_keep_every: int | None = None,
                  compression: str = "zstd", incremental: bool = True,
-                 save_options: dict | None = None) -> None:
+                 save_options: dict | None = None, distributed: bool | None = None) -> None:
         if local_dir is None and remote is None:
             raise ValueError("Checkpointer needs a local_dir, a remote URL, or both")
         best = Best.parse(keep_best)
@@ -101,6 +114,11 @@ class Checkpointer:
         self._worker: threading.Thread | None = None
         self._promoter: cf.Executor | None = None
         self._closed = False
+        self.collective = _world_size() > 1 if distributed is None else bool(distributed)
+        if self.collective and _world_size() < 1:
+            raise ValueError("distributed=True needs an initialized torch.distributed process group")
+        #: rank 0 of a collective Checkpointer (or the only process) owns the run directory
+        self.coordinator = not self.collective or dist.get_rank() == 0
 
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> "Checkpointer":
@@ -111,7 +129,11 @@ class Checkpointer:
             self.close()
             return
         try:
-            self.close()
+            if self.collective:  # the other ranks may not be closing: no collective here
+                self._wait_local()
+                self._stop()
+            else:
+                self.close()
         except Exception:  # do not mask the exception that ended the block
             log.exception("error while closing the checkpointer")
 
@@ -122,21 +144,29 @@ class Checkpointer:
         stored in the manifest and drive ``keep_best``."""
         from .saver import save
 
+        from .distributed import wants_distributed_save
+
         if self._closed:
             raise RuntimeError("this Checkpointer is closed")
         name = step_name(step)
-        self._raise_background()
-        last = self._last
-        if last is not None:
-            last._done.wait()  # save() waits for it anyway; the base must be committed
-        self._retire_damaged(step)
-        base = self._base_for(step) if self.incremental else None
+        self._settle()  # save() waits for it anyway; the base must be committed
+
+        def prepare() -> None:
+            self._raise_background()
+            self._retire_damaged(step)
+
+        self._agree(prepare, f"preparing the save of step {step}")
         opts = {**self.save_options, **kwargs}
+        if self.collective:
+            opts["distributed"] = True  # every rank writes its part of one checkpoint
+        sharded = wants_distributed_save(state, opts.get("distributed"))
+        base = self._base_for(step) if self.incremental and not sharded else None
         handle = save(state, self.primary.root.child(name), compression=self.compression,
                       metadata={"step": step, "metrics": metrics}, base=base, **opts)
         self._last = handle
-        self._ensure_worker()
-        self._queue.put((step, handle))
+        if self.coordinator:  # retention and promotion: rank 0 alone
+            self._ensure_worker()
+            self._queue.put((step, handle))
         return handle
 
     def _retire_damaged(self, step: int) -> None:
@@ -178,7 +208,12 @@ class Checkpointer:
     def latest(self) -> int | None:
         """The newest step that is committed and passes verification (manifest
         checksum and structure, every file present at its size) on some tier, or
-        None. Chunk hashes are checked by ``load``, which falls back further."""
+        None. Chunk hashes are checked by ``load``, which falls back further.
+        Collective: rank 0 decides, every rank gets its answer."""
+        self._settle()
+        return self._agree(self._latest_here, "finding the latest step")
+
+    def _latest_here(self) -> int | None:
         for step, tier in self._candidates("latest"):
             problem = check_quick(tier.root.child(step_name(step)))
             if problem is None:
@@ -195,21 +230,51 @@ class Checkpointer:
         with a :class:`CheckpointFallbackWarning` and the next one is tried: the
         other tier's copy of the same step, then (for ``"latest"``) older steps.
         ``self.loaded_step`` tells which step was loaded.
+
+        Collective: rank 0 lists the copies to try; each rank reads what it needs
+        (its own boxes when ``into`` holds DTensors), and a copy is used only if it
+        loaded on every rank, so all ranks return the same step.
         """
         from .loader import load
 
+        self._settle()
+        cands = self._agree(lambda: [(s, t.name) for s, t in self._candidates(step)],
+                            f"choosing step {step!r} to load")
+        tiers = {t.name: t for t in self._tiers()}
         problems = []
-        for s, tier in self._candidates(step):
+        for s, tname in cands:
+            tier = tiers[tname]
             where = tier.root.child(step_name(s))
+            out, outcome, err = None, None, None
             try:
                 out = load(where, into=into, strict=strict, verify=verify, cast=cast)
-            except SchemaVersionError:
-                raise
+            except SchemaVersionError as e:
+                if not self.collective:
+                    raise
+                outcome, err = ("fatal", type(e).__name__, str(e)), e
             except (CorruptCheckpointError, CheckpointNotFoundError, StorageError,
                     FileNotFoundError, ConnectionError, TimeoutError) as e:
-                problems.append(f"{tier.name} step {s}: {e}")
-                _warn(f"{tier.name} copy of step {s} ({where.url}) is unusable: "
-                      f"{type(e).__name__}: {e}; falling back")
+                outcome = ("fallback", f"{type(e).__name__}: {e}")
+            except Exception as e:
+                if not self.collective:
+                    raise
+                outcome, err = ("fatal", type(e).__name__, str(e)), e
+            outcomes = self._exchange(outcome)
+            fatal = [(r, o) for r, o in enumerate(outcomes) if o and o[0] == "fatal"]
+            if fatal:  # every rank raises: its own error, or the first rank's
+                if err is not None:
+                    raise err
+                r, (_, name, msg) = fatal[0]
+                raise _rebuild_error(name, f"rank {r} failed to load step {s}: {msg}", r,
+                                     "load")
+            bad = [(r, o[1]) for r, o in enumerate(outcomes) if o]
+            if bad:
+                why = "; ".join(msg if len(outcomes) == 1 else f"rank {r}: {msg}"
+                                for r, msg in bad)
+                problems.append(f"{tier.name} step {s}: {why}")
+                if self.coordinator:
+                    _warn(f"{tier.name} copy of step {s} ({where.url}) is unusable: "
+                          f"{why}; falling back")
                 continue
             self.loaded_step = s
             return out
@@ -232,12 +297,23 @@ class Checkpointer:
     # -- lifecycle ------------------------------------------------------------
     def wait(self) -> None:
         """Block until every save, promotion and retention pass has finished;
-        raise the first background error (once)."""
+        raise the first background error (once). Collective."""
         last = self._last
         if last is not None:
-            last.wait()
+            last.wait()  # a sharded save ends alike on every rank (two-phase commit)
+
+        def settle() -> None:
+            self._queue.join()
+            self._raise_background()
+
+        self._agree(settle, "finishing background work")
+
+    def _wait_local(self) -> None:
+        """Wait for this process's own save and background work (no collective)."""
+        last = self._last
+        if last is not None:
+            last._done.wait()
         self._queue.join()
-        self._raise_background()
 
     def close(self) -> None:
         """``wait()``, then stop the background thread and promotion process."""
@@ -246,12 +322,17 @@ class Checkpointer:
         try:
             self.wait()
         finally:
-            self._closed = True
-            if self._worker is not None:
-                self._queue.put(None)
-                self._worker.join()
-            if self._promoter is not None:
-                self._promoter.shutdown(wait=True)
+            self._stop()
+
+    def _stop(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+        if self._promoter is not None:
+            self._promoter.shutdown(wait=True)
+            self._promoter = None
 
     # -- background -----------------------------------------------------------
     def _raise_background(self) -> None:
@@ -362,6 +443,47 @@ class Checkpointer:
         for s in drop:
             drop_step(tier.root, step_name(s), refs)
 
+    # -- agreement between ranks ---------------------------------------------
+    def _settle(self) -> None:
+        """Wait until this rank's previous save has committed: its commit thread uses
+        the same gloo group as ``_agree``, and two threads must never interleave
+        collectives on one group."""
+        last = self._last
+        if last is not None:
+            last._done.wait()
+
+    def _agree(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn`` on the coordinator only and give every rank its result.
+
+        If ``fn`` raises, rank 0 raises that error itself and the other ranks raise
+        one of the same type (or :class:`DistributedSaveError`) naming rank 0."""
+        if not self.collective:
+            return fn()
+        from .distributed import commit2pc as pc
+
+        group = pc.coordination_group()
+        if self.coordinator:
+            try:
+                value = fn()
+            except Exception as e:
+                pc.broadcast(("error", type(e).__name__, str(e)), group)
+                raise
+            return pc.broadcast(("ok", value), group)[1]
+        got = pc.broadcast(None, group)
+        if got[0] == "ok":
+            return got[1]
+        raise _rebuild_error(got[1], f"rank 0 failed {what}: {got[2]}", 0, "checkpointer")
+
+    def _exchange(self, value: Any) -> list:
+        """Every rank's ``value``, in rank order (just ``[value]`` alone)."""
+        if not self.collective:
+            return [value]
+        from .distributed import commit2pc as pc
+
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value, group=pc.coordination_group())
+        return out
+
     # -- helpers --------------------------------------------------------------
     def _tiers(self) -> list[Tier]:
         return [t for t in (self.local, self.remote) if t is not None]
@@ -415,6 +537,28 @@ def check_quick(storage: Storage) -> str | None:
     except (OSError, ValueError) as e:
         return f"{type(e).__name__}: {e}"
     return None
+
+
+def _world_size() -> int:
+    """Ranks in the initialized default process group, 0 if there is none."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_world_size()
+
+
+def _rebuild_error(name: str, message: str, rank: int, phase: str) -> Exception:
+    """Another rank's error, raised here with the same type where it is one of ours
+    or a builtin (constructible from a message); else a DistributedSaveError."""
+    import builtins
+
+    cls = getattr(_errors, name, None) or getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and (
+            issubclass(cls, _errors.CkptError) or cls.__module__ == "builtins"):
+        try:
+            return cls(message)
+        except TypeError:  # a constructor that wants more than a message
+            pass
+    return DistributedSaveError(message, ((rank, phase, name, message),))
 
 
 def _warn(message: str) -> None:
