@@ -90,7 +90,10 @@ def _options(args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = argparse.ArgumentParser(prog="ckptstore", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ckptstore", description="Inspect, verify and manage ckptstore checkpoints.",
+        epilog="exit codes: 0 ok, 1 damage found or operation failed, 2 usage error or "
+               "not a checkpoint")
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, fn) in sorted(COMMANDS.items()):
