@@ -5,9 +5,12 @@ config) and restores it. The training loop calls only ``save``, ``wait_staged``,
 ``maybe_resume``. Everything that changes training dynamics is in the tree; nothing is pickled
 into it (RNG states are tensors, arrays and tuples of ints).
 
-Under FSDP2 the model and optimizer go through ``torch.distributed.checkpoint.state_dict`` as
-full (unsharded) state dicts gathered to CPU on rank 0, and only rank 0 owns a
-``ckptstore.Checkpointer``. A later change makes saves sharded.
+With several ranks (FSDP2) every rank owns a collective ``ckptstore.Checkpointer`` and saves
+the model and optimizer as the sharded state dicts of ``torch.distributed.checkpoint.state_dict``
+(DTensor local shards, no gather): each rank writes its own shards, rank 0 commits, and a
+resume loads each rank's boxes straight into its sharded state dict (any saved world size).
+Plain values are identical on every rank (taken from rank 0, RNG states gathered from all), so
+they are written once. A single process saves full state dicts, as before.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class Backend(Protocol):
 
     def save(self, step: int, state: Any, metrics: dict[str, float] | None = None) -> Any: ...
     def latest(self) -> int | None: ...
-    def load(self, step: int | str = "latest") -> Any: ...
+    def load(self, step: int | str = "latest", *, into: Any = None, strict: bool = True) -> Any: ...
+    # with several ranks, every rank owns a backend and all calls are collective
     def wait(self) -> None: ...
     def close(self) -> None: ...
 
@@ -101,7 +105,8 @@ def _distributed() -> bool:
 class TrainCheckpointer:
     """Save/restore policy-free plumbing between the loop and the engine.
 
-    ``backend_factory`` builds the engine on rank 0 (default: ``make_backend``); tests pass a fake.
+    ``backend_factory`` builds the engine (default: ``make_backend``); tests pass a fake. Under
+    FSDP2 every rank owns one and calls it collectively.
     """
 
     def __init__(self, parts: Parts, backend_factory: Callable[[TrainConfig], Backend] | None = None
@@ -109,39 +114,38 @@ class TrainCheckpointer:
         self.parts = parts
         self.rank = dist.get_rank() if _distributed() else 0
         self.world_size = dist.get_world_size() if _distributed() else 1
-        self.backend: Backend | None = None
-        if self.rank == 0:
-            self.backend = (backend_factory or make_backend)(parts.cfg)
+        self.sharded = self.world_size > 1  # every rank saves its own shards, collectively
+        self.backend: Backend | None = (backend_factory or make_backend)(parts.cfg)
         self._handle: Any = None
-        self._sd_options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        self._sd_options = (StateDictOptions() if self.sharded  # DTensor shards, no copy
+                            else StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     # ---- saving -------------------------------------------------------------------------
     def volatile(self) -> dict[str, Any]:
         """RNG + data position *now*; captured at the start of a step for a deferred save."""
         return {"rng": rng_state(), "data": self.parts.data.state_dict()}
 
-    def build_state(self, step: int, volatile: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        """The full state tree on rank 0 (None elsewhere). Collective under FSDP2."""
+    def build_state(self, step: int, volatile: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The state tree (model and optimizer as DTensor shards when sharded). Collective
+        under FSDP2: every rank gets the same tree apart from its own shards."""
         p = self.parts
         volatile = volatile or self.volatile()
         model_sd, optim_sd = get_state_dict(p.model, p.optimizer, options=self._sd_options)
+        small = {"sched": p.scheduler.state_dict(), "scaler": p.scaler.state_dict(),
+                 "data": volatile["data"], "config": p.cfg.to_dict(),
+                 "meta": {"world_size": self.world_size, "saved_at": time.time()}}
         rngs: list[Any] = [volatile["rng"]]
-        if self.world_size > 1:
-            rngs = [None] * self.world_size if self.rank == 0 else None  # type: ignore[assignment]
-            dist.gather_object(volatile["rng"], rngs, dst=0)
-        if self.rank != 0:
-            return None
-        return {
-            "step": step,
-            "model": model_sd,
-            "optim": optim_sd,
-            "sched": p.scheduler.state_dict(),
-            "scaler": p.scaler.state_dict(),
-            "rng": rngs,
-            "data": volatile["data"],
-            "config": p.cfg.to_dict(),
-            "meta": {"world_size": self.world_size, "saved_at": time.time()},
-        }
+        if self.sharded:
+            # a distributed save writes plain values once, so they must be equal on every rank:
+            # rank 0's small state, and the RNG states of all ranks (one entry per rank)
+            rngs = [None] * self.world_size
+            dist.all_gather_object(rngs, volatile["rng"])
+            box = [small]
+            dist.broadcast_object_list(box, src=0)
+            small = box[0]
+        return {"step": step, "model": model_sd, "optim": optim_sd, "sched": small["sched"],
+                "scaler": small["scaler"], "rng": rngs, "data": small["data"],
+                "config": small["config"], "meta": small["meta"]}
 
     def save(self, step: int, metrics: dict[str, float] | None = None,
              volatile: dict[str, Any] | None = None) -> None:
@@ -165,58 +169,84 @@ class TrainCheckpointer:
             dist.barrier()
 
     def close(self) -> None:
-        """Wait for pending saves and release the engine."""
+        """Wait for pending saves and release the engine (collective when sharded)."""
         if self.backend is not None:
             self.backend.wait()
             self.backend.close()
             self.backend = None
 
+    def abort(self, exc: BaseException) -> None:
+        """Release the engine after ``exc`` ended the run on this rank. No collective: the other
+        ranks may never get here (a Checkpointer's ``__exit__`` then only waits locally)."""
+        backend, self.backend = self.backend, None
+        if backend is None:
+            return
+        exit_ = getattr(backend, "__exit__", None)
+        if exit_ is not None:
+            exit_(type(exc), exc, exc.__traceback__)
+        else:
+            backend.close()
+
     # ---- restoring ----------------------------------------------------------------------
-    def _load_for_resume(self) -> dict[str, Any] | None:
-        """Rank 0: the tree ``--resume`` names, or None to start fresh."""
+    def _load_for_resume(self, into: Any = None) -> Any:
+        """What ``--resume`` names: the tree, or with ``into`` the engine's load report; None to
+        start fresh. Rank 0 alone, or every rank together when sharded."""
         resume = self.parts.cfg.resume
         if resume == "never" or self.backend is None:
             return None
+        kwargs = {} if into is None else {"into": into, "strict": False}  # checked by the caller
         if resume != "auto":
-            return self.backend.load(int(resume))
+            return self.backend.load(int(resume), **kwargs)
         if self.backend.latest() is None:
-            log.info("no checkpoint to resume from in %s; starting fresh", self.parts.cfg.ckpt_dir)
+            if self.rank == 0:
+                log.info("no checkpoint to resume from in %s; starting fresh", self.parts.cfg.ckpt_dir)
             return None
         # "latest" lets the engine fall back to an older step if the newest fails verification
-        return self.backend.load("latest")
+        return self.backend.load("latest", **kwargs)
 
     def maybe_resume(self) -> int:
         """Restore from the checkpoint ``--resume`` names; return the step to continue after (0 = fresh)."""
-        state = self._load_for_resume() if self.rank == 0 else None
-        found = [state is not None]
-        if self.world_size > 1:
-            dist.broadcast_object_list(found, src=0)
-        if not found[0]:
+        if self.sharded:
+            return self._restore_sharded()
+        state = self._load_for_resume()
+        if state is None:
             return 0
-        return self._restore(state)
-
-    def _restore(self, state: dict[str, Any] | None) -> int:
         p = self.parts
-        broadcast = self.world_size > 1
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast)
-        # Model and optimizer separately: with broadcast_from_rank0 the other ranks pass empty
-        # dicts, and set_state_dict would then take a different (optim-only) path on them.
-        set_model_state_dict(p.model, state["model"] if state else {}, options=options)
-        set_optimizer_state_dict(p.model, p.optimizer, _as_optim_state(state["optim"]) if state else {},
-                                 options=options)
-        small = None if state is None else {k: state[k] for k in ("step", "sched", "scaler", "data", "config", "meta")}
-        rngs = None if state is None else list(state["rng"])
-        if broadcast:
-            box = [small]
-            dist.broadcast_object_list(box, src=0)
-            small = box[0]
-            mine: list[Any] = [None]
-            dist.scatter_object_list(mine, [rngs[r % len(rngs)] for r in range(self.world_size)]
-                                     if self.rank == 0 else None, src=0)
-            rng = mine[0]
-        else:
-            rng = rngs[0]
-        assert small is not None
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(p.model, state["model"], options=options)
+        set_optimizer_state_dict(p.model, p.optimizer, _as_optim_state(state["optim"]), options=options)
+        return self._restore_small(state, list(state["rng"]))
+
+    def _restore_sharded(self) -> int:
+        """Every rank loads its own boxes into its sharded state dicts, then ``set_state_dict``."""
+        p = self.parts
+        model_sd, optim_sd = get_state_dict(p.model, p.optimizer, options=self._sd_options)
+        # the tree build_state saves, with lists for tuples: loading replaces plain values in place
+        target = {"step": 0, "model": model_sd, "optim": _mutable(optim_sd),
+                  "sched": _mutable(p.scheduler.state_dict()), "scaler": _mutable(p.scaler.state_dict()),
+                  "rng": [_mutable(rng_state()) for _ in range(self.world_size)],
+                  "data": _mutable(p.data.state_dict()), "config": _mutable(p.cfg.to_dict()),
+                  "meta": {"world_size": 0, "saved_at": 0.0}}
+        report = self._load_for_resume(into=target)
+        if report is None:
+            return 0
+        # rng entries may differ in number (another world size) and config may have grown new
+        # fields; everything else must have been in the checkpoint, with the same shape
+        required = {"step", "model", "optim", "sched", "scaler", "data", "meta"}
+        bad = [n for n in report.missing if n.split(".", 1)[0] in required]
+        bad += [f"{n} ({why})" for n, why in report.mismatched if n.split(".", 1)[0] in required]
+        if bad:
+            raise ValueError(f"checkpoint does not fit this run: {', '.join(bad[:10])}"
+                             + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+        set_model_state_dict(p.model, target["model"], options=self._sd_options)
+        set_optimizer_state_dict(p.model, p.optimizer, _as_optim_state(target["optim"]),
+                                 options=self._sd_options)
+        saved_world = int(target["meta"]["world_size"])
+        return self._restore_small(target, target["rng"][:min(saved_world, self.world_size)])
+
+    def _restore_small(self, small: dict[str, Any], rngs: list[Any]) -> int:
+        """Scheduler, scaler, data position, this rank's RNG; returns the saved step."""
+        p = self.parts
         saved_world = int(small["meta"]["world_size"])
         if saved_world != self.world_size:
             log.warning("checkpoint was written by %d ranks, resuming on %d: per-rank RNG is reused "
@@ -226,10 +256,20 @@ class TrainCheckpointer:
         if small["scaler"]:
             p.scaler.load_state_dict(dict(small["scaler"]))
         p.data.load_state_dict(dict(small["data"]))
-        set_rng_state(rng)
+        set_rng_state(rngs[self.rank % len(rngs)])
         step = int(small["step"])
         log.info("resumed from checkpoint %d (data position %s)", step, small["data"])
         return step
+
+
+def _mutable(tree: Any) -> Any:
+    """``tree`` with its containers copied as dicts and lists (tuples cannot take values loaded in
+    place); tensors and arrays are the same objects, so a load fills them."""
+    if isinstance(tree, dict):
+        return {k: _mutable(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
+        return [_mutable(v) for v in tree]
+    return tree
 
 
 def _as_optim_state(optim: dict[str, Any]) -> dict[str, Any]:

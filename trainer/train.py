@@ -294,7 +294,10 @@ def _run(cfg: TrainConfig, ctx: DistContext, backend_factory: Callable[[TrainCon
                     break
             elif reason is not None:
                 pending = {"step": step, "metrics": val_metrics, "reason": reason, "volatile": None}
+    except BaseException as exc:  # this rank alone: no collective the other ranks may never join
+        ckpt.abort(exc)
+        raise
     finally:
-        ckpt.close()
+        ckpt.close()  # a no-op after abort
         metrics.close()
     return records
