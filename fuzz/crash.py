@@ -27,7 +27,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import ckptstore
 from ckptstore.errors import CheckpointExistsError

@@ -14,6 +14,7 @@ then succeeds.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -138,8 +139,6 @@ def fsize_limit(report: Report, tmp: str) -> None:
         spec = dict(target=target, plain=True, mode="none", seed=2, fsize=1024,
                     warm=os.path.join(tmp, f"fsize-warm-{i}"), limit_writers=limit_writers,
                     limit_self=limit_self)
-        import json
-
         p = subprocess.run([sys.executable, "-m", "fuzz.child", json.dumps(spec)],
                            capture_output=True, text=True, timeout=300,
                            env=dict(os.environ, CKPTSTORE_WRITERS="1"))
@@ -208,8 +207,6 @@ def stale_temps(report: Report, tmp: str) -> None:
 def two_savers(report: Report, tmp: str, rounds: int = 1) -> None:
     """Two processes save different states to one step at once: exactly one commits,
     the other gets CheckpointExistsError, and the winner's state loads."""
-    import json
-
     for r in range(rounds):
         target = os.path.join(tmp, f"race-{r}")
         barrier = os.path.join(tmp, f"go-{r}")
