@@ -142,9 +142,8 @@ class Checkpointer:
         """Snapshot ``state`` as ``step`` and return its :class:`SaveHandle`
         (asynchronous, as :func:`ckptstore.save`). ``metrics`` (JSON numbers) are
         stored in the manifest and drive ``keep_best``."""
-        from .saver import save
-
         from .distributed import wants_distributed_save
+        from .saver import save
 
         if self._closed:
             raise RuntimeError("this Checkpointer is closed")
