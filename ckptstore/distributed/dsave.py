@@ -116,8 +116,10 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         plan = None
         try:
             if ident != ident0:
-                raise DistributedSaveError(f"rank {rank}'s state has a different structure "
-                                           "(keys, shapes, dtypes) than rank 0's")
+                raise DistributedSaveError(
+                    f"rank {rank}'s state differs from rank 0's: keys, shapes, dtypes or a "
+                    "non-tensor value (every plain value, e.g. a step counter or timestamp, "
+                    "must be equal on all ranks; take it from rank 0)")
             if storage.url != where:
                 raise DistributedSaveError(f"rank {rank} saves to {storage.url}, rank 0 to {where}")
         except DistributedSaveError as e:
