@@ -104,3 +104,36 @@ def _quietly(fn) -> None:
         fn()
     except Exception:  # cleanup must not mask the original error
         pass
+
+
+def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False) -> bytes:
+    """Write ``manifest`` last: this is the commit. Returns the bytes written.
+
+    Create-only unless ``overwrite``: a manifest already in place (another writer of
+    the same path won) raises CheckpointExistsError and this save is discarded. With
+    ``overwrite`` the previous manifest is replaced atomically and only then are its
+    data files that the new one does not name removed (never files of another step).
+    """
+    from . import format as fmt
+    from .errors import CheckpointExistsError
+
+    data = fmt.encode(manifest)
+    old = None
+    if overwrite and storage.exists(fmt.MANIFEST_NAME):
+        try:
+            old = fmt.decode(storage.read(fmt.MANIFEST_NAME))
+        except (OSError, ValueError):  # unreadable: replace it, remove nothing
+            old = None
+        atomic_write(storage, fmt.MANIFEST_NAME, [data])
+    else:
+        try:
+            atomic_write(storage, fmt.MANIFEST_NAME, [data], exclusive=True)
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"another writer committed {storage.url} first; this save was discarded") from None
+    if old is not None:
+        keep = {f.name for f in manifest.files if f.base is None}
+        for f in old.files:
+            if f.base is None and f.name not in keep:
+                storage.remove(f.name)
+    return data

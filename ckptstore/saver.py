@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from . import __version__, format as fmt
-from .commit import atomic_write
+from .commit import commit_manifest
 from .errors import (CheckpointExistsError, CkptTimeoutError, StagingBusyError,
                      UnsupportedTypeError, WriterDiedError)
 from .plan import FilePlan, SavePlan, make_plan
@@ -385,25 +385,8 @@ def _commit(eng: Engine, storage: Storage, futures, ring: Ring, handle: SaveHand
         for fp, f in futures:
             results[fp.name] = f.result()
         manifest = _manifest(meta, results)
-        data = fmt.encode(manifest)
-        old = None
-        if overwrite and storage.exists(fmt.MANIFEST_NAME):
-            try:
-                old = fmt.decode(storage.read(fmt.MANIFEST_NAME))
-            except Exception:
-                old = None
-            atomic_write(storage, fmt.MANIFEST_NAME, [data])
-        else:
-            try:
-                atomic_write(storage, fmt.MANIFEST_NAME, [data], exclusive=True)
-            except FileExistsError:
-                raise CheckpointExistsError(
-                    f"another writer committed {storage.url} first; this save was discarded") from None
-        if old is not None:  # only after the new manifest is durable
-            keep = {f.name for f in manifest.files}
-            for f in old.files:
-                if f.name not in keep:
-                    storage.remove(f.name)
+        data = fmt.encode(manifest)  # kept to tell, on error, whether it landed anyway
+        commit_manifest(storage, manifest, overwrite=overwrite)
         stored = sum(r.size for r in results.values())
         handle._finish(SaveResult(storage.url, meta["save_id"], meta["plan"].nbytes, stored,
                                   len(results), handle.staged_seconds,

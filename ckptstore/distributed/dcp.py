@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from .. import __version__, codec as _codec, format as fmt
-from ..commit import AtomicFile, atomic_write
+from ..commit import AtomicFile, commit_manifest
 from ..errors import CheckpointExistsError, CorruptCheckpointError
 from ..plan import GROUPED
 from ..reader import read_manifest, read_tensors
@@ -175,24 +175,7 @@ class CkptStoreWriter(StorageWriter):
             metadata={"dcp": dcp_meta}, tree={"T": "dict", "items": items},
             tensors=tuple(tensors), files=tuple(files))
         fmt.validate(manifest)
-        old = None
-        if self.overwrite and storage.exists(fmt.MANIFEST_NAME):
-            try:
-                old = read_manifest(storage)
-            except (OSError, ValueError):
-                old = None
-            atomic_write(storage, fmt.MANIFEST_NAME, [fmt.encode(manifest)])
-        else:
-            try:
-                atomic_write(storage, fmt.MANIFEST_NAME, [fmt.encode(manifest)], exclusive=True)
-            except FileExistsError:
-                raise CheckpointExistsError(
-                    f"another writer committed {storage.url} first; this save was discarded") from None
-        if old is not None:  # only after the new manifest is durable
-            keep = {f.name for f in manifest.files}
-            for f in old.files:
-                if f.name not in keep and getattr(f, "base", None) is None:
-                    storage.remove(f.name)
+        commit_manifest(storage, manifest, overwrite=self.overwrite)
 
 
 def _key(offset: Any) -> tuple | None:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from .. import __version__, format as fmt
 from .. import saver as _saver
-from ..commit import atomic_write
+from ..commit import commit_manifest
 from ..errors import CheckpointExistsError, DistributedSaveError, UnsupportedTypeError
 from ..plan import make_plan
 from ..staging import Ring
@@ -203,36 +203,13 @@ def _commit_manifest(storage: Storage, meta: dict, writes: list[RankWrite]) -> t
     manifest = merge(meta, writes)
     data = fmt.encode(manifest)
     try:
-        old = _write_manifest(storage, data, meta["overwrite"])
+        commit_manifest(storage, manifest, overwrite=meta["overwrite"])
     except Exception as e:
         if _saver._manifest_visible(storage, data):  # e.g. the directory fsync failed
             raise pc.MaybeCommitted(str(e)) from e
         raise
-    if old is not None:  # only after the new manifest is durable
-        keep = {f.name for f in manifest.files}
-        for f in old.files:
-            if f.name not in keep and getattr(f, "base", None) is None:  # never another step's
-                storage.remove(f.name)
     logical = sum(t.nbytes for t in manifest.tensors)
     return logical, sum(f.size for f in manifest.files), len(manifest.files)
-
-
-def _write_manifest(storage: Storage, data: bytes, overwrite: bool) -> "fmt.Manifest | None":
-    """Write the manifest (the commit); returns the manifest it replaced, if any."""
-    old = None
-    if overwrite and storage.exists(fmt.MANIFEST_NAME):
-        try:
-            old = fmt.decode(storage.read(fmt.MANIFEST_NAME))
-        except Exception:
-            old = None
-        atomic_write(storage, fmt.MANIFEST_NAME, [data])
-    else:
-        try:
-            atomic_write(storage, fmt.MANIFEST_NAME, [data], exclusive=True)
-        except FileExistsError:
-            raise CheckpointExistsError(
-                f"another writer committed {storage.url} first; this save was discarded") from None
-    return old
 
 
 def merge(meta: dict, writes: list[RankWrite]) -> fmt.Manifest:
