@@ -115,6 +115,6 @@ def run(opt: Options) -> list[dict[str, Any]]:
         for size in opt.sizes:
             st = load_state(size, dtype)
             log.info("compress: %s", describe(st))
-            out.append(run_one(st))
+            out.append({"requested_size": size, **run_one(st)})
     return out
 

@@ -137,6 +137,6 @@ def run(opt: Options, dropper: CacheDropper) -> list[dict[str, Any]]:
         for size in opt.sizes:
             st = load_state(size, dtype)
             log.info("load: %s", describe(st))
-            results.append(run_one(st, opt, dropper))
+            results.append({"requested_size": size, **run_one(st, opt, dropper)})
             del st
     return results

@@ -29,7 +29,7 @@ def _series(results: list[dict[str, Any]], dtype: str, key: str) -> dict[str, tu
             if not v or (m["kind"] == "ckptstore" and name not in PLOTTED_MODES):
                 continue
             xs, ys, _ = out.setdefault(name, ([], [], m["kind"]))
-            xs.append(res["size"])
+            xs.append(res.get("requested_size", res["size"]))
             ys.append(v["median"])
     return out
 
@@ -52,7 +52,7 @@ def plot_write(report: dict[str, Any], path: Path) -> Path:
         thr.set(title=f"{dtype}: time-to-durable throughput", ylabel="GB/s (logical)", xscale="log", yscale="log")
         stall.set(title=f"{dtype}: training stall per save", ylabel="seconds", xscale="log", yscale="log")
         for ax in (thr, stall):
-            xs = sorted({r["size"] for r in results if r["dtype"] == dtype})
+            xs = sorted({r.get("requested_size", r["size"]) for r in results if r["dtype"] == dtype})
             ax.set_xticks(xs, [fmt_size(x) for x in xs])
             ax.minorticks_off()
             ax.set_xlabel("state size")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.targets import label
 from bench.timing import fmt_size
 
 
@@ -42,7 +43,7 @@ def write_summary(results: list[dict[str, Any]]) -> str:
         ms, r = res["measurements"], res["ratios"].get("ckptstore none", {})
         cp = ms.get("memcpy") or ms.get("pinned D2H") or {}
         none = ms.get("ckptstore none", {})
-        rows.append([res["dtype"], fmt_size(res["size"]), cell(cp.get("gbps"), ".2f"),
+        rows.append([res["dtype"], label(res), cell(cp.get("gbps"), ".2f"),
                      cell(ms.get("disk", {}).get("gbps"), ".2f"), cell(none.get("stall"), ".3f"),
                      cell(none.get("gbps"), ".2f"), cell(r.get("stall/memcpy"), ".2f"),
                      cell(r.get("durable/disk_write"), ".2f")]
@@ -57,7 +58,7 @@ def write_tables(results: list[dict[str, Any]]) -> str:
     parts = ["### summary", write_summary(results)]
     for res in results:
         ms, rt = res["measurements"], res["ratios"]
-        parts.append(f"### write — {res['dtype']} {fmt_size(res['size'])}: {res['state']}")
+        parts.append(f"### write — {res['dtype']} {label(res)}: {res['state']}")
         if res.get("engine_unavailable"):
             parts.append(f"ckptstore not measured: {res['engine_unavailable']}")
         rows = []
@@ -90,7 +91,7 @@ def write_tables(results: list[dict[str, Any]]) -> str:
 def load_tables(results: list[dict[str, Any]]) -> str:
     parts = []
     for res in results:
-        parts.append(f"### load — {res['dtype']} {fmt_size(res['size'])}: {res['state']}")
+        parts.append(f"### load — {res['dtype']} {label(res)}: {res['state']}")
         if res.get("engine_unavailable"):
             parts.append(f"ckptstore not measured: {res['engine_unavailable']}")
         if res.get("roundtrip_identical"):
@@ -110,13 +111,13 @@ def compress_tables(results: list[dict[str, Any]]) -> str:
     rows = []
     for res in results:
         for kind, k in res["kinds"].items():
-            rows.append([res["dtype"], fmt_size(res["size"]), kind]
+            rows.append([res["dtype"], label(res), kind]
                         + [f"{k[c]['plain']:.3f} / {k[c]['grouped']:.3f}" for c in ("zstd-1", "zstd-3", "lz4")]
                         + [f"{k['zstd-1']['exponent_plane_only']:.3f}", f"{k['entropy0_grouped']:.3f}",
                            " ".join(f"{x:.2f}" for x in k["zstd-1"]["per_plane"]),
                            f"{k['zstd-1']['plain_gbps']:.2f} / {k['zstd-1']['grouped_gbps']:.2f}"])
         o = res["overall"]
-        rows.append([res["dtype"], fmt_size(res["size"]), "**all**"]
+        rows.append([res["dtype"], label(res), "**all**"]
                     + [f"{o[c]['plain']:.3f} / {o[c]['grouped']:.3f}" for c in ("zstd-1", "zstd-3", "lz4")]
                     + [f"{o['zstd-1']['exponent_plane_only']:.3f}", "", "", ""])
     return ("stored fraction of raw bytes, plain / byte-grouped (lower is better)\n\n"
@@ -175,7 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         print("usage: python -m bench.report REPORT.json", file=sys.stderr)
         return 2
-    print(render(json.loads(Path(args[0]).read_text())))
+    from bench.targets import TARGETS
+
+    rep = json.loads(Path(args[0]).read_text())
+    rep["targets"] = TARGETS[rep["mode"]](rep["results"])  # re-checked with the current rules
+    print(render(rep))
     return 0
 
 

@@ -39,7 +39,7 @@ def fmt_size(n: int) -> str:
     for unit in ("T", "G", "M", "K"):
         if n >= _UNITS[unit]:
             v = n / _UNITS[unit]
-            return f"{v:g}{unit}" if v == int(v) else f"{v:.3g}{unit}"
+            return f"{v:g}{unit}" if v == int(v) else f"{v:.0f}{unit}" if v >= 100 else f"{v:.3g}{unit}"
     return str(n)
 
 

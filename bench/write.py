@@ -16,7 +16,6 @@ from bench.common import Options, Series, fresh, paired_ratio, rotated, sampled
 from bench.limits import CacheDropper, DiskRead, MemcpyLimit, dir_bytes, disk_write, resident_fraction, scratch_buffer
 from bench.peers import PEERS
 from bench.state import BenchState, describe, load_state
-from bench.timing import current_tree_pss
 
 log = logging.getLogger("bench")
 
@@ -73,14 +72,17 @@ def run_one(st: BenchState, opt: Options, dropper: CacheDropper) -> dict[str, An
     series: dict[str, Series] = {}
     why = engine.engine_available()
     modes = engine.parse_modes(opt.modes) if why is None else []
-    pss_before_engine = None
     for m in modes:
         dest = work / f"ckpt-{m.name}"
         ops.append((f"ckptstore {m.name}", "ckptstore",
                     lambda m=m, dest=dest: _engine_save(tree, dest, m, opt)))
+    first_save_memory = None
     if modes:
-        pss_before_engine = current_tree_pss()
-        for m in modes:  # warm-up: staging buffers allocated and touched, workers started
+        # warm-up: staging buffers allocated and touched, writer processes started.
+        # The first save is sampled: what it adds to the process tree is staging,
+        # writers and transients, i.e. the engine's whole memory cost.
+        first_save_memory = sampled(lambda: _engine_save(tree, work / f"ckpt-{modes[0].name}", modes[0], opt))
+        for m in modes[1:]:
             _engine_save(tree, work / f"ckpt-{m.name}", m, opt)
             log.info("warm-up save %s done", m.name)
 
@@ -99,7 +101,7 @@ def run_one(st: BenchState, opt: Options, dropper: CacheDropper) -> dict[str, An
             series[name].meta["memory"] = sampled(fn)
     fresh(work)
     out = {"size": nbytes, "dtype": st.dtype, "state": describe(st), "state_info": st.info,
-           "n_tensors": len(st.flat), "engine_unavailable": why, "pss_before_engine": pss_before_engine,
+           "n_tensors": len(st.flat), "engine_unavailable": why, "first_save_memory": first_save_memory,
            "measurements": {k: s.summary() for k, s in series.items()}}
     out["ratios"] = ratios(series, opt)
     return out
@@ -146,6 +148,6 @@ def run(opt: Options, dropper: CacheDropper) -> list[dict[str, Any]]:
             if opt.gpu:
                 st = st.to("cuda")
             log.info("write: %s", describe(st))
-            results.append(run_one(st, opt, dropper))
+            results.append({"requested_size": size, **run_one(st, opt, dropper)})
             del st
     return results
