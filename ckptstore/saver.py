@@ -14,6 +14,8 @@ The error of a save is raised by ``handle.wait()``; if nobody waited, by the nex
 from __future__ import annotations
 
 import atexit
+import ctypes
+import dataclasses
 import concurrent.futures as cf
 import datetime as _dt
 import json
@@ -44,7 +46,7 @@ log = logging.getLogger("ckptstore")
 
 COMPRESSION = ("zstd", "lz4", "none")
 DEFAULT_CHUNK = 16 << 20
-DEFAULT_SHARD = 256 << 20
+DEFAULT_SHARD = 64 << 20  # small enough that writers start while later shards stage
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,9 +241,9 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         codec = "raw" if compression == "none" else compression
         if staging_budget is not None:  # two files in flight fit in the budget
             shard_size = max(chunk_size, min(shard_size, int(staging_budget) // 2))
-        plan = make_plan(leaves, chunk_size=chunk_size, shard_size=shard_size,
-                         compressed=codec != "raw", byte_grouping=byte_grouping,
-                         save_id=save_id)
+        plan = _cached_plan(leaves, chunk_size=chunk_size, shard_size=shard_size,
+                            compressed=codec != "raw", byte_grouping=byte_grouping,
+                            save_id=save_id)
         prev = _base_manifest(storage, base) if base and codec != "raw" else None
         prev_hashes = _prev_hashes(plan, prev) if prev is not None else {}
         capacity = sum(-(-f.nbytes // 4096) * 4096 for f in plan.files)
@@ -325,25 +327,78 @@ def _source_bytes(value: Any) -> torch.Tensor:
     return torch.from_numpy(a.reshape(-1).view(np.uint8)) if a.size else torch.empty(0, dtype=torch.uint8)
 
 
+_plan_cache: dict = {}
+
+
+def _cached_plan(leaves, *, save_id: str, **params) -> SavePlan:
+    """``make_plan``, reusing the previous save's layout when the tree has the same
+    leaves (paths, kinds, dtypes, shapes): the steady state of a training run, where
+    planning hundreds of tensors would otherwise add to every stall. Only the save id
+    (in file names and safetensors headers) differs between saves."""
+    sig = (tuple((leaf.path, _leaf_sig(leaf.value)) for leaf in leaves),
+           tuple(sorted(params.items())))
+    hit = _plan_cache.get(sig)
+    if hit is None:
+        plan = make_plan(leaves, save_id=save_id, **params)
+        _plan_cache.clear()
+        _plan_cache[sig] = (plan, save_id)
+        return plan
+    plan, old = hit
+    tag_old, tag_new = f'"save_id":"{old}"'.encode(), f'"save_id":"{save_id}"'.encode()
+    files = tuple(dataclasses.replace(f, name=f.name.replace(old, save_id),
+                                      header=f.header.replace(tag_old, tag_new))
+                  for f in plan.files)
+    return dataclasses.replace(plan, files=files)
+
+
+def _leaf_sig(value: Any) -> tuple:
+    if isinstance(value, torch.Tensor):
+        return ("t", value.dtype, tuple(value.shape))
+    return ("n", value.dtype.str, value.shape)
+
+
+def _host_pointer(value: Any) -> tuple[Any, int]:
+    """A C-contiguous host object holding ``value``'s bytes, and its address (the
+    object must stay referenced while the address is used)."""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t, t.data_ptr()
+    import numpy as np
+
+    a = np.ascontiguousarray(value)
+    return a, a.ctypes.data
+
+
 def _stage_and_submit(writers: WriterPool, storage, arena, ring, fp: FilePlan, plan: SavePlan, leaves,
                       codec: str, level: int, prev_hashes: dict | None = None) -> cf.Future:
     offset, region = ring.alloc(fp.nbytes)
     side = None
+    base = arena.tensor.data_ptr()
     for p in fp.pieces:
         if not p.length:
             continue
-        src = _source_bytes(leaves[p.tensor].value)[p.start:p.start + p.length]
-        dst = arena.tensor[offset + p.offset: offset + p.offset + p.length]
-        if src.is_cuda:
-            if side is None:  # D2H copies on a side stream, ordered after pending compute
-                side = _side_stream(src.device)
-                side.wait_stream(torch.cuda.current_stream(src.device))
-            with torch.cuda.stream(side):
-                dst.copy_(src, non_blocking=arena.pinned)
+        value = leaves[p.tensor].value
+        at = offset + p.offset
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
+            src = _source_bytes(value)[p.start:p.start + p.length]
+            dst = arena.tensor[at:at + p.length]
+            if src.is_cuda:
+                if side is None:  # D2H copies on a side stream, ordered after pending compute
+                    side = _side_stream(src.device)
+                    side.wait_stream(torch.cuda.current_stream(src.device))
+                with torch.cuda.stream(side):
+                    dst.copy_(src, non_blocking=arena.pinned)
+            else:
+                dst.copy_(src)
         else:
-            dst.copy_(src)
-    if side is not None:
-        side.synchronize()
+            # Host memory: one memcpy, on this thread, with the GIL released. torch's
+            # copy_ fans out to OpenMP threads, which on a busy machine (training,
+            # writers) made the stall 4-12x slower than a plain memcpy.
+            src_obj, src_ptr = _host_pointer(value)
+            ctypes.memmove(base + at, src_ptr + p.start, p.length)
+            del src_obj
     pieces = tuple(PieceJob(p.tensor, p.first_chunk, offset + p.offset, p.length,
                             plan.tensors[p.tensor].group,
                             _piece_prev(prev_hashes, p, plan.chunk_size)) for p in fp.pieces)

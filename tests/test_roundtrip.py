@@ -134,3 +134,27 @@ def test_unsupported_leaf_is_refused_before_writing(tmp_path):
     assert not (tmp_path / "c").exists()
     with pytest.raises(TypeError):  # the builtin it resembles
         ckptstore.save({"arr": np.array([object()])}, tmp_path / "c")
+
+
+def test_repeated_saves_of_one_structure_get_their_own_ids(tmp_path, small_state):
+    """The layout of an unchanged tree is reused between saves; names and safetensors
+    headers must still carry each save's own id."""
+    import json as _json
+
+    from safetensors import safe_open
+
+    from ckptstore import format as fmt
+
+    ids = []
+    for i in range(3):
+        small_state["step"] = i
+        ckptstore.save(small_state, tmp_path / f"s{i}", compression="none").wait()
+        m = fmt.decode((tmp_path / f"s{i}" / "manifest.json").read_bytes())
+        ids.append(m.save_id)
+        for f in m.files:
+            assert m.save_id in f.name
+            with safe_open(str(tmp_path / f"s{i}" / f.name), "pt") as sf:
+                assert sf.metadata()["save_id"] == m.save_id
+        assert_same_tree(small_state, ckptstore.load(tmp_path / f"s{i}"))
+        assert _json.loads((tmp_path / f"s{i}" / "manifest.json").read_bytes())["save_id"] == m.save_id
+    assert len(set(ids)) == 3
