@@ -29,6 +29,9 @@ class CountingStorage(LocalStorage):
         self.reads.append((name, offset, n))
         return n
 
+    def map_file(self, name):
+        return None  # no copy-on-write maps: every byte goes through read/readinto
+
 
 def _state():
     torch.manual_seed(0)

@@ -122,3 +122,25 @@ def test_spawned_child_that_saved_exits(tmp_path):
                          text=True, timeout=120)
     assert "JOINED" in out.stdout, out.stderr
     assert (tmp_path / "r0" / "manifest.json").exists()
+
+
+def test_mapped_load_is_private_and_outlives_the_files(tmp_path):
+    """Uncompressed local tensors load as copy-on-write maps of their shard: writing to
+    them never reaches the checkpoint, and deleting the checkpoint does not hurt them."""
+    state = {"w": torch.randn(256, 64), "b": torch.arange(7, dtype=torch.int16)}
+    ckptstore.save(state, tmp_path / "c", compression="none").wait()
+    back = ckptstore.load(tmp_path / "c")
+    back["w"].add_(1.0)
+    assert ckptstore.fsck(tmp_path / "c").ok  # the file did not change
+    assert torch.equal(ckptstore.load(tmp_path / "c")["w"], state["w"])
+    for p in (tmp_path / "c").iterdir():
+        p.unlink()
+    assert torch.equal(back["w"], state["w"] + 1.0) and torch.equal(back["b"], state["b"])
+
+
+def test_truncated_shard_without_verification_raises_not_crashes(tmp_path):
+    ckptstore.save({"w": torch.randn(4096)}, tmp_path / "c", compression="none").wait()
+    shard = next(p for p in (tmp_path / "c").iterdir() if p.suffix == ".safetensors")
+    os.truncate(shard, shard.stat().st_size // 2)  # a map of it would SIGBUS on access
+    with pytest.raises(ckptstore.CorruptCheckpointError):
+        ckptstore.load(tmp_path / "c", verify=False)

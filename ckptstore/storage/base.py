@@ -17,6 +17,7 @@ closed; create-only objects go through :meth:`Storage.put_exclusive`.
 """
 from __future__ import annotations
 
+import mmap
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -124,6 +125,11 @@ class Storage(ABC):
         """Read ``length`` bytes at ``offset`` (to the end if None). Short reads
         at end of file return fewer bytes."""
 
+    def map_file(self, name: str) -> "mmap.mmap | None":
+        """A private (copy-on-write) memory map of the whole file, or None where the
+        backend has no local files. Writes through the map never reach the file."""
+        return None
+
     def readinto(self, name: str, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; returns the number of bytes read."""
         data = self.read(name, offset, len(buf))
@@ -223,6 +229,9 @@ class LinkedView(Storage):
 
     def readinto(self, name: str, offset: int, buf: memoryview) -> int:
         return self._route(name).readinto(name, offset, buf)
+
+    def map_file(self, name: str) -> "mmap.mmap | None":
+        return self._route(name).map_file(name)
 
     def listdir(self, name: str = "") -> list[str]:
         return self.storage.listdir(name)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 
@@ -166,6 +167,15 @@ class LocalStorage(Storage):
         fd = self._open_read(name)
         try:
             return _pread_into(fd, memoryview(buf).cast("B"), offset)
+        finally:
+            os.close(fd)
+
+    def map_file(self, name: str) -> mmap.mmap | None:
+        fd = self._open_read(name)  # same checks as reads: no symlinks, regular file
+        try:
+            if os.fstat(fd).st_size == 0:
+                return None
+            return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         finally:
             os.close(fd)
 
