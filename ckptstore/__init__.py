@@ -14,7 +14,8 @@ from .errors import (CheckpointExistsError, CheckpointNotFoundError, CkptError, 
                      CkptTimeoutError, CorruptCheckpointError, DistributedSaveError,
                      SchemaVersionError,
                      StagingBusyError, StorageError, StrictLoadError, TransientStorageError,
-                     UnsafeCheckpointError, UnsupportedTypeError, WriterDiedError)
+                     UnsafeCheckpointError, UnsupportedOperationError, UnsupportedTypeError,
+                     WriterDiedError)
 
 # The API modules import torch; they are loaded on first use so that writer
 # processes (which import this package) stay small and start fast.
@@ -54,5 +55,6 @@ __all__ = ["__version__", "save", "load", "fsck", "open", "shutdown", "Checkpoin
            "CheckpointNotFoundError", "CkptTimeoutError", "CorruptCheckpointError",
            "DistributedSaveError",
            "SchemaVersionError", "StagingBusyError", "StorageError", "StrictLoadError",
-           "TransientStorageError", "UnsafeCheckpointError", "UnsupportedTypeError",
+           "TransientStorageError", "UnsafeCheckpointError", "UnsupportedOperationError",
+           "UnsupportedTypeError",
            "WriterDiedError"]

@@ -88,3 +88,8 @@ class DistributedSaveError(CkptError, RuntimeError):
     def ranks(self) -> tuple:
         """The ranks that failed, in order."""
         return tuple(sorted({f[0] for f in self.failures if isinstance(f[0], int)}))
+
+
+class UnsupportedOperationError(CkptError, NotImplementedError):
+    """The request is valid but not supported for this checkpoint or backend
+    (e.g. rename rules on a checkpoint saved sharded by several ranks)."""

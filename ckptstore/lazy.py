@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 from . import format as fmt
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedOperationError
 from .into import apply_into, leaves_of, rename_tree
 from .reader import read_manifest, read_tensors
 from .rename import RenameSpec, rename_names
@@ -70,7 +70,7 @@ class LazyCheckpoint(Mapping):
         if any(getattr(t, "shards", ()) for t in manifest.tensors):
             # a sharded tensor's chunks are its shards' bytes in turn, not its own
             # C-order bytes: ckptstore.distributed reassembles those
-            raise NotImplementedError(f"{storage.url} holds tensors saved sharded by several "
+            raise UnsupportedOperationError(f"{storage.url} holds tensors saved sharded by several "
                                       "ranks; lazy and partial reads do not support them yet, "
                                       "use ckptstore.load")
         self.storage = storage

@@ -6,7 +6,7 @@ from typing import Any
 
 from .into import LoadReport, apply_into
 from .reader import read_manifest, read_tensors
-from .errors import CorruptCheckpointError
+from .errors import CorruptCheckpointError, UnsupportedOperationError
 from .storage import Storage, open_storage
 from .tree import unflatten
 
@@ -37,7 +37,7 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
 
     if any(t.shards for t in manifest.tensors) or holds_dtensor(into):  # saved or loaded sharded
         if rename is not None or keys is not None:
-            raise NotImplementedError("rename= and keys= are not supported yet for sharded "
+            raise UnsupportedOperationError("rename= and keys= are not supported yet for sharded "
                                       "checkpoints or DTensor targets")
         from .distributed.reshard import load_resharded
 

@@ -16,7 +16,7 @@ import io
 import posixpath
 from typing import Any
 
-from ..errors import StorageError, UnsafeCheckpointError
+from ..errors import StorageError, UnsafeCheckpointError, UnsupportedOperationError
 from ..retry import retrying
 from .base import Capabilities, Storage, WriteHandle, check_name
 
@@ -156,7 +156,7 @@ class FsspecStorage(Storage):
         self._put(name, data, create=True)
 
     def rename(self, src: str, dst: str) -> None:
-        raise NotImplementedError("object stores have no rename; ckptstore never copies and "
+        raise UnsupportedOperationError("object stores have no rename; ckptstore never copies and "
                                   "deletes instead")
 
     def link_exclusive(self, src: str, dst: str) -> None:
