@@ -7,25 +7,36 @@ import logging
 import sys
 
 FAMILIES = ("crash", "power", "errors", "corrupt", "parsers", "malicious")
+#: crash sweep tiers: local files, S3 (moto), a 2-rank distributed save
+TIERS = ("local", "s3", "dist")
+#: what ``all`` sweeps when no --tier is given
+ALL_TIERS = ("local", "dist")
 
 
 def run(family: str, budget: float, *, kills: int = 0, seed: int = 0,
-        tiers: tuple = ("local",)):
+        tiers: tuple | None = None):
     """Run one family (or ``all``, splitting the budget) and return its Report."""
     from .common import Budget, Report
 
     report = Report()
     if family == "all":
         for f in FAMILIES:
-            report.merge(run(f, budget / len(FAMILIES), kills=kills, seed=seed, tiers=tiers))
+            report.merge(run(f, budget / len(FAMILIES), kills=kills, seed=seed,
+                             tiers=tiers or ALL_TIERS))
         return report
+    tiers = tiers or ("local",)
     b = Budget(budget)
     if family == "crash":
         from . import crash
 
         share = budget / (len(tiers) + (1 if kills else 0))
         for tier in tiers:
-            crash.sweep(report, Budget(share), seed=seed, tier=tier)
+            if tier == "dist":  # a 2-rank distributed save (fuzz/dist.py)
+                from . import dist
+
+                dist.sweep(report, Budget(share), seed=seed)
+            else:
+                crash.sweep(report, Budget(share), seed=seed, tier=tier)
         if kills:
             crash.blackbox(report, b, kills, seed=seed)
     elif family == "power":
@@ -59,15 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, default=60.0, help="seconds (split over families for all)")
     p.add_argument("--kills", type=int, default=0, help="blackbox kills after the sweep (crash)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tier", action="append", choices=("local", "s3"),
-                   help="crash sweep tiers (repeatable; default local; s3 runs a moto server)")
+    p.add_argument("--tier", action="append", choices=TIERS,
+                   help="crash sweep tiers (repeatable; default local, for all local and dist; "
+                        "s3 runs a moto server; dist a 2-rank gloo save)")
     p.add_argument("--json", metavar="OUT", help="also write the counts to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)  # expected failures log errors by design
     from .common import write_json
 
     report = run(args.family, args.budget, kills=args.kills, seed=args.seed,
-                 tiers=tuple(args.tier or ("local",)))
+                 tiers=tuple(args.tier) if args.tier else None)
     payload = dict(family=args.family, budget=args.budget, seed=args.seed, **report.to_json())
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")

@@ -116,3 +116,40 @@ def test_cli_writes_json_counts(tmp_path, capsys):
                 "fuzz_inputs"):
         assert key in counts
     assert json.loads(capsys.readouterr().out)["malicious_cases"] == counts["malicious_cases"]
+
+
+@pytest.mark.timeout(300)
+def test_crash_sweep_two_rank_distributed():
+    """Kill one rank of a 2-rank gloo save (the manifest link of rank 0 first)."""
+    from fuzz import dist
+
+    report = Report()
+    dist.sweep(report, Budget(25), modes=("zstd",), seed=4)
+    _assert_clean(report, "crash_points")
+    assert report.counts["kills"] == report.counts["crash_points"]
+
+
+def test_dist_oracle_notices_a_torn_checkpoint(tmp_path):
+    """A 2-rank manifest whose rank-1 shard is gone, and a hang, must fail the oracle."""
+    import ckptstore
+    from fuzz import dist
+    from fuzz.common import SMALL
+
+    run = tmp_path / "run"
+    ckptstore.save(dist.full_state(dist.OLD_SEED), run / "step-1", blocking=True, **SMALL)
+    ckptstore.save(dist.full_state(dist.NEW_SEED), run / "step-2", blocking=True, **SMALL)
+    os.unlink(run / "step-2" / sorted(n for n in os.listdir(run / "step-2")
+                                      if n.startswith("shard-"))[-1])
+    case = object.__new__(dist.DistCase)
+    case.mode, case.scenario = "zstd", "new"
+    case.old, case.new = (dist.tree_digest(dist.full_state(s))
+                          for s in (dist.OLD_SEED, dist.NEW_SEED))
+    report = Report()
+    case.check(report, str(run), dict(rank=0, k=3, when="before"), [-9, 3],
+               [{}, {"error": "DistributedSaveError"}], False, 0)
+    assert report.counts["failures"] > 0
+    report = Report()
+    shutil.rmtree(run / "step-2")
+    case.check(report, str(run), dict(rank=1, k=3, when="before"), [3, -9],
+               [{"error": "DistributedSaveError"}, {}], True, 0)
+    assert report.details and "hang" in report.details[0]
