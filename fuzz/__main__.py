@@ -10,7 +10,7 @@ FAMILIES = ("crash", "power", "errors", "corrupt", "parsers", "malicious")
 #: crash sweep tiers: local files, S3 (moto), a 2-rank distributed save
 TIERS = ("local", "s3", "dist")
 #: what ``all`` sweeps when no --tier is given
-ALL_TIERS = ("local", "dist")
+ALL_TIERS = ("local", "s3", "dist")
 
 
 def run(family: str, budget: float, *, kills: int = 0, seed: int = 0,
@@ -35,6 +35,11 @@ def run(family: str, budget: float, *, kills: int = 0, seed: int = 0,
                 from . import dist
 
                 dist.sweep(report, Budget(share), seed=seed)
+            elif tier == "s3":  # kill points, then network faults and kills (fuzz/objstore.py)
+                from . import objstore
+
+                crash.sweep(report, Budget(share / 2), seed=seed, tier=tier)
+                objstore.run(report, Budget(share / 2), seed=seed)
             else:
                 crash.sweep(report, Budget(share), seed=seed, tier=tier)
         if kills:
@@ -71,8 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kills", type=int, default=0, help="blackbox kills after the sweep (crash)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tier", action="append", choices=TIERS,
-                   help="crash sweep tiers (repeatable; default local, for all local and dist; "
-                        "s3 runs a moto server; dist a 2-rank gloo save)")
+                   help="crash sweep tiers (repeatable; default local, for all every tier; "
+                        "s3: kill points and 503s/resets/delays/kills through a fault proxy "
+                        "in front of a moto server; dist: a 2-rank gloo save)")
     p.add_argument("--json", metavar="OUT", help="also write the counts to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)  # expected failures log errors by design

@@ -153,3 +153,41 @@ def test_dist_oracle_notices_a_torn_checkpoint(tmp_path):
     case.check(report, str(run), dict(rank=1, k=3, when="before"), [3, -9],
                [{"error": "DistributedSaveError"}, {}], True, 0)
     assert report.details and "hang" in report.details[0]
+
+
+@pytest.mark.timeout(300)
+def test_object_store_faults_and_kills():
+    """503s/resets/delays on sampled requests of saves and promotions, a kill before
+    the manifest and one between multipart parts and completion, then gc."""
+    pytest.importorskip("moto")
+    from fuzz import objstore
+
+    report = Report()
+    objstore.run(report, Budget(10), seed=2)
+    _assert_clean(report, "faults_injected")
+    assert report.counts["kills"] == 2 and report.counts["crash_points"] == 2
+
+
+def test_object_store_oracle_notices_a_failed_save_that_committed():
+    """A save that raised but whose step loads, and a missing upload, must fail."""
+    pytest.importorskip("moto")
+    import ckptstore
+    from ckptstore.errors import TransientStorageError
+    from ckptstore.storage import open_storage
+    from fuzz import objstore
+    from fuzz.common import SMALL, make_state
+
+    env = objstore.S3Env()
+    try:
+        run = env.bucket("zstd")
+        ckptstore.save(make_state(objstore.NEW_SEED), open_storage(f"{run}/{objstore.S2}",
+                                                                   env.direct),
+                       compression="zstd", blocking=True, **SMALL)
+        report = Report()
+        objstore._check(report, env, run, objstore.S2, TransientStorageError("x"), "torn")
+        assert report.counts["failures"] == 1
+        report = Report()
+        objstore._after_kill(report, env, run, "no upload", expect_uploads=True)
+        assert report.counts["failures"] >= 2  # loads as committed, no incomplete upload
+    finally:
+        env.close()
