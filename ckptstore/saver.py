@@ -206,16 +206,8 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
                                 byte_grouping=byte_grouping, staging_budget=staging_budget,
                                 chunk_size=chunk_size, shard_size=shard_size, if_busy=if_busy,
                                 overwrite=overwrite, storage_options=storage_options)
-    if compression not in COMPRESSION:
-        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
-    if if_busy not in ("wait", "raise"):
-        raise ValueError(f"if_busy must be 'wait' or 'raise', not {if_busy!r}")
-    if chunk_size <= 0 or chunk_size % 64:
-        raise ValueError("chunk_size must be a positive multiple of 64")
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UnsupportedTypeError(f"metadata must be plain JSON: {e}") from None
+    check_save_args(compression=compression, if_busy=if_busy, chunk_size=chunk_size,
+                    metadata=metadata)
     storage = open_storage(path, storage_options)
     eng = engine()
     with eng.lock:
@@ -325,6 +317,20 @@ def _source_bytes(value: Any) -> torch.Tensor:
 
     a = np.ascontiguousarray(value)
     return torch.from_numpy(a.reshape(-1).view(np.uint8)) if a.size else torch.empty(0, dtype=torch.uint8)
+
+
+def check_save_args(*, compression: str, if_busy: str, chunk_size: int, metadata: Any) -> None:
+    """Refuse bad arguments before anything is staged or written."""
+    if compression not in COMPRESSION:
+        raise ValueError(f"compression must be one of {COMPRESSION}, not {compression!r}")
+    if if_busy not in ("wait", "raise"):
+        raise ValueError(f"if_busy must be 'wait' or 'raise', not {if_busy!r}")
+    if chunk_size <= 0 or chunk_size % 64:
+        raise ValueError("chunk_size must be a positive multiple of 64")
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedTypeError(f"metadata must be plain JSON: {e}") from None
 
 
 _plan_cache: dict = {}

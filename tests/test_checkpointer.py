@@ -29,6 +29,16 @@ def _manifest(d, step: int) -> dict:
         return json.loads(f.read())
 
 
+def _flip_shard_byte(root, step: int, mask: int):
+    """XOR the middle byte of step's first shard with ``mask``; returns the shard path."""
+    shard = sorted(n for n in os.listdir(root / step_name(step)) if n.startswith("shard"))[0]
+    p = root / step_name(step) / shard
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= mask
+    p.write_bytes(bytes(raw))
+    return p
+
+
 def test_save_latest_load_and_keep_last(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path, keep_last=2) as ck:
         for s in (100, 200, 300, 400):
@@ -101,11 +111,7 @@ def test_corrupt_latest_falls_back_to_older(tmp_path, frozen):
         for s in (1, 2):
             ck.save(s, _state(s, frozen))
         ck.wait()
-        shard = [n for n in os.listdir(tmp_path / step_name(2)) if n.startswith("shard")][0]
-        p = tmp_path / step_name(2) / shard
-        raw = bytearray(p.read_bytes())
-        raw[len(raw) // 2] ^= 0x40
-        p.write_bytes(bytes(raw))
+        p = _flip_shard_byte(tmp_path, 2, 0x40)
         with pytest.warns(CheckpointFallbackWarning, match="step 2"):
             out = ck.load()
         assert ck.loaded_step == 1
@@ -173,11 +179,7 @@ def test_resaving_a_damaged_step_after_fallback(tmp_path, frozen):
         for s in (1, 2):
             ck.save(s, _state(s, frozen))
         ck.wait()
-        shard = [n for n in os.listdir(tmp_path / step_name(2)) if n.startswith("shard")][0]
-        p = tmp_path / step_name(2) / shard
-        raw = bytearray(p.read_bytes())
-        raw[len(raw) // 2] ^= 0x01  # a flip only chunk hashes see
-        p.write_bytes(bytes(raw))
+        _flip_shard_byte(tmp_path, 2, 0x01)  # a flip only chunk hashes see
         with pytest.warns(CheckpointFallbackWarning):
             ck.load()
         assert ck.loaded_step == 1

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from .. import __version__, format as fmt
 from .. import saver as _saver
 from ..commit import commit_manifest
-from ..errors import CheckpointExistsError, DistributedSaveError, UnsupportedTypeError
+from ..errors import CheckpointExistsError, DistributedSaveError
 from ..plan import make_plan
 from ..staging import Ring
 from ..storage import Storage, open_storage
@@ -69,14 +69,8 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
     Plain (non-DTensor) tensors and values must be equal on every rank (as in DCP):
     each is written once, by one rank.
     """
-    if compression not in _saver.COMPRESSION:
-        raise ValueError(f"compression must be one of {_saver.COMPRESSION}, not {compression!r}")
-    if chunk_size <= 0 or chunk_size % 64:
-        raise ValueError("chunk_size must be a positive multiple of 64")
-    try:
-        json.dumps(metadata, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise UnsupportedTypeError(f"metadata must be plain JSON: {e}") from None
+    _saver.check_save_args(compression=compression, if_busy=if_busy, chunk_size=chunk_size,
+                           metadata=metadata)
     group = pc.coordination_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     eng = _saver.engine()
