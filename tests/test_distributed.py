@@ -176,6 +176,29 @@ def _fail_run(rank: int, world: int, tmp: str) -> None:
     dist.destroy_process_group()
 
 
+def _bad_path_run(rank: int, world: int, tmp: str) -> None:
+    """Rank 0 cannot open its path: it raises its own error, the others a typed one
+    naming rank 0, at once rather than after the collective timeout."""
+    import time
+
+    _init(rank, world, tmp)
+    model, opt = _model(seed=1)
+    state = _sharded(model, opt)
+    path = "nosuchprotocol://bucket/x" if rank == 0 else f"{tmp}/ok"
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as info:
+        ckptstore.save(state, path).wait()
+    if rank == 0:
+        assert not isinstance(info.value, DistributedSaveError)
+    else:
+        assert isinstance(info.value, DistributedSaveError) and info.value.ranks == (0,)
+        assert "could not start the save" in str(info.value)
+    assert time.monotonic() - t0 < 30  # CKPTSTORE_DIST_TIMEOUT is 60 here
+    assert not os.path.exists(f"{tmp}/ok/manifest.json")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def _rank_main(rank: int, fn, world: int, tmp: str) -> None:
     try:
         fn(rank, world, tmp)
@@ -258,3 +281,7 @@ def test_dcp_checkpoint_is_a_ckptstore_checkpoint(saved):
 
 def test_failed_rank_commits_nothing(tmp_path):
     _spawn(_fail_run, 2, tmp_path)
+
+
+def test_coordinator_that_cannot_start_fails_every_rank_at_once(tmp_path):
+    _spawn(_bad_path_run, 2, tmp_path)

@@ -92,10 +92,19 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         mine = path.url if isinstance(path, Storage) else os.fspath(path)
         decided = None
         if rank == pc.COORDINATOR:
-            storage0 = open_storage(path, storage_options)
-            decided = (mine, secrets.token_hex(6), ident,
-                       storage0.exists(fmt.MANIFEST_NAME) and not overwrite)
-        where, save_id, ident0, exists = pc.broadcast(decided, group)
+            try:
+                storage0 = open_storage(path, storage_options)
+                decided = ("ok", mine, secrets.token_hex(6), ident,
+                           storage0.exists(fmt.MANIFEST_NAME) and not overwrite)
+            except Exception as e:  # tell the others before raising, or they wait it out
+                _announce(("error", type(e).__name__, str(e)), group)
+                raise
+        decided = _announce(decided, group)
+        if decided[0] == "error":
+            raise DistributedSaveError(
+                f"rank 0 could not start the save: {decided[1]}: {decided[2]}",
+                ((pc.COORDINATOR, "plan", decided[1], decided[2]),))
+        _, where, save_id, ident0, exists = decided
         if exists:
             raise CheckpointExistsError(
                 f"{where} already holds a committed checkpoint; save to a new path or pass "
@@ -204,6 +213,16 @@ def _commit_manifest(storage: Storage, meta: dict, writes: list[RankWrite]) -> t
         raise
     logical = sum(t.nbytes for t in manifest.tensors)
     return logical, sum(f.size for f in manifest.files), len(manifest.files)
+
+
+def _announce(decided: Any, group: Any) -> Any:
+    """Broadcast rank 0's decision (path, save id, ...) with a typed error on failure."""
+    try:
+        return pc.broadcast(decided, group)
+    except RuntimeError as e:  # gloo timeout or a dead peer
+        raise DistributedSaveError(
+            f"the ranks could not agree on where to save: {e}",
+            ((None, "collective", type(e).__name__, str(e)),)) from e
 
 
 def merge(meta: dict, writes: list[RankWrite]) -> fmt.Manifest:
