@@ -24,11 +24,11 @@ from typing import Iterator
 
 import ckptstore
 from ckptstore import format as fmt
-from ckptstore.errors import CheckpointNotFoundError, CkptError
+from ckptstore.errors import CkptError
 from ckptstore.storage import LocalStorage
 from ckptstore.verify import fsck
 
-from .common import MODES, Budget, Report, fsck_code, make_state, tree_digest
+from .common import MODES, Budget, Report, fsck_code, make_state, outcome, tree_digest
 
 #: a state with several 4 KiB blocks per file and several chunks per tensor
 LAYOUT = dict(chunk_size=4096, shard_size=32768)
@@ -122,15 +122,6 @@ def _flip(data: bytes, bit: int) -> bytes:
     return bytes(b)
 
 
-def _load_outcome(path: str) -> str:
-    try:
-        return tree_digest(ckptstore.load(path))
-    except CheckpointNotFoundError:
-        return "absent"
-    except CkptError as e:
-        return f"error:{type(e).__name__}"
-
-
 def check(report: Report, s: Subject, label: str, name: str, new: bytes, cli: bool) -> None:
     what = f"{s.mode}: {label}"
     path = os.path.join(os.path.dirname(s.path), f"work-{s.mode}")
@@ -138,7 +129,7 @@ def check(report: Report, s: Subject, label: str, name: str, new: bytes, cli: bo
     with open(target, "wb") as f:
         f.write(new)
     try:
-        got = _load_outcome(path)
+        got = outcome(path)
         report_ = fsck(LocalStorage(path))
         code = fsck_code(path) if cli else None
     finally:
