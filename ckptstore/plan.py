@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec import hash_bytes
 from .tree import Leaf, path_name
 
 #: torch dtype -> safetensors dtype name; anything else is written as U8 bytes
@@ -153,7 +152,3 @@ def _st_header(pieces: list[Piece], tensors: list[TensorPlan], save_id: str) -> 
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
     return len(text).to_bytes(8, "little") + text
-
-
-def header_hash(header: bytes) -> str:
-    return hash_bytes(header)

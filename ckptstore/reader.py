@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 from dataclasses import dataclass
 import math
-import os
 from typing import Any, Callable
 
 import numpy as np
@@ -200,7 +199,3 @@ class _FileMaps:
     def chunk_view(self, rec: fmt.TensorRecord, index: int) -> Mapped:
         c = rec.chunks[index]
         return Mapped(memoryview(self.maps[c.file])[c.offset:c.offset + c.length])
-
-
-def default_threads() -> int:
-    return max(2, min(8, 2 * (os.cpu_count() or 1)))

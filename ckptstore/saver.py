@@ -111,7 +111,6 @@ class Engine:
         self.staging = StagingPool(pin=True)
         self.last: SaveHandle | None = None
         self.lock = threading.Lock()
-        self.closed = False
 
     def close(self) -> None:
         last = self.last

@@ -118,11 +118,6 @@ class Ring:
             self._drop_freed()
             self.cv.notify_all()
 
-    def idle(self) -> bool:
-        with self.cv:
-            self._drop_freed()
-            return not self.live
-
 
 class StagingPool:
     """Owns the arena; grows it between saves when a larger one is needed."""
