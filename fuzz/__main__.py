@@ -7,10 +7,10 @@ import logging
 import sys
 
 FAMILIES = ("crash", "power", "errors", "corrupt", "parsers", "malicious")
-#: crash sweep tiers: local files, S3 (moto), a 2-rank distributed save
-TIERS = ("local", "s3", "dist")
+#: crash sweep tiers: local files, S3 (moto), GCS (fake-gcs-server), a 2-rank save
+TIERS = ("local", "s3", "gcs", "dist")
 #: what ``all`` sweeps when no --tier is given
-ALL_TIERS = ("local", "s3", "dist")
+ALL_TIERS = ("local", "s3", "gcs", "dist")
 
 
 def run(family: str, budget: float, *, kills: int = 0, seed: int = 0,
@@ -35,11 +35,11 @@ def run(family: str, budget: float, *, kills: int = 0, seed: int = 0,
                 from . import dist
 
                 dist.sweep(report, Budget(share), seed=seed)
-            elif tier == "s3":  # kill points, then network faults and kills (fuzz/objstore.py)
-                from . import objstore
+            elif tier in ("s3", "gcs"):  # kill points, then network faults and kills
+                from . import objstore  # (fuzz/objstore.py)
 
                 crash.sweep(report, Budget(share / 2), seed=seed, tier=tier)
-                objstore.run(report, Budget(share / 2), seed=seed)
+                objstore.run(report, Budget(share / 2), seed=seed, kind=tier)
             else:
                 crash.sweep(report, Budget(share), seed=seed, tier=tier)
         if kills:
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tier", action="append", choices=TIERS,
                    help="crash sweep tiers (repeatable; default local, for all every tier; "
-                        "s3: kill points and 503s/resets/delays/kills through a fault proxy "
-                        "in front of a moto server; dist: a 2-rank gloo save)")
+                        "s3/gcs: kill points, then 503s/resets/delays/kills through a fault "
+                        "proxy in front of moto / fake-gcs-server; dist: a 2-rank gloo save)")
     p.add_argument("--json", metavar="OUT", help="also write the counts to this file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.CRITICAL)  # expected failures log errors by design

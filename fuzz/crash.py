@@ -125,55 +125,39 @@ class LocalTier:
         pass
 
 
-class S3Tier(LocalTier):
-    """Runs are prefixes in a bucket of a moto S3 server started here (the saving
-    processes reach it over HTTP); no rename: data objects, then a create-only
-    manifest object."""
+class ObjectTier(LocalTier):
+    """Runs are prefixes in a bucket of an S3 (moto) or GCS (fake-gcs-server) server
+    started here; the saving processes reach it over HTTP. No rename: data objects,
+    then a create-only manifest object (``If-None-Match: *`` / ``ifGenerationMatch=0``)."""
 
-    name = "s3"
+    def __init__(self, tmp: str, kind: str) -> None:
+        from .servers import ObjectStore
 
-    def __init__(self, tmp: str) -> None:
-        import logging
-
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
         super().__init__(tmp)
-        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                     ("AWS_DEFAULT_REGION", "us-east-1")):
-            os.environ.setdefault(k, v)
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        self.server.start()
-        self.options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing",
-                        "secret": "testing"}
-        import fsspec
-
-        self.fs = fsspec.filesystem("s3", skip_instance_cache=True, **self.options)
+        self.name = kind
+        self.store = ObjectStore(kind)
+        self.options = self.store.direct
+        self.fs = self.store.fs
         self.fs.mkdir("fuzz")
 
     def base(self, mode: str) -> str:
-        base = f"s3://fuzz/base-{mode}"
+        base = self.store.url(f"fuzz/base-{mode}")
         if not self.fs.exists(f"fuzz/base-{mode}/step-1/manifest.json"):
             ckptstore.save(make_state(OLD_SEED), self.storage(self.join(base, "step-1")),
                            compression=mode, blocking=True, **SMALL)
         return base
 
     def fresh(self, base: str, tag: str) -> str:
-        run = f"s3://fuzz/run-{tag}"
+        run = self.store.url(f"fuzz/run-{tag}")
         self.remove(run)
-        src = base[len("s3://"):]
+        src = self.store.path(base)
         for key in self.fs.find(src):
             self.fs.copy(key, "fuzz/run-" + tag + key[len(src):])
         return run
 
     def remove(self, run: str) -> None:
-        path = run[len("s3://"):]
-        if self.fs.exists(path):
+        path = self.store.path(run)
+        if self.fs.find(path):
             self.fs.rm(path, recursive=True)
         self.fs.invalidate_cache()
 
@@ -187,7 +171,7 @@ class S3Tier(LocalTier):
             return 2
 
     def close(self) -> None:
-        self.server.stop()
+        self.store.close()
 
 
 def _commit_index(journal: list[dict]) -> int:
@@ -266,10 +250,10 @@ class Case:
 def sweep(report: Report, budget: Budget, *, modes=MODES, scenarios=("new", "overwrite"),
           seed: int = 0, tier: str = "local") -> None:
     """The kill-point sweep; exhaustive when the budget allows, else a random sample.
-    ``tier``: ``"local"`` or ``"s3"`` (a moto server)."""
+    ``tier``: ``"local"``, ``"s3"`` (a moto server) or ``"gcs"`` (fake-gcs-server)."""
     rng = random.Random(seed)
     with tempfile.TemporaryDirectory(prefix="fuzz-crash-") as tmp:
-        where = S3Tier(tmp) if tier == "s3" else LocalTier(tmp)
+        where = LocalTier(tmp) if tier == "local" else ObjectTier(tmp, tier)
         try:
             with Zygote(tmp) as zygote:
                 _sweep(report, budget, zygote, where, tmp, modes, scenarios, rng)

@@ -3,7 +3,8 @@
 Two rank processes (gloo over a FileStore, ``CKPTSTORE_WRITERS=1``) save a small
 state: a DTensor sharded over a 1-D mesh (``Shard(0)``), a plain tensor and a step
 counter. A clean save is run once with every rank's storage counting its mutating
-calls (one ledger per rank). Then, for sampled points (rank r, call k, before/after),
+calls (one ledger per rank). Two scenarios per mode: a new step next to a committed
+one, and ``overwrite=True`` over it. Then, for sampled points (rank r, call k, before/after),
 both ranks save again and rank r's :class:`~ckptstore.storage.faulty.FaultyStorage`
 SIGKILLs that rank and its writers at its k-th call; rank 0's manifest link is always
 among the points (before and after). The surviving rank must end on its own within
@@ -13,7 +14,9 @@ Oracle (loads at world size 1, which reshards): the committed ``step-1`` next to
 new step loads bit-identical; the new step loads bit-identical or is absent
 (``CheckpointNotFoundError``, ``fsck`` exits 2), never torn; a kill of rank 1 (it
 dies before its vote) leaves it absent; a kill of rank 0 after its manifest link
-leaves it committed; and a plain save to the same path then succeeds over the debris.
+leaves it committed. For an overwrite, the step loads as the old or the new state,
+never a mix and never absent: the old one if rank 1 died, the new one once rank 0's
+manifest replace has run; and a plain save to the same path then succeeds over the debris.
 
 A rank process: ``python -m fuzz.dist SPEC_JSON RANK``; exit 0 committed, 3 a typed
 ckptstore error, -9 killed.
@@ -231,7 +234,8 @@ class DistCase:
         report.check(outcome(target) == self.new, f"{what}: recovery save does not load")
 
 
-def sweep(report: Report, budget: Budget, *, modes=("zstd", "none"), scenarios=("new",),
+def sweep(report: Report, budget: Budget, *, modes=("zstd", "none"),
+          scenarios=("new", "overwrite"),
           seed: int = 0) -> None:
     """Sampled kill points of a 2-rank save; the points at rank 0's manifest link come
     first, then a random sample over both ranks' calls while the budget lasts."""

@@ -1,8 +1,8 @@
-"""Object-store faults (``python -m fuzz crash --tier s3`` / ``errors --tier s3``).
+"""Object-store faults (the second half of ``python -m fuzz crash --tier s3|gcs``).
 
-A moto S3 server sits behind :class:`~fuzz.proxy.FaultProxy`; the library talks to
-the proxy (botocore's own retries off, so every fault reaches ckptstore's retry
-table) and the oracle reads the server directly.
+A moto S3 server or fake-gcs-server sits behind :class:`~fuzz.proxy.FaultProxy`; the
+library talks to the proxy (the client's own retries off, so every fault reaches
+ckptstore's retry table) and the oracle reads the server directly.
 
 - *Network faults during a save and during a Checkpointer promotion*: a random
   sample of requests (PUT, GET/HEAD, or any) answered with 503 SlowDown, a
@@ -14,7 +14,7 @@ table) and the oracle reads the server directly.
 - *Kill between data objects and manifest*: the manifest PUT is held at the proxy,
   the saving process group is SIGKILLed -> not committed, data objects left over,
   ``ckptstore gc --grace 0`` removes them and spares the committed step.
-- *Kill between multipart parts and completion*: a >= 10 MiB shard is uploaded in
+- *Kill between multipart parts and completion* (S3 only): a >= 10 MiB shard is uploaded in
   5 MiB parts (the harness storage passes s3fs a small ``chunksize``); the
   CompleteMultipartUpload request is held, the group SIGKILLed -> not committed, an
   incomplete upload is left, and ``ckptstore gc --grace 0`` aborts it.
@@ -22,7 +22,6 @@ table) and the oracle reads the server directly.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import random
 import signal
@@ -75,35 +74,22 @@ class MultipartS3Storage(FsspecStorage):
         return MultipartS3Storage(super().sibling(name).url, self.options)
 
 
-class S3Env:
-    """moto on a free port, a FaultProxy in front of it, one bucket per case."""
+class StoreEnv:
+    """An S3 (moto) or GCS (fake-gcs-server) server on a free port, a FaultProxy in
+    front of it, one bucket per case."""
 
-    def __init__(self) -> None:
-        from moto.server import ThreadedMotoServer
+    def __init__(self, kind: str = "s3") -> None:
+        from .servers import ObjectStore
 
-        from .proxy import FaultProxy, free_port
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        for k, v in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                     ("AWS_DEFAULT_REGION", "us-east-1"), ("CKPTSTORE_RETRIES", "5")):
-            os.environ.setdefault(k, v)
-        self.port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self.server.start()
-        self.proxy = FaultProxy(self.port).start()
-        self.direct = {"endpoint_url": f"http://127.0.0.1:{self.port}", "key": "testing",
-                       "secret": "testing"}
-        self.faulty = {"endpoint_url": self.proxy.url, "key": "testing", "secret": "testing",
-                       "config_kwargs": {"retries": {"max_attempts": 1},
-                                         "read_timeout": 5, "connect_timeout": 5}}
-        import fsspec
-
-        self.fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False,
-                                    **self.direct)
+        os.environ.setdefault("CKPTSTORE_RETRIES", "5")
+        self.kind = kind
+        self.store = ObjectStore(kind)
+        self.proxy = self.store.proxy
+        self.direct, self.faulty, self.fs = self.store.direct, self.store.faulty, self.store.fs
         self.n = 0
 
     def bucket(self, mode: str = "zstd") -> str:
-        """A fresh bucket whose run ``s3://B/run`` holds a committed step 1."""
+        """A fresh bucket whose run ``B/run`` holds a committed step 1."""
         import ckptstore
         from ckptstore.storage import open_storage
 
@@ -111,7 +97,7 @@ class S3Env:
         # moto's backend is per process, shared by every server started in it
         name = f"fuzz-{os.getpid()}-{id(self) % 10 ** 6}-{self.n}"
         self.fs.mkdir(name)
-        run = f"s3://{name}/run"
+        run = self.store.url(f"{name}/run")
         ckptstore.save(make_state(OLD_SEED), open_storage(f"{run}/{S1}", self.direct),
                        compression=mode, blocking=True, **SMALL)
         return run
@@ -122,14 +108,13 @@ class S3Env:
         return outcome(open_storage(url, self.direct))
 
     def close(self) -> None:
-        self.proxy.stop()
-        self.server.stop()
+        self.store.close()
 
 
 _FAULTS = ("503", "reset", "delay")
 
 
-def _inject(env: S3Env, rng: random.Random) -> tuple:
+def _inject(env: StoreEnv, rng: random.Random) -> tuple:
     kind = rng.choice(_FAULTS)
     method = rng.choice(("PUT", "GET", "HEAD", None))
     persistent = rng.random() < 0.3 and kind != "delay"
@@ -140,7 +125,7 @@ def _inject(env: S3Env, rng: random.Random) -> tuple:
     return fault, f"{kind} x{'inf' if persistent else count} on {method or 'any'} at p={rate}"
 
 
-def fault_save(report: Report, env: S3Env, rng: random.Random, i: int) -> None:
+def fault_save(report: Report, env: StoreEnv, rng: random.Random, i: int) -> None:
     """One save to S3 under sampled network faults."""
     import ckptstore
     from ckptstore.storage import open_storage
@@ -148,7 +133,7 @@ def fault_save(report: Report, env: S3Env, rng: random.Random, i: int) -> None:
     mode = rng.choice(MODES)
     run = env.bucket(mode)
     fault, what = _inject(env, rng)
-    what = f"s3 save #{i} {mode} ({what})"
+    what = f"{env.kind} save #{i} {mode} ({what})"
     error = None
     try:
         ckptstore.save(make_state(NEW_SEED), open_storage(f"{run}/{S2}", env.faulty),
@@ -164,7 +149,7 @@ def fault_save(report: Report, env: S3Env, rng: random.Random, i: int) -> None:
     _check(report, env, run, S2, error, what)
 
 
-def _check(report: Report, env: S3Env, run: str, step: str, error, what: str) -> None:
+def _check(report: Report, env: StoreEnv, run: str, step: str, error, what: str) -> None:
     new = tree_digest(make_state(NEW_SEED))
     report.check(env.look(f"{run}/{S1}") == tree_digest(make_state(OLD_SEED)),
                  f"{what}: the committed step-1 changed")
@@ -176,7 +161,7 @@ def _check(report: Report, env: S3Env, run: str, step: str, error, what: str) ->
                                       f"({str(error)[:200]}) but the step loads as {got}")
 
 
-def fault_promotion(report: Report, env: S3Env, rng: random.Random, i: int, tmp: str) -> None:
+def fault_promotion(report: Report, env: StoreEnv, rng: random.Random, i: int, tmp: str) -> None:
     """A Checkpointer save whose promotion to S3 meets sampled network faults."""
     import ckptstore
     from ckptstore.retention import step_name
@@ -185,7 +170,7 @@ def fault_promotion(report: Report, env: S3Env, rng: random.Random, i: int, tmp:
     run = env.bucket(mode)
     local = os.path.join(tmp, f"local-{i}")
     fault, what = _inject(env, rng)
-    what = f"s3 promotion #{i} {mode} ({what})"
+    what = f"{env.kind} promotion #{i} {mode} ({what})"
     state = make_state(NEW_SEED)
     error = None
     ck = ckptstore.Checkpointer(local, run, storage_options=env.faulty, compression=mode,
@@ -215,7 +200,7 @@ def fault_promotion(report: Report, env: S3Env, rng: random.Random, i: int, tmp:
                  f"{what}: the committed step-1 changed")
 
 
-def _child_save(env: S3Env, url: str, spec: dict) -> subprocess.Popen:
+def _child_save(env: StoreEnv, url: str, spec: dict) -> subprocess.Popen:
     spec = dict(spec, url=url, options=env.faulty)
     return subprocess.Popen([sys.executable, "-m", "fuzz.objstore", json.dumps(spec)], cwd=ROOT,
                             env=dict(os.environ, CKPTSTORE_WRITERS="1"),
@@ -242,27 +227,31 @@ def _kill_when_held(report: Report, proc: subprocess.Popen, fault, what: str,
     return True
 
 
-def _gc(env: S3Env, run: str) -> int:
+def _gc(env: StoreEnv, run: str) -> int:
     import contextlib
     import io
 
     from ckptstore.cli import main
 
-    args = ["gc", run, "--grace", "0", "--storage-option",
-            f"endpoint_url={env.direct['endpoint_url']}"]
+    args = ["gc", run, "--grace", "0", *env.store.gc_options()]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return main(args)
 
 
-def _uploads(env: S3Env, run: str) -> list:
-    bucket = run[len("s3://"):].partition("/")[0]
+def _uploads(env: StoreEnv, run: str) -> list:
+    if env.kind != "s3":
+        return []
+    bucket = env.store.path(run).partition("/")[0]
     return env.fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", [])
 
 
-def kill_before_manifest(report: Report, env: S3Env, i: int) -> None:
+def kill_before_manifest(report: Report, env: StoreEnv, i: int) -> None:
     run = env.bucket("zstd")
-    what = f"s3 kill before manifest #{i}"
-    hold = env.proxy.inject("blackhole", 1, method="PUT", path="manifest.json", delay=120)
+    what = f"{env.kind} kill before manifest #{i}"
+    # s3fs PUTs the manifest by name; gcsfs POSTs an upload naming it in the body,
+    # and only the manifest is created with ifGenerationMatch=0
+    method, path = ("PUT", "manifest.json") if env.kind == "s3" else ("POST", "ifGenerationMatch=0")
+    hold = env.proxy.inject("blackhole", 1, method=method, path=path, delay=120)
     proc = _child_save(env, f"{run}/{S2}", dict(mode="zstd", scale=1))
     ok = _kill_when_held(report, proc, hold, what)
     env.proxy.clear()
@@ -272,7 +261,7 @@ def kill_before_manifest(report: Report, env: S3Env, i: int) -> None:
     _after_kill(report, env, run, what, expect_uploads=False)
 
 
-def kill_mid_multipart(report: Report, env: S3Env, i: int) -> None:
+def kill_mid_multipart(report: Report, env: StoreEnv, i: int) -> None:
     run = env.bucket("none")
     what = f"s3 kill between multipart parts and completion #{i}"
     # CompleteMultipartUpload is the only POST carrying an uploadId
@@ -286,7 +275,7 @@ def kill_mid_multipart(report: Report, env: S3Env, i: int) -> None:
     _after_kill(report, env, run, what, expect_uploads=True)
 
 
-def _after_kill(report: Report, env: S3Env, run: str, what: str, expect_uploads: bool) -> None:
+def _after_kill(report: Report, env: StoreEnv, run: str, what: str, expect_uploads: bool) -> None:
     from ckptstore.storage import open_storage
 
     got = env.look(f"{run}/{S2}")
@@ -306,15 +295,17 @@ def _after_kill(report: Report, env: S3Env, run: str, what: str, expect_uploads:
                  f"{what}: the committed step-1 changed")
 
 
-def run(report: Report, budget: Budget, *, seed: int = 0) -> None:
-    """Kills at the network level first (one of each), then faulted saves and
-    promotions while the budget lasts."""
+def run(report: Report, budget: Budget, *, seed: int = 0, kind: str = "s3") -> None:
+    """Kills at the network level first (one of each; the multipart one on S3 only),
+    then faulted saves and promotions while the budget lasts. ``kind``: ``"s3"``
+    (moto) or ``"gcs"`` (fake-gcs-server)."""
     rng = random.Random(seed)
-    env = S3Env()
+    env = StoreEnv(kind)
     try:
-        with tempfile.TemporaryDirectory(prefix="fuzz-s3-") as tmp:
+        with tempfile.TemporaryDirectory(prefix=f"fuzz-{kind}-") as tmp:
             kill_before_manifest(report, env, 0)
-            kill_mid_multipart(report, env, 0)
+            if kind == "s3":  # GCS has no multipart upload to leave behind
+                kill_mid_multipart(report, env, 0)
             i = 0
             while not budget.out() or i < 2:
                 (fault_save if i % 2 == 0 else
