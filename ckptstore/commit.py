@@ -8,11 +8,14 @@ manifest object is created last with a create-only precondition.
 """
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 from typing import Iterable
 
 from .storage.base import Storage, WriteHandle
+
+log = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".tmp-"
 
@@ -112,7 +115,8 @@ def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False) -> b
     Create-only unless ``overwrite``: a manifest already in place (another writer of
     the same path won) raises CheckpointExistsError and this save is discarded. With
     ``overwrite`` the previous manifest is replaced atomically and only then are its
-    data files that the new one does not name removed (never files of another step).
+    data files that the new one does not name removed: never files of another step,
+    and never files that a sibling step saved incrementally on top of it still reads.
     """
     from . import format as fmt
     from .errors import CheckpointExistsError
@@ -133,7 +137,37 @@ def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False) -> b
                 f"another writer committed {storage.url} first; this save was discarded") from None
     if old is not None:
         keep = {f.name for f in manifest.files if f.base is None}
-        for f in old.files:
-            if f.base is None and f.name not in keep:
-                storage.remove(f.name)
+        gone = [f.name for f in old.files if f.base is None and f.name not in keep]
+        if gone:
+            keep |= referenced_by_siblings(storage)
+        for name in gone:
+            if name not in keep:
+                storage.remove(name)
     return data
+
+
+def referenced_by_siblings(storage: Storage) -> set[str]:
+    """Names of this checkpoint's files that committed sibling checkpoints read
+    through ``FileRecord.base`` (steps saved incrementally on top of this one).
+    A sibling whose manifest cannot be read is skipped: it is not committed."""
+    from .errors import CkptError
+    from .reader import read_manifest
+
+    me = storage.url.rstrip("/").rpartition("/")[2]
+    try:
+        parent = storage.parent()
+        entries = parent.listdir()
+    except (OSError, ValueError, CkptError) as e:
+        log.warning("cannot list the siblings of %s (%s); assuming none reads its files",
+                    storage.url, e)
+        return set()
+    out: set[str] = set()
+    for entry in entries:
+        if entry == me:
+            continue
+        try:
+            m = read_manifest(parent.child(entry))
+        except (OSError, ValueError, CkptError):
+            continue
+        out.update(f.name for f in m.files if f.base == me)
+    return out

@@ -282,3 +282,25 @@ def test_if_busy_raise(tmp_path):
             ckptstore.save(state, tmp_path / "b", if_busy="raise")
     finally:
         h.wait()
+
+
+def test_overwrite_keeps_files_a_later_incremental_step_references(tmp_path):
+    """``overwrite=True`` of a step must not delete the files that a sibling step saved
+    incrementally on top of it still reads: that would lose a committed checkpoint."""
+    frozen = torch.randn(64, 256)
+    ckptstore.save({"frozen": frozen, "x": torch.ones(8)}, tmp_path / "s1",
+                   compression="zstd").wait()
+    ckptstore.save({"frozen": frozen, "x": torch.full((8,), 2.0)}, tmp_path / "s2",
+                   compression="zstd", base="s1").wait()
+    refs = [f for f in ckptstore.open(tmp_path / "s2").manifest.files if f.base == "s1"]
+    assert refs  # s2 reads "frozen" from a file of s1
+    ckptstore.save({"x": torch.zeros(8)}, tmp_path / "s1", compression="zstd",
+                   overwrite=True).wait()
+    assert torch.equal(ckptstore.load(tmp_path / "s1")["x"], torch.zeros(8))
+    out = ckptstore.load(tmp_path / "s2")
+    assert torch.equal(out["frozen"], frozen) and torch.equal(out["x"], torch.full((8,), 2.0))
+    assert ckptstore.fsck(tmp_path / "s2").ok
+    # a file nobody references is still removed
+    names = {f.name for f in ckptstore.open(tmp_path / "s1").manifest.files} | \
+        {f.name for f in refs} | {"manifest.json"}
+    assert set(os.listdir(tmp_path / "s1")) == names

@@ -254,3 +254,19 @@ def test_storage_pickles_without_live_filesystem(s3_remote):
     clone = pickle.loads(pickle.dumps(s))
     assert clone == s and clone._fs is None
     assert clone.listdir() == s.listdir()
+
+
+def test_overwrite_keeps_files_an_incremental_sibling_reads(remote, frozen):
+    """On an object store too, ``overwrite=True`` of a step spares the objects that a
+    step saved incrementally on top of it still reads, and removes the others."""
+    url, opts, _ = remote
+    s1, s2 = open_storage(f"{url}/s1", opts), open_storage(f"{url}/s2", opts)
+    ckptstore.save(_state(1, frozen), s1, compression="zstd").wait()
+    ckptstore.save(_state(2, frozen), s2, compression="zstd", base="s1").wait()
+    refs = {f.name for f in ckptstore.open(s2).manifest.files if f.base == "s1"}
+    assert refs
+    ckptstore.save(_state(3, frozen), s1, compression="none", overwrite=True).wait()
+    assert_same_tree(ckptstore.load(s1), _state(3, frozen))
+    assert_same_tree(ckptstore.load(s2), _state(2, frozen))
+    names = {f.name for f in ckptstore.open(s1).manifest.files} | refs | {fmt.MANIFEST_NAME}
+    assert set(open_storage(f"{url}/s1", opts).listdir()) == names

@@ -170,6 +170,13 @@ class Storage(ABC):
             raise UnsafeCheckpointError(f"sibling name {name!r} must be one path component")
         return open_storage(posixpath.join(posixpath.dirname(self.url.rstrip("/")), name))
 
+    def parent(self) -> "Storage":
+        """The storage rooted at the directory holding this one (where its siblings
+        are); an overwrite looks there for steps that still read its files."""
+        from . import open_storage  # backends with options override this
+
+        return open_storage(posixpath.dirname(self.url.rstrip("/")) or "/")
+
 
 class LinkedView(Storage):
     """Read-only view of a checkpoint whose manifest names files held by sibling

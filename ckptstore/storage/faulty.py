@@ -253,6 +253,9 @@ class FaultyStorage(Storage):
     def sibling(self, name: str) -> "FaultyStorage":
         return self._wrap(self.inner.sibling(name))
 
+    def parent(self) -> "FaultyStorage":
+        return self._wrap(self.inner.parent())
+
     def makedirs(self) -> None:
         self._call("makedirs", "", self.inner.makedirs)
 

@@ -113,6 +113,9 @@ class FsspecStorage(Storage):
             raise UnsafeCheckpointError(f"sibling name {name!r} must be one path component")
         return FsspecStorage(posixpath.join(posixpath.dirname(self._url), name), self.options)
 
+    def parent(self) -> "FsspecStorage":
+        return FsspecStorage(posixpath.dirname(self._url), self.options)
+
     def _call(self, what: str, fn, *args, **kwargs):
         return retrying(lambda: fn(*args, **kwargs), f"{what} on {self._url}")
 
