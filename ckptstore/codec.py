@@ -94,6 +94,10 @@ def decode_planes(stored: memoryview, planes: list[tuple[str, int]], group: int,
     raw_len = len(out)
     if raw_len % group:
         raise CorruptCheckpointError(f"raw length {raw_len} is not a multiple of group {group}")
+    if len(planes) != group or sum(length for _, length in planes) != len(stored):
+        raise CorruptCheckpointError(
+            f"plane table {list(planes)[:9]} does not match group {group} and "
+            f"{len(stored)} stored bytes")
     plane_len = raw_len // group
     target = np.frombuffer(out, dtype=np.uint8)
     grid = target.reshape(-1, group) if group > 1 else None

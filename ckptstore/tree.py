@@ -174,7 +174,10 @@ def safe_numpy_dtype(s: str) -> np.dtype:
     """Parse a numpy dtype string, allowing only plain, object-free dtypes."""
     if not isinstance(s, str) or not _NP_DTYPE_RE.match(s):
         raise UnsafeCheckpointError(f"numpy dtype {s!r} is not allowed in a checkpoint")
-    dt = np.dtype(s)
+    try:
+        dt = np.dtype(s)
+    except (TypeError, ValueError):  # e.g. "<i3": the right shape, not a real dtype
+        raise UnsafeCheckpointError(f"numpy dtype {s!r} is not a numpy dtype") from None
     if dt.hasobject:
         raise UnsafeCheckpointError(f"numpy dtype {s!r} holds Python objects")
     return dt

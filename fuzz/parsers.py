@@ -259,15 +259,29 @@ def _rounds(budget: Budget, test: Callable[[], None]) -> None:
         test()
 
 
-def run(report: Report, budget: Budget, *, seed: int = 0) -> None:
-    """Split the budget over the targets."""
+def run(report: Report, budget: Budget, *, seed: int = 0, libfuzzer: bool | None = None) -> None:
+    """Split the budget over the targets: the Hypothesis ones, then (where atheris
+    imports, or when ``libfuzzer`` is True) a coverage-guided libFuzzer run of
+    :mod:`fuzz.libfuzzer` with a third of the budget."""
+    from . import libfuzzer as lf
+
     random.seed(seed)
+    use_lf = lf.available() if libfuzzer is None else libfuzzer
+    total = max(budget.left(), 0)
+    lf_share = total / 3 if use_lf else 0.0
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with tempfile.TemporaryDirectory(prefix="fuzz-parsers-") as tmp:
         targets = Targets(tmp, report)
         names = ["manifest_bytes", "manifest_structure", "safetensors_header", "frames", "cli"]
         for i, name in enumerate(names):
-            share = max(budget.left(), 0) / (len(names) - i)
+            share = max(budget.left() - lf_share, 0) / (len(names) - i)
             getattr(targets, name)(Budget(share))
     grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
     report.check(grown < MAX_GROWTH, f"parsers: peak memory grew by {grown >> 20} MiB")
+    if use_lf:
+        res = lf.run(max(budget.left(), 5.0), rss_limit_mb=(MAX_GROWTH >> 20) + 1536)
+        report.add("fuzz_inputs", res["runs"])
+        report.add("libfuzzer_inputs", res["runs"])
+        report.check(not res["crashed"] and res["runs"] > 0,
+                     f"libFuzzer: crash or no run (input kept in {res['artifacts']})\n"
+                     f"{res['output']}")

@@ -91,6 +91,25 @@ def test_parsers():
     _assert_clean(report, "fuzz_inputs")
 
 
+@pytest.mark.timeout(300)
+def test_libfuzzer_parsers_run_and_catch_a_planted_failure():
+    """The coverage-guided (atheris) run executes inputs cleanly, and an escaping
+    non-CkptError is reported as a crash with its input kept."""
+    pytest.importorskip("atheris")
+    from fuzz import libfuzzer
+
+    res = libfuzzer.run(8)
+    assert not res["crashed"] and res["runs"] > 50, res["output"]
+    assert res["artifacts"] is None
+    res = libfuzzer.run(8, env={"FUZZ_LIBFUZZER_PLANT": "1"})
+    try:
+        assert res["crashed"] and "planted failure" in res["output"], res["output"]
+        assert res["artifacts"] and os.listdir(res["artifacts"])
+    finally:
+        if res["artifacts"]:
+            shutil.rmtree(res["artifacts"])
+
+
 def test_crash_oracle_notices_a_torn_checkpoint(tmp_path):
     """A manifest whose shard is gone must fail the crash oracle."""
     import ckptstore

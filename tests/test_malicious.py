@@ -60,3 +60,29 @@ def test_oracle_notices_a_loadable_case(box):
     report = Report()
     malicious.check_case(report, box, "valid", "CkptError")
     assert report.counts["failures"] > 0
+
+
+@pytest.mark.parametrize("planes, group, raw_len", [
+    ([("raw", 0)] * 3, 2, 0),       # more planes than the group has bytes (was IndexError)
+    ([("raw", 2)], 2, 4),           # fewer planes than the group: half the output unset
+    ([("raw", 2), ("raw", 2)], 2, 4),  # stored bytes left over after the planes
+])
+def test_decoder_refuses_an_inconsistent_plane_table(planes, group, raw_len):
+    """codec.decode_planes is a parser too: a plane table that does not match the group
+    and the stored bytes is corruption (found while writing the libFuzzer target)."""
+    from ckptstore.codec import decode_planes
+    from ckptstore.errors import CorruptCheckpointError
+
+    with pytest.raises(CorruptCheckpointError):
+        decode_planes(memoryview(b"abcdef"), planes, group, memoryview(bytearray(raw_len)))
+
+
+@pytest.mark.parametrize("dtype", ["<i3", "<i5", "<f3", "|b9"])
+def test_numpy_dtype_string_numpy_cannot_parse_is_refused(dtype):
+    """A dtype string that passes the allow-list's shape but that numpy rejects raised
+    TypeError out of fsck (found by the libFuzzer target): it must be a CkptError."""
+    from ckptstore.errors import UnsafeCheckpointError
+    from ckptstore.tree import safe_numpy_dtype
+
+    with pytest.raises(UnsafeCheckpointError):
+        safe_numpy_dtype(dtype)
