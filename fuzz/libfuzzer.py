@@ -40,11 +40,9 @@ _RAW_LENS = (0, 1, 64, 4096, 4097, 1 << 20)
 
 def available() -> bool:
     """Whether atheris imports here."""
-    try:
-        import atheris  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    import importlib.util
+
+    return importlib.util.find_spec("atheris") is not None
 
 
 def run(budget_s: float, *, rss_limit_mb: int = 2048, timeout_s: int = 30,
@@ -163,13 +161,12 @@ class _Child:
 def main(argv: list[str]) -> None:
     import atheris
 
-    with atheris.instrument_imports(include=["ckptstore"]):
-        import ckptstore.codec  # noqa: F401
-        import ckptstore.format  # noqa: F401
-        import ckptstore.loader  # noqa: F401
-        import ckptstore.reader  # noqa: F401
-        import ckptstore.verify  # noqa: F401
+    import importlib
     import logging
+
+    with atheris.instrument_imports(include=["ckptstore"]):
+        for name in ("codec", "format", "tree", "reader", "loader", "verify"):
+            importlib.import_module(f"ckptstore.{name}")
 
     logging.disable(logging.CRITICAL)
     tmp = tempfile.mkdtemp(prefix="fuzz-libfuzzer-child-")
