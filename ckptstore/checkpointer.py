@@ -311,7 +311,7 @@ class Checkpointer:
         """Wait for this process's own save and background work (no collective)."""
         last = self._last
         if last is not None:
-            last._done.wait()
+            last.exception()
         self._queue.join()
 
     def close(self) -> None:
@@ -362,8 +362,7 @@ class Checkpointer:
                 self._queue.task_done()
 
     def _after_save(self, step: int, handle) -> None:
-        handle._done.wait()
-        if handle._error is not None:
+        if handle.exception() is not None:
             return  # the save's own error is raised by handle.wait() / the next save()
         if self.local is not None and self.remote is not None:
             self._promote_wanted()  # raises on failure: then nothing is deleted this round
@@ -449,7 +448,7 @@ class Checkpointer:
         collectives on one group."""
         last = self._last
         if last is not None:
-            last._done.wait()
+            last.exception()
 
     def _agree(self, fn: Callable[[], Any], what: str) -> Any:
         """Run ``fn`` on the coordinator only and give every rank its result.

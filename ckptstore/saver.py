@@ -92,6 +92,14 @@ class SaveHandle:
         assert self._result is not None
         return self._result
 
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Block until the save ends and return its error, or None if it committed
+        (as ``concurrent.futures.Future.exception``). The error is not consumed:
+        ``wait()`` or the next ``save()`` still raises it once."""
+        if not self._done.wait(timeout):
+            raise CkptTimeoutError(f"save to {self.path} still running after {timeout}s")
+        return self._error
+
     def _finish(self, result: SaveResult | None, error: BaseException | None) -> None:
         self._result, self._error = result, error
         self._done.set()
@@ -115,7 +123,7 @@ class Engine:
     def close(self) -> None:
         last = self.last
         if last is not None:
-            last._done.wait()
+            last.exception()
         self.writers.shutdown()
         self.staging.close()
 
@@ -216,7 +224,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
                 raise StagingBusyError(
                     f"the previous save to {prev.path} is still writing; wait for it or "
                     "use if_busy='wait'")
-            prev._done.wait()
+            prev.exception()
             err = prev._take_unobserved_error()
             if err is not None:
                 raise err

@@ -246,12 +246,13 @@ def test_background_error_keeps_type_and_is_raised_once(tmp_path, monkeypatch):
     ckptstore.save({"x": torch.ones(2)}, tmp_path / "b").wait()  # observed: not raised again
     monkeypatch.setattr(saver.fmt, "encode", failing_encode)
     h = ckptstore.save({"x": torch.ones(2)}, tmp_path / "c")  # nobody waits for this one
-    while not h.done():
-        time.sleep(0.01)
+    assert isinstance(h.exception(timeout=60), Boom)  # looking does not consume it
+    assert h.done()
     monkeypatch.setattr(saver.fmt, "encode", real)
     with pytest.raises(Boom):
         ckptstore.save({"x": torch.ones(2)}, tmp_path / "d")
-    ckptstore.save({"x": torch.ones(2)}, tmp_path / "e").wait()
+    h = ckptstore.save({"x": torch.ones(2)}, tmp_path / "e")
+    assert h.exception() is None and h.wait().logical_bytes == 8
     assert not (tmp_path / "a" / "manifest.json").exists()
 
 

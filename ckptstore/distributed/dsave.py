@@ -81,7 +81,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
                 # every rank must stop here alike, or the others wait for this one
                 raise _saver.StagingBusyError(
                     f"the previous save to {prev.path} is still writing; wait for it")
-            prev._done.wait()
+            prev.exception()
             err = prev._take_unobserved_error()
             if err is not None:
                 raise err
