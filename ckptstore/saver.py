@@ -216,6 +216,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
     check_save_args(compression=compression, if_busy=if_busy, chunk_size=chunk_size,
                     metadata=metadata)
     storage = open_storage(path, storage_options)
+    check_importable(storage)
     eng = engine()
     with eng.lock:
         prev = eng.last
@@ -338,6 +339,26 @@ def check_save_args(*, compression: str, if_busy: str, chunk_size: int, metadata
         json.dumps(metadata, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise UnsupportedTypeError(f"metadata must be plain JSON: {e}") from None
+
+
+def check_importable(storage: Storage) -> None:
+    """Refuse a Storage (or a Storage it wraps) whose class is defined in ``__main__``:
+    writer processes are spawned without re-running the caller's script, so they
+    could not unpickle it and would die with the cause only on their stderr."""
+    seen: set[int] = set()
+    todo: list[Any] = [storage]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        cls = type(obj)
+        if cls.__module__ == "__main__":
+            raise UnsupportedTypeError(
+                f"storage class {cls.__qualname__} is defined in __main__; writer processes "
+                "do not run the calling script, so they cannot load it: define it in an "
+                "importable module")
+        todo.extend(v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, Storage))
 
 
 _plan_cache: dict = {}

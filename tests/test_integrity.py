@@ -305,3 +305,28 @@ def test_overwrite_keeps_files_a_later_incremental_step_references(tmp_path):
     names = {f.name for f in ckptstore.open(tmp_path / "s1").manifest.files} | \
         {f.name for f in refs} | {"manifest.json"}
     assert set(os.listdir(tmp_path / "s1")) == names
+
+
+def test_storage_class_defined_in_main_is_refused_with_its_cause(tmp_path):
+    """Writers are spawned without the parent's ``__main__``, so they cannot unpickle a
+    Storage class defined there; the save used to report only WriterDiedError (the
+    cause was on the writer's stderr). It is refused up front, naming the class."""
+    script = tmp_path / "mine.py"
+    script.write_text(
+        "import sys, torch, ckptstore\n"
+        "from ckptstore.errors import UnsupportedTypeError\n"
+        "from ckptstore.storage import LocalStorage\n"
+        "from ckptstore.storage.faulty import FaultyStorage\n"
+        "class Mine(LocalStorage):\n"
+        "    pass\n"
+        "for s in (Mine(sys.argv[1]), FaultyStorage(Mine(sys.argv[1]))):\n"
+        "    try:\n"
+        "        ckptstore.save({'x': torch.ones(2)}, s, blocking=True)\n"
+        "    except UnsupportedTypeError as e:\n"
+        "        print('refused:', e)\n")
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "c")], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("refused:")]
+    assert len(lines) == 2 and all("Mine" in ln and "__main__" in ln for ln in lines), out.stdout
+    assert not (tmp_path / "c").exists()

@@ -71,6 +71,8 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
     """
     _saver.check_save_args(compression=compression, if_busy=if_busy, chunk_size=chunk_size,
                            metadata=metadata)
+    if isinstance(path, Storage):  # every rank runs the same script: they refuse alike
+        _saver.check_importable(path)
     group = pc.coordination_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     eng = _saver.engine()
