@@ -69,7 +69,8 @@ class Checkpointer:
             ``file://...``), or None.
         storage_options: passed to fsspec for ``remote``.
         keep_last, keep_every, keep_best: local retention (``keep_best`` is
-            ``(metric, "min"|"max", n)``; it applies on both tiers).
+            ``(metric, "min"|"max", n)``; it also protects steps on a remote tier
+            that has retention of its own).
         remote_keep_last, remote_keep_every: remote retention; both None keeps every
             promoted step. With only ``remote_keep_every``, only those steps are
             promoted.
@@ -100,8 +101,12 @@ class Checkpointer:
         if remote is not None:
             if local_dir is None and remote_keep_last is None and remote_keep_every is None:
                 remote_keep_last, remote_keep_every = keep_last, keep_every
+            # keep_best protects steps on a remote that prunes; it never turns a remote
+            # that keeps everything into one that keeps only the best and the newest
+            prunes = remote_keep_last is not None or remote_keep_every is not None
             self.remote = Tier("remote", open_storage(remote, storage_options),
-                               Policy(remote_keep_last, remote_keep_every, best))
+                               Policy(remote_keep_last, remote_keep_every,
+                                      best if prunes else None))
         self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
         self.compression = compression
         self.incremental = incremental and compression != "none"

@@ -173,6 +173,22 @@ def test_local_directory_as_remote_tier(tmp_path, frozen):
         assert_same_tree(ckptstore.load(remote / step_name(s)), _state(s, frozen))
 
 
+def test_keep_best_does_not_narrow_a_remote_that_keeps_everything(tmp_path, frozen):
+    """With no remote retention (both remote_keep_* None) the remote keeps every step,
+    as documented; keep_best used to turn it into "newest and best only"."""
+    remote = tmp_path / "remote"
+    with ckptstore.Checkpointer(tmp_path / "local", f"file://{remote}", keep_last=1,
+                                keep_best=("loss", "min", 1)) as ck:
+        for s, loss in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0)):
+            ck.save(s, _state(s, frozen), metrics={"loss": loss})
+        ck.wait()
+    on_remote = [s for s in (1, 2, 3, 4) if (remote / step_name(s) / fmt.MANIFEST_NAME).exists()]
+    assert on_remote == [1, 2, 3, 4]
+    local = [s for s in (1, 2, 3, 4)
+             if (tmp_path / "local" / step_name(s) / fmt.MANIFEST_NAME).exists()]
+    assert local == [2, 4]  # keep_best still applies locally: the best and the newest
+
+
 def test_resaving_a_damaged_step_after_fallback(tmp_path, frozen):
     """A run that fell back past a damaged step reaches that step again and saves it."""
     with ckptstore.Checkpointer(tmp_path, keep_last=5, incremental=False) as ck:
