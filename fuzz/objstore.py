@@ -252,13 +252,8 @@ def kill_before_manifest(report: Report, env: StoreEnv, i: int) -> None:
     # and only the manifest is created with ifGenerationMatch=0
     method, path = ("PUT", "manifest.json") if env.kind == "s3" else ("POST", "ifGenerationMatch=0")
     hold = env.proxy.inject("blackhole", 1, method=method, path=path, delay=120)
-    proc = _child_save(env, f"{run}/{S2}", dict(mode="zstd", scale=1))
-    ok = _kill_when_held(report, proc, hold, what)
-    env.proxy.clear()
-    report.add("crash_points")
-    if not ok:
-        return
-    _after_kill(report, env, run, what, expect_uploads=False)
+    _kill_held_save(report, env, run, what, hold, dict(mode="zstd", scale=1),
+                    expect_uploads=False)
 
 
 def kill_mid_multipart(report: Report, env: StoreEnv, i: int) -> None:
@@ -266,13 +261,20 @@ def kill_mid_multipart(report: Report, env: StoreEnv, i: int) -> None:
     what = f"s3 kill between multipart parts and completion #{i}"
     # CompleteMultipartUpload is the only POST carrying an uploadId
     hold = env.proxy.inject("blackhole", 1, method="POST", path="uploadId=", delay=120)
-    proc = _child_save(env, f"{run}/{S2}", dict(mode="none", big=True))
+    _kill_held_save(report, env, run, what, hold, dict(mode="none", big=True),
+                    expect_uploads=True)
+
+
+def _kill_held_save(report: Report, env: StoreEnv, run: str, what: str, hold, spec: dict,
+                    expect_uploads: bool) -> None:
+    """Save step 2 in a child, SIGKILL it while ``hold`` keeps its request at the
+    proxy, then check the leftovers and ``gc``."""
+    proc = _child_save(env, f"{run}/{S2}", spec)
     ok = _kill_when_held(report, proc, hold, what)
     env.proxy.clear()
     report.add("crash_points")
-    if not ok:
-        return
-    _after_kill(report, env, run, what, expect_uploads=True)
+    if ok:
+        _after_kill(report, env, run, what, expect_uploads=expect_uploads)
 
 
 def _after_kill(report: Report, env: StoreEnv, run: str, what: str, expect_uploads: bool) -> None:
