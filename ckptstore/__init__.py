@@ -10,33 +10,44 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .errors import (CheckpointExistsError, CheckpointNotFoundError, CkptError,  # noqa: E402
-                     CkptTimeoutError, CorruptCheckpointError, DistributedSaveError,
-                     SchemaVersionError,
-                     StagingBusyError, StorageError, StrictLoadError, TransientStorageError,
-                     UnsafeCheckpointError, UnsupportedOperationError, UnsupportedTypeError,
-                     WriterDiedError)
+from ckptstore.errors import (  # noqa: E402
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CkptError,
+    CkptTimeoutError,
+    CorruptCheckpointError,
+    DistributedSaveError,
+    SchemaVersionError,
+    StagingBusyError,
+    StorageError,
+    StrictLoadError,
+    TransientStorageError,
+    UnsafeCheckpointError,
+    UnsupportedOperationError,
+    UnsupportedTypeError,
+    WriterDiedError,
+)
 
 # The API modules import torch; they are loaded on first use so that writer
 # processes (which import this package) stay small and start fast.
 _LAZY = {
-    "save": ("saver", "save"),
-    "SaveHandle": ("saver", "SaveHandle"),
-    "SaveResult": ("saver", "SaveResult"),
-    "load": ("loader", "load"),
-    "LoadReport": ("into", "LoadReport"),
-    "fsck": ("verify", "fsck"),
-    "FsckReport": ("verify", "FsckReport"),
-    "Checkpointer": ("checkpointer", "Checkpointer"),
-    "open": ("lazy", "open"),
-    "shutdown": ("saver", "shutdown"),
+    "save": ("api.save", "save"),
+    "SaveHandle": ("api.save", "SaveHandle"),
+    "SaveResult": ("api.save", "SaveResult"),
+    "load": ("api.load", "load"),
+    "LoadReport": ("read.into", "LoadReport"),
+    "fsck": ("verify.fsck", "fsck"),
+    "FsckReport": ("verify.fsck", "FsckReport"),
+    "Checkpointer": ("api.checkpointer", "Checkpointer"),
+    "open": ("read.lazy", "open"),
+    "shutdown": ("api.save", "shutdown"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .into import LoadReport
-    from .loader import load
-    from .saver import SaveHandle, SaveResult, save
-    from .verify import FsckReport, fsck
+    from ckptstore.api.load import load
+    from ckptstore.api.save import SaveHandle, SaveResult, save
+    from ckptstore.read.into import LoadReport
+    from ckptstore.verify.fsck import FsckReport, fsck
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,6 @@
 """``python -m ckptstore`` runs the command line."""
 import sys
 
-from .cli import main
+from ckptstore.cli.main import main
 
 sys.exit(main())

@@ -49,7 +49,7 @@ def _limit_file_size(spec: dict) -> None:
     import resource
 
     import ckptstore
-    from ckptstore.saver import engine
+    from ckptstore.api.save import engine
 
     from .common import SMALL, make_state
 
@@ -104,7 +104,7 @@ def serve() -> int:
     """Fork server: import torch and ckptstore once, then fork one saving child per
     spec line on stdin (each in its own session, so a group kill takes only it and
     its writers) and answer each line with the child's exit status."""
-    import ckptstore.saver  # noqa: F401  (imported once, shared by every fork)
+    import ckptstore.api.save
 
     from .common import make_state
 

@@ -123,7 +123,7 @@ def fsck_code(path: str, deep: bool = False) -> int:
     import contextlib
     import io
 
-    from ckptstore.cli import main
+    from ckptstore.cli.main import main
 
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return main(["fsck", path] + (["--deep"] if deep else []))

@@ -23,10 +23,10 @@ import tempfile
 from typing import Iterator
 
 import ckptstore
-from ckptstore import format as fmt
+from ckptstore.manifest import schema as fmt
 from ckptstore.errors import CkptError
 from ckptstore.storage import LocalStorage
-from ckptstore.verify import fsck
+from ckptstore.verify.fsck import fsck
 
 from .common import MODES, Budget, Report, fsck_code, make_state, outcome, tree_digest
 

@@ -163,7 +163,7 @@ class ObjectTier(LocalTier):
 
     def fsck(self, where: str) -> int:
         from ckptstore.errors import CheckpointNotFoundError
-        from ckptstore.verify import fsck
+        from ckptstore.verify.fsck import fsck
 
         try:
             return 0 if fsck(self.storage(where)).ok else 1

@@ -65,7 +65,7 @@ def rank_main(spec: dict, rank: int) -> int:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import ckptstore
-    from ckptstore import saver
+    from ckptstore.api import save as saver
     from ckptstore.storage import open_storage
     from ckptstore.storage.faulty import FaultyStorage
 

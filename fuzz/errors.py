@@ -24,7 +24,7 @@ import tempfile
 import time
 
 import ckptstore
-from ckptstore.commit import is_temp_name
+from ckptstore.commit.atomic import is_temp_name
 from ckptstore.errors import CheckpointExistsError
 from ckptstore.storage import LocalStorage
 from ckptstore.storage.faulty import FaultyStorage, Ledger

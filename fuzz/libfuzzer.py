@@ -104,7 +104,7 @@ class _Child:
 
     def one(self, data: bytes) -> None:
         """One input; only a CkptError may escape (the others are crashes)."""
-        from ckptstore import format as fmt
+        from ckptstore.manifest import schema as fmt
         from ckptstore.errors import CkptError
 
         if not data:
@@ -135,7 +135,7 @@ class _Child:
             self.t._with_manifest("zstd", seal(obj))
 
     def _header(self, payload: bytes) -> None:
-        from ckptstore.codec import hash_bytes
+        from ckptstore.pipeline.codec import hash_bytes
         from fuzz.parsers import seal
 
         header = payload[:self.hlen].ljust(self.hlen, b" ")
@@ -144,7 +144,7 @@ class _Child:
         self.t._with_manifest("none", seal(m), {self.shard: header + self.shard_bytes[self.hlen:]})
 
     def _frame(self, payload: bytes) -> None:
-        from ckptstore.codec import decode_planes
+        from ckptstore.pipeline.codec import decode_planes
 
         if len(payload) < 2:
             return

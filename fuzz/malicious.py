@@ -29,10 +29,10 @@ import zstandard
 
 import ckptstore
 from ckptstore import errors as E
-from ckptstore import format as fmt
-from ckptstore.codec import hash_bytes
+from ckptstore.manifest import schema as fmt
+from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.storage import LocalStorage
-from ckptstore.verify import fsck
+from ckptstore.verify.fsck import fsck
 
 from .common import SMALL, Budget, Report, dir_snapshot, fsck_code, make_state
 from .parsers import seal

@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from ckptstore.retention import step_name
+from ckptstore.runs.retention import step_name
 from ckptstore.storage.fsspec_backend import FsspecStorage
 
 from .common import MODES, SMALL, Budget, Report, make_state, outcome, tree_digest
@@ -164,7 +164,7 @@ def _check(report: Report, env: StoreEnv, run: str, step: str, error, what: str)
 def fault_promotion(report: Report, env: StoreEnv, rng: random.Random, i: int, tmp: str) -> None:
     """A Checkpointer save whose promotion to S3 meets sampled network faults."""
     import ckptstore
-    from ckptstore.retention import step_name
+    from ckptstore.runs.retention import step_name
 
     mode = rng.choice(MODES)
     run = env.bucket(mode)
@@ -231,7 +231,7 @@ def _gc(env: StoreEnv, run: str) -> int:
     import contextlib
     import io
 
-    from ckptstore.cli import main
+    from ckptstore.cli.main import main
 
     args = ["gc", run, "--grace", "0", *env.store.gc_options()]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):

@@ -25,11 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptstore
-from ckptstore import format as fmt
-from ckptstore.codec import CODECS, decode_planes, hash_bytes
+from ckptstore.manifest import schema as fmt
+from ckptstore.pipeline.codec import CODECS, decode_planes, hash_bytes
 from ckptstore.errors import CkptError
 from ckptstore.storage import LocalStorage
-from ckptstore.verify import fsck
+from ckptstore.verify.fsck import fsck
 
 from .common import SMALL, Budget, Report, make_state
 
@@ -218,7 +218,7 @@ class Targets:
         _rounds(budget, t)
 
     def cli(self, budget: Budget) -> None:
-        from ckptstore.cli import COMMANDS, build_parser, main
+        from ckptstore.cli.main import COMMANDS, build_parser, main
 
         build_parser()
         words = sorted(COMMANDS) + ["--json", "--deep", "-v", "--help", "--keep", "--dry-run",

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import format as fmt
-from ckptstore.checkpointer import CheckpointFallbackWarning
-from ckptstore.retention import step_name
+from ckptstore.manifest import schema as fmt
+from ckptstore.api.checkpointer import CheckpointFallbackWarning
+from ckptstore.runs.retention import step_name
 from conftest import assert_same_tree
 
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ckptstore
-from ckptstore.checkpointer import CheckpointFallbackWarning, Checkpointer
-from ckptstore.retention import step_name
+from ckptstore.api.checkpointer import CheckpointFallbackWarning, Checkpointer
+from ckptstore.runs.retention import step_name
 
 pytestmark = pytest.mark.timeout(300)
 

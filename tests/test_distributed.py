@@ -205,7 +205,7 @@ def _rank_main(rank: int, fn, world: int, tmp: str) -> None:
     finally:
         # spawned children skip atexit: stop this rank's writer processes ourselves,
         # or the child's exit waits for them forever
-        from ckptstore import saver
+        from ckptstore.api import save as saver
         saver._shutdown()
 
 

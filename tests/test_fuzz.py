@@ -72,7 +72,7 @@ def test_corruption_oracle_notices_a_blind_fsck(monkeypatch, tmp_path):
     """If fsck saw nothing, the matrix must report failures."""
     import random
 
-    from ckptstore.verify import FsckReport
+    from ckptstore.verify.fsck import FsckReport
 
     s = corrupt.Subject(str(tmp_path), "zstd")
     shutil.copytree(s.path, os.path.join(str(tmp_path), "work-zstd"))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import format as fmt
-from ckptstore import migrations
-from ckptstore.codec import hash_bytes
+from ckptstore.manifest import schema as fmt
+from ckptstore.manifest import migrations
+from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.errors import SchemaVersionError
 from ckptstore.storage import open_storage
 from conftest import assert_same_tree

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import format as fmt
-from ckptstore.cli import main as cli
+from ckptstore.manifest import schema as fmt
+from ckptstore.cli.main import main as cli
 
 MODES = ["none", "zstd", "lz4"]
 
@@ -183,7 +183,7 @@ def test_pickle_in_place_of_manifest_is_refused_without_running(tmp_path):
 
 KILL_SCRIPT = r"""
 import os, signal, sys, threading, time, torch, ckptstore
-from ckptstore import saver
+from ckptstore.api import save as saver
 state = {f"w{i}": torch.randn(1024, 1024) for i in range(48)}   # 192 MB
 h = ckptstore.save(state, sys.argv[1], compression="zstd", chunk_size=1 << 20, shard_size=8 << 20)
 pids = saver.engine().writers.pids()
@@ -229,7 +229,7 @@ def test_error_of_unwaited_save_is_raised_by_next_save(tmp_path):
 
 
 def test_background_error_keeps_type_and_is_raised_once(tmp_path, monkeypatch):
-    from ckptstore import saver
+    from ckptstore.api import save as saver
 
     class Boom(OSError):
         pass
@@ -271,7 +271,7 @@ def test_staging_budget_pipelines_through_a_small_ring(tmp_path):
     ckptstore.save(state, tmp_path / "c", staging_budget=1 << 20, chunk_size=64 << 10,
                    compression="lz4").wait()
     assert_same_tree(state, ckptstore.load(tmp_path / "c"))
-    from ckptstore import saver
+    from ckptstore.api import save as saver
     assert saver.engine().staging.arena.size >= 1 << 20
 
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ckptstore
-from ckptstore.cli import main
+from ckptstore.cli.main import main
 from ckptstore.errors import UnsafeCheckpointError
-from ckptstore.interop_io import diff, export_safetensors, import_checkpoint
+from ckptstore.interop.convert import diff, export_safetensors, import_checkpoint
 from conftest import assert_same_tree
 
 

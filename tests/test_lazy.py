@@ -7,7 +7,7 @@ import torch
 
 import ckptstore
 from ckptstore.errors import CorruptCheckpointError
-from ckptstore.lazy import LazyCheckpoint
+from ckptstore.read.lazy import LazyCheckpoint
 from ckptstore.storage import LocalStorage
 from conftest import assert_same_tree
 

@@ -70,7 +70,7 @@ def test_oracle_notices_a_loadable_case(box):
 def test_decoder_refuses_an_inconsistent_plane_table(planes, group, raw_len):
     """codec.decode_planes is a parser too: a plane table that does not match the group
     and the stored bytes is corruption (found while writing the libFuzzer target)."""
-    from ckptstore.codec import decode_planes
+    from ckptstore.pipeline.codec import decode_planes
     from ckptstore.errors import CorruptCheckpointError
 
     with pytest.raises(CorruptCheckpointError):
@@ -82,7 +82,7 @@ def test_numpy_dtype_string_numpy_cannot_parse_is_refused(dtype):
     """A dtype string that passes the allow-list's shape but that numpy rejects raised
     TypeError out of fsck (found by the libFuzzer target): it must be a CkptError."""
     from ckptstore.errors import UnsafeCheckpointError
-    from ckptstore.tree import safe_numpy_dtype
+    from ckptstore.plan.tree import safe_numpy_dtype
 
     with pytest.raises(UnsafeCheckpointError):
         safe_numpy_dtype(dtype)

@@ -9,8 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ckptstore
-from ckptstore.checkpointer import check_quick
-from ckptstore.retention import Best, Policy, select_keep, step_name
+from ckptstore.api.checkpointer import check_quick
+from ckptstore.runs.retention import Best, Policy, select_keep, step_name
 from ckptstore.storage import LocalStorage
 
 policies = st.builds(

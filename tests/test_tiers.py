@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import format as fmt
-from ckptstore.checkpointer import CheckpointFallbackWarning
-from ckptstore.cli import main as cli_main
-from ckptstore.cli_run import gc
-from ckptstore.retention import step_name
+from ckptstore.manifest import schema as fmt
+from ckptstore.api.checkpointer import CheckpointFallbackWarning
+from ckptstore.cli.main import main as cli_main
+from ckptstore.cli.runs import gc
+from ckptstore.runs.retention import step_name
 from ckptstore.storage import open_storage
 from conftest import assert_same_tree
 from conftest_tiers import *  # noqa: F401,F403
@@ -146,7 +146,7 @@ def test_killed_between_data_and_manifest_then_gc(tmp_path, s3_remote, frozen):
     url, opts, proxy = s3_remote
     ckptstore.save(_state(1, frozen), tmp_path / step_name(1), blocking=True)
     hole = proxy.inject("blackhole", 1, method="PUT", path="manifest.json", delay=30)
-    code = ("import sys, json; from ckptstore.promote import promote_step; "
+    code = ("import sys, json; from ckptstore.runs.promote import promote_step; "
             "from ckptstore.storage import open_storage; "
             "promote_step(open_storage(sys.argv[1]), open_storage(sys.argv[2], "
             "json.loads(sys.argv[3])), sys.argv[4])")
@@ -230,7 +230,7 @@ def test_manifest_commit_is_create_only(tmp_path, remote, frozen):
 
 
 def test_promotion_never_replaces_a_different_commit(tmp_path, s3_remote, frozen):
-    from ckptstore.promote import promote_step
+    from ckptstore.runs.promote import promote_step
 
     url, opts, _ = s3_remote
     root = open_storage(url, opts)

@@ -9,7 +9,7 @@ from torch import nn
 
 import ckptstore
 from ckptstore.errors import StrictLoadError
-from ckptstore.rename import compile_rename, rename_names
+from ckptstore.plan.keymap import compile_rename, rename_names
 
 
 class Old(nn.Module):

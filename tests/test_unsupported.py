@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore import format as fmt
+from ckptstore.manifest import schema as fmt
 
 
 def _as_sharded(path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .shards import holds_dtensor, is_dtensor
+from ckptstore.distributed.shards import holds_dtensor, is_dtensor
 
 __all__ = ["holds_dtensor", "is_dtensor", "wants_distributed_save", "save", "load_resharded",
            "CkptStoreWriter", "CkptStoreReader"]
@@ -34,12 +34,12 @@ def wants_distributed_save(state: Any, distributed: bool | None = None) -> bool:
 
 def __getattr__(name: str) -> Any:
     if name == "save":
-        from .dsave import save
+        from ckptstore.distributed.dsave import save
         return save
     if name == "load_resharded":
-        from .reshard import load_resharded
+        from ckptstore.distributed.reshard import load_resharded
         return load_resharded
     if name in ("CkptStoreWriter", "CkptStoreReader"):
-        from . import dcp
+        from ckptstore.distributed import dcp
         return getattr(dcp, name)
     raise AttributeError(f"module 'ckptstore.distributed' has no attribute {name!r}")

@@ -29,22 +29,35 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
-                                                   Metadata, StorageMeta, TensorProperties,
-                                                   TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, LoadPlanner, SavePlan,
-                                                  SavePlanner, WriteItemType)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    WriteItemType,
+)
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from .. import __version__, codec as _codec, format as fmt
-from ..commit import AtomicFile, commit_manifest
-from ..errors import CheckpointExistsError, CorruptCheckpointError
-from ..plan import GROUPED
-from ..reader import read_manifest, read_tensors
-from ..storage import Storage, open_storage
-from ..tree import torch_dtype
-from .reshard import read_boxes, whole_shards
+from ckptstore import __version__
+from ckptstore.commit.atomic import AtomicFile, commit_manifest
+from ckptstore.distributed.reshard import read_boxes, whole_shards
+from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError
+from ckptstore.manifest import schema as fmt
+from ckptstore.pipeline import codec as _codec
+from ckptstore.plan.layout import GROUPED
+from ckptstore.plan.tree import torch_dtype
+from ckptstore.read.reader import read_manifest, read_tensors
+from ckptstore.storage import Storage, open_storage
 
 DEFAULT_CHUNK = 16 << 20
 

@@ -29,16 +29,23 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .. import __version__, format as fmt
-from .. import saver as _saver
-from ..commit import commit_manifest
-from ..errors import CheckpointExistsError, DistributedSaveError
-from ..plan import make_plan
-from ..staging import Ring
-from ..storage import Storage, open_storage
-from ..tree import Leaf
-from . import commit2pc as pc
-from .shards import GlobalLeaf, LocalShard, describe, flatten_global, local_shards
+from ckptstore import __version__
+from ckptstore.api import save as _saver
+from ckptstore.commit import twophase as pc
+from ckptstore.commit.atomic import commit_manifest
+from ckptstore.distributed.shards import (
+    GlobalLeaf,
+    LocalShard,
+    describe,
+    flatten_global,
+    local_shards,
+)
+from ckptstore.errors import CheckpointExistsError, DistributedSaveError
+from ckptstore.manifest import schema as fmt
+from ckptstore.plan.layout import make_plan
+from ckptstore.plan.tree import Leaf
+from ckptstore.staging.arena import Ring
+from ckptstore.storage import Storage, open_storage
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from .. import format as fmt
-from ..errors import CorruptCheckpointError, StrictLoadError
-from ..into import LoadReport, leaves_of
-from ..reader import READ_THREADS, check_headers, read_chunk, read_tensors
-from ..storage import Storage
-from ..tree import torch_dtype, unflatten
-from .shards import is_dtensor
+from ckptstore.distributed.shards import is_dtensor
+from ckptstore.errors import CorruptCheckpointError, StrictLoadError
+from ckptstore.manifest import schema as fmt
+from ckptstore.plan.tree import torch_dtype, unflatten
+from ckptstore.read.into import LoadReport, leaves_of
+from ckptstore.read.reader import READ_THREADS, check_headers, read_chunk, read_tensors
+from ckptstore.storage import Storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,7 +38,7 @@ class Ref:
 
 def _storage_for(storage: Storage, manifest: fmt.Manifest) -> Storage:
     try:  # incremental saves name files of older steps (ckptstore.storage.base.linked)
-        from ..storage.base import linked  # type: ignore[attr-defined]
+        from ckptstore.storage.base import linked  # type: ignore[attr-defined]
     except ImportError:
         return storage
     return linked(storage, manifest.files)
@@ -218,7 +219,7 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
         raise StrictLoadError(f"checkpoint does not match the target: {report.summary()}", report)
     # plan every read first, so all chunks are fetched in one parallel pass
     boxes, whole = [], []
-    for name, value, parent, key in actions:
+    for name, value, _parent, _key in actions:
         s = src[name]
         if isinstance(s, Ref) and is_dtensor(value):
             (c,) = value.__create_chunk_list__()
@@ -229,7 +230,7 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
     arrays = _read_whole(storage, manifest, whole, verify)
     loaded, b = [], 0
     with torch.no_grad():
-        for name, value, parent, key in actions:
+        for name, value, _parent, _key in actions:
             s = src[name]
             if isinstance(s, Ref) and is_dtensor(value):
                 local = value.to_local()

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UnsupportedTypeError
-from ..tree import Leaf, flatten, path_name
+from ckptstore.errors import UnsupportedTypeError
+from ckptstore.plan.tree import Leaf, flatten, path_name
 
 
 def is_dtensor(x: Any) -> bool:

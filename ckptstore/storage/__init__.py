@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .base import Capabilities, Storage, WriteHandle, check_name
-from .local import LocalStorage
+from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
+from ckptstore.storage.local import LocalStorage
 
 __all__ = ["Capabilities", "Storage", "WriteHandle", "LocalStorage", "check_name", "open_storage"]
 
@@ -21,6 +21,8 @@ def open_storage(where: "str | os.PathLike | Storage",
         return LocalStorage(where[len("file://"):])
     if "://" not in where:
         return LocalStorage(where)
-    from .fsspec_backend import FsspecStorage  # optional dependency, imported on use
+    from ckptstore.storage.fsspec_backend import (
+        FsspecStorage,  # optional dependency, imported on use
+    )
 
     return FsspecStorage(where, storage_options or {})

@@ -22,7 +22,7 @@ import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from ..errors import UnsafeCheckpointError
+from ckptstore.errors import UnsafeCheckpointError
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +163,7 @@ class Storage(ABC):
     def sibling(self, name: str) -> "Storage":
         """The storage rooted at directory ``name`` next to this one (same parent);
         incremental checkpoints read files that an older sibling step holds."""
-        from . import open_storage  # backends with options override this
+        from ckptstore.storage import open_storage  # backends with options override this
 
         check_name(name)
         if "/" in name:
@@ -173,7 +173,7 @@ class Storage(ABC):
     def parent(self) -> "Storage":
         """The storage rooted at the directory holding this one (where its siblings
         are); an overwrite looks there for steps that still read its files."""
-        from . import open_storage  # backends with options override this
+        from ckptstore.storage import open_storage  # backends with options override this
 
         return open_storage(posixpath.dirname(self.url.rstrip("/")) or "/")
 

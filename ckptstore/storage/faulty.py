@@ -27,9 +27,10 @@ import os
 import signal
 import struct
 import tempfile
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-from .base import Storage, WriteHandle
+from ckptstore.storage.base import Storage, WriteHandle
 
 #: calls that change what is stored; these are the kill points of a sweep
 MUTATING = ("makedirs", "open_write", "write", "fsync", "close", "abort", "rename",

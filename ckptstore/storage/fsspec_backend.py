@@ -16,9 +16,9 @@ import io
 import posixpath
 from typing import Any
 
-from ..errors import StorageError, UnsafeCheckpointError, UnsupportedOperationError
-from ..retry import retrying
-from .base import Capabilities, Storage, WriteHandle, check_name
+from ckptstore.errors import StorageError, UnsafeCheckpointError, UnsupportedOperationError
+from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
+from ckptstore.storage.retry import retrying
 
 #: protocols whose create-only put is enforced by the server
 _CREATE_ONLY = {"s3", "s3a", "gs", "gcs"}

@@ -6,8 +6,8 @@ import mmap
 import os
 import stat
 
-from ..errors import StorageError, UnsafeCheckpointError
-from .base import Capabilities, Storage, WriteHandle, check_name
+from ckptstore.errors import StorageError, UnsafeCheckpointError
+from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
 
 # O_NONBLOCK: opening a FIFO planted in a checkpoint must not block forever (the
 # S_ISREG check then refuses it); it changes nothing for regular files.

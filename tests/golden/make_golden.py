@@ -96,7 +96,7 @@ def describe_manifest(obj: dict) -> list[str]:
 
 def describe_records() -> list[str]:
     """Field names of the manifest's record dataclasses (a new field is a schema change)."""
-    from ckptstore import format as fmt
+    from ckptstore.manifest import schema as fmt
 
     lines = []
     for name in sorted(vars(fmt)):
@@ -108,7 +108,7 @@ def describe_records() -> list[str]:
 
 def describe_checkpoint(path: Path) -> list[str]:
     """Schema description of a checkpoint directory: manifest + safetensors headers."""
-    from ckptstore import format as fmt
+    from ckptstore.manifest import schema as fmt
 
     obj = json.loads((path / fmt.MANIFEST_NAME).read_text())
     lines = set(describe_manifest(obj))
@@ -144,7 +144,7 @@ def write_version(root: Path, version: int) -> list[Path]:
 
 
 def main() -> int:
-    from ckptstore import format as fmt
+    from ckptstore.manifest import schema as fmt
 
     version = fmt.SCHEMA_VERSION
     schema_file = HERE / f"schema-v{version}.json"

@@ -1,0 +1,584 @@
+"""``Checkpointer``: a training run's checkpoints across a local and a remote tier.
+
+One save, in order::
+
+    caller:      ckptstore.save(state, <primary>/step-NNNNNNNNNNNN, base=<previous step>)
+                 -> handle                      (the stall ends here)
+    background:  wait for the local commit -> local retention
+                 -> promote wanted steps to the remote tier (spawned process; data
+                    objects, then the manifest, create-only) -> remote retention
+
+The primary tier is local when ``local_dir`` is given, else the remote one. A
+background failure is kept with its own type and raised once, by ``wait()`` or the
+next ``save()``; the local checkpoint stays whatever happens to its promotion.
+
+Retention never deletes the newest committed step (and skips a round when that step
+fails verification), a kept-best step, or a local step whose wanted promotion has
+not committed. See docs/tiers.md.
+
+Inside a process group of several ranks the Checkpointer is *collective*: every rank
+calls ``save``, ``latest``, ``load``, ``wait`` and ``close`` together. Each rank writes
+its own shards (docs/distributed.md); everything else that changes the run directory
+(retiring a damaged step, retention, promotion) runs on rank 0 alone, and rank 0
+decides what ``latest``/``load`` pick and broadcasts it, so ranks never diverge.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import queue
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from ckptstore import errors as _errors
+from ckptstore.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    DistributedSaveError,
+    SchemaVersionError,
+    StorageError,
+)
+from ckptstore.manifest import schema as fmt
+from ckptstore.runs.retention import (
+    Best,
+    Policy,
+    drop_step,
+    parse_step,
+    referenced_files,
+    select_keep,
+    step_name,
+)
+from ckptstore.storage import Storage, open_storage
+from ckptstore.storage.base import linked
+
+log = logging.getLogger("ckptstore.checkpointer")
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """A copy of a checkpoint failed verification; an older or other copy was used."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """One place checkpoints live, and what it keeps."""
+
+    name: str  # "local" | "remote"
+    root: Storage
+    policy: Policy
+
+
+class Checkpointer:
+    """Save every N steps, keep some locally and some remotely, resume from the
+    newest intact checkpoint wherever it is.
+
+    Args:
+        local_dir: fast local directory, or None to use the remote tier alone.
+        remote: fsspec URL of the durable tier (``s3://b/run``, ``gs://b/run``,
+            ``file://...``), or None.
+        storage_options: passed to fsspec for ``remote``.
+        keep_last, keep_every, keep_best: local retention (``keep_best`` is
+            ``(metric, "min"|"max", n)``; it also protects steps on a remote tier
+            that has retention of its own).
+        remote_keep_last, remote_keep_every: remote retention; both None keeps every
+            promoted step. With only ``remote_keep_every``, only those steps are
+            promoted.
+        compression: as :func:`ckptstore.save`.
+        incremental: skip chunks identical to the previous committed step's (the
+            manifest references the older file). Only with compression.
+        save_options: more keyword arguments for :func:`ckptstore.save`.
+        distributed: collective use by every rank of the process group (see the
+            module docstring). Default: when a process group of more than one rank
+            is initialized. Pass False for the ``if rank == 0:`` pattern. Collective
+            saves are never incremental (sharded saves do not support it yet).
+    """
+
+    def __init__(self, local_dir: "str | os.PathLike | None", remote: str | None = None, *,
+                 storage_options: dict | None = None, keep_last: int | None = 3,
+                 keep_every: int | None = None, keep_best: Any = None,
+                 remote_keep_last: int | None = None, remote_keep_every: int | None = None,
+                 compression: str = "zstd", incremental: bool = True,
+                 save_options: dict | None = None, distributed: bool | None = None) -> None:
+        if local_dir is None and remote is None:
+            raise ValueError("Checkpointer needs a local_dir, a remote URL, or both")
+        best = Best.parse(keep_best)
+        self.local: Tier | None = None
+        self.remote: Tier | None = None
+        if local_dir is not None:
+            self.local = Tier("local", open_storage(local_dir),
+                              Policy(keep_last, keep_every, best))
+        if remote is not None:
+            if local_dir is None and remote_keep_last is None and remote_keep_every is None:
+                remote_keep_last, remote_keep_every = keep_last, keep_every
+            # keep_best protects steps on a remote that prunes; it never turns a remote
+            # that keeps everything into one that keeps only the best and the newest
+            prunes = remote_keep_last is not None or remote_keep_every is not None
+            self.remote = Tier("remote", open_storage(remote, storage_options),
+                               Policy(remote_keep_last, remote_keep_every,
+                                      best if prunes else None))
+        self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
+        self.compression = compression
+        self.incremental = incremental and compression != "none"
+        self.save_options = dict(save_options or {})
+        self.loaded_step: int | None = None
+        self._last = None  # the newest SaveHandle
+        self._error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._worker: threading.Thread | None = None
+        self._promoter: cf.Executor | None = None
+        self._closed = False
+        self.collective = _world_size() > 1 if distributed is None else bool(distributed)
+        if self.collective and _world_size() < 1:
+            raise ValueError("distributed=True needs an initialized torch.distributed process group")
+        #: rank 0 of a collective Checkpointer (or the only process) owns the run directory
+        self.coordinator = not self.collective or dist.get_rank() == 0
+
+    # -- context manager ------------------------------------------------------
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            if self.collective:  # the other ranks may not be closing: no collective here
+                self._wait_local()
+                self._stop()
+            else:
+                self.close()
+        except Exception:  # do not mask the exception that ended the block
+            log.exception("error while closing the checkpointer")
+
+    # -- save -----------------------------------------------------------------
+    def save(self, step: int, state: Any, metrics: dict | None = None, **kwargs: Any):
+        """Snapshot ``state`` as ``step`` and return its :class:`SaveHandle`
+        (asynchronous, as :func:`ckptstore.save`). ``metrics`` (JSON numbers) are
+        stored in the manifest and drive ``keep_best``."""
+        from ckptstore.api.save import save
+        from ckptstore.distributed import wants_distributed_save
+
+        if self._closed:
+            raise RuntimeError("this Checkpointer is closed")
+        name = step_name(step)
+        self._settle()  # save() waits for it anyway; the base must be committed
+
+        def prepare() -> None:
+            self._raise_background()
+            self._retire_damaged(step)
+
+        self._agree(prepare, f"preparing the save of step {step}")
+        opts = {**self.save_options, **kwargs}
+        if self.collective:
+            opts["distributed"] = True  # every rank writes its part of one checkpoint
+        sharded = wants_distributed_save(state, opts.get("distributed"))
+        base = self._base_for(step) if self.incremental and not sharded else None
+        handle = save(state, self.primary.root.child(name), compression=self.compression,
+                      metadata={"step": step, "metrics": metrics}, base=base, **opts)
+        self._last = handle
+        if self.coordinator:  # retention and promotion: rank 0 alone
+            self._ensure_worker()
+            self._queue.put((step, handle))
+        return handle
+
+    def _retire_damaged(self, step: int) -> None:
+        """A run that fell back past a damaged step saves that step again: retire
+        the damaged copy's manifest (its files go to gc) so the new save can commit.
+        An intact committed copy is never replaced."""
+        from ckptstore.verify.fsck import fsck
+
+        where = self.primary.root.child(step_name(step))
+        if not where.exists(fmt.MANIFEST_NAME):
+            return
+        try:
+            report = fsck(where)
+            problem = None if report.ok else "; ".join(str(d) for d in report.damage[:5])
+        except (CorruptCheckpointError, OSError, ValueError) as e:
+            problem = f"{type(e).__name__}: {e}"
+        if problem is None:
+            raise CheckpointExistsError(
+                f"step {step} is already committed and intact at {where.url}; a Checkpointer "
+                "never replaces an intact checkpoint: delete it first or save another step")
+        log.warning("step %d at %s is damaged (%s); retiring it so it can be saved again",
+                    step, where.url, problem)
+        where.remove(fmt.MANIFEST_NAME)
+        if where.capabilities.fsync:
+            where.fsync_dir()
+
+    def _base_for(self, step: int) -> str | None:
+        older = [s for s in self._committed(self.primary) if s < step]
+        return step_name(max(older)) if older else None
+
+    # -- queries --------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Every step committed on any tier, ascending (not verified)."""
+        out = set(self._committed(self.local)) if self.local else set()
+        if self.remote:
+            out |= set(self._committed(self.remote))
+        return sorted(out)
+
+    def latest(self) -> int | None:
+        """The newest step that is committed and passes verification (manifest
+        checksum and structure, every file present at its size) on some tier, or
+        None. Chunk hashes are checked by ``load``, which falls back further.
+        Collective: rank 0 decides, every rank gets its answer."""
+        self._settle()
+        return self._agree(self._latest_here, "finding the latest step")
+
+    def _latest_here(self) -> int | None:
+        for step, tier in self._candidates("latest"):
+            problem = check_quick(tier.root.child(step_name(step)))
+            if problem is None:
+                return step
+            _warn(f"{tier.name} copy of step {step} ({tier.root.url}/{step_name(step)}) "
+                  f"is unusable: {problem}")
+        return None
+
+    def load(self, step: "int | str" = "latest", *, into: Any = None, strict: bool = True,
+             verify: bool = True, cast: bool = False) -> Any:
+        """Load ``step`` (or the newest intact one) like :func:`ckptstore.load`.
+
+        Copies are tried local first; a copy that fails verification is reported
+        with a :class:`CheckpointFallbackWarning` and the next one is tried: the
+        other tier's copy of the same step, then (for ``"latest"``) older steps.
+        ``self.loaded_step`` tells which step was loaded.
+
+        Collective: rank 0 lists the copies to try; each rank reads what it needs
+        (its own boxes when ``into`` holds DTensors), and a copy is used only if it
+        loaded on every rank, so all ranks return the same step.
+        """
+        from ckptstore.api.load import load
+
+        self._settle()
+        cands = self._agree(lambda: [(s, t.name) for s, t in self._candidates(step)],
+                            f"choosing step {step!r} to load")
+        tiers = {t.name: t for t in self._tiers()}
+        problems = []
+        for s, tname in cands:
+            tier = tiers[tname]
+            where = tier.root.child(step_name(s))
+            out, outcome, err = None, None, None
+            try:
+                out = load(where, into=into, strict=strict, verify=verify, cast=cast)
+            except SchemaVersionError as e:
+                if not self.collective:
+                    raise
+                outcome, err = ("fatal", type(e).__name__, str(e)), e
+            except (CorruptCheckpointError, CheckpointNotFoundError, StorageError,
+                    FileNotFoundError, ConnectionError, TimeoutError) as e:
+                outcome = ("fallback", f"{type(e).__name__}: {e}")
+            except Exception as e:
+                if not self.collective:
+                    raise
+                outcome, err = ("fatal", type(e).__name__, str(e)), e
+            outcomes = self._exchange(outcome)
+            fatal = [(r, o) for r, o in enumerate(outcomes) if o and o[0] == "fatal"]
+            if fatal:  # every rank raises: its own error, or the first rank's
+                if err is not None:
+                    raise err
+                r, (_, name, msg) = fatal[0]
+                raise _rebuild_error(name, f"rank {r} failed to load step {s}: {msg}", r,
+                                     "load")
+            bad = [(r, o[1]) for r, o in enumerate(outcomes) if o]
+            if bad:
+                why = "; ".join(msg if len(outcomes) == 1 else f"rank {r}: {msg}"
+                                for r, msg in bad)
+                problems.append(f"{tier.name} step {s}: {why}")
+                if self.coordinator:
+                    _warn(f"{tier.name} copy of step {s} ({where.url}) is unusable: "
+                          f"{why}; falling back")
+                continue
+            self.loaded_step = s
+            return out
+        what = "any step" if step == "latest" else f"step {step}"
+        raise CheckpointNotFoundError(
+            f"no intact committed checkpoint of {what} on "
+            f"{' or '.join(t.root.url for t in self._tiers())}"
+            + (": " + "; ".join(problems) if problems else ""))
+
+    def metadata(self, step: int) -> dict | None:
+        """The ``{"step", "metrics"}`` stored with ``step`` (first tier that has it)."""
+        for tier in self._tiers():
+            try:
+                m = fmt.decode(tier.root.child(step_name(step)).read(fmt.MANIFEST_NAME))
+            except (OSError, ValueError):
+                continue
+            return m.metadata
+        return None
+
+    # -- lifecycle ------------------------------------------------------------
+    def wait(self) -> None:
+        """Block until every save, promotion and retention pass has finished;
+        raise the first background error (once). Collective."""
+        last = self._last
+        if last is not None:
+            last.wait()  # a sharded save ends alike on every rank (two-phase commit)
+
+        def settle() -> None:
+            self._queue.join()
+            self._raise_background()
+
+        self._agree(settle, "finishing background work")
+
+    def _wait_local(self) -> None:
+        """Wait for this process's own save and background work (no collective)."""
+        last = self._last
+        if last is not None:
+            last.exception()
+        self._queue.join()
+
+    def close(self) -> None:
+        """``wait()``, then stop the background thread and promotion process."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._stop()
+
+    def _stop(self) -> None:
+        self._closed = True
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+        if self._promoter is not None:
+            self._promoter.shutdown(wait=True)
+            self._promoter = None
+
+    # -- background -----------------------------------------------------------
+    def _raise_background(self) -> None:
+        with self._lock:
+            err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="ckptstore-checkpointer",
+                                            daemon=True)
+            self._worker.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._after_save(*item)
+            except BaseException as e:  # kept with its type; raised by wait()/save()
+                log.error("background work after a save failed: %s", e)
+                with self._lock:
+                    if self._error is None:
+                        self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _after_save(self, step: int, handle) -> None:
+        if handle.exception() is not None:
+            return  # the save's own error is raised by handle.wait() / the next save()
+        if self.local is not None and self.remote is not None:
+            self._promote_wanted()  # raises on failure: then nothing is deleted this round
+            self._retain(self.local, protected=self._unpromoted())
+            self._retain(self.remote)
+        else:
+            self._retain(self.primary)
+
+    def _unpromoted(self) -> set[int]:
+        """Local steps the remote policy wants that are not committed remotely."""
+        assert self.local is not None and self.remote is not None
+        local = self._committed(self.local)
+        remote = self._committed(self.remote)
+        cands = {s: self._metrics(self.local, s) for s in local if self._eligible(s)}
+        cands.update({s: self._metrics(self.remote, s) for s in remote})
+        return select_keep(cands, self.remote.policy) - set(remote)
+
+    def _eligible(self, step: int) -> bool:
+        p = self.remote.policy  # type: ignore[union-attr]
+        if p.keep_every and p.keep_last is None and p.keep_best is None:
+            return step % p.keep_every == 0
+        return True
+
+    def _promote_wanted(self) -> None:
+        from ckptstore.runs.promote import promote_step
+
+        for s in sorted(self._unpromoted(), reverse=True):
+            fut = self._promotion_pool().submit(promote_step, self.local.root,  # type: ignore
+                                                self.remote.root, step_name(s))  # type: ignore
+            res = fut.result()
+            log.info("step %d promoted to %s (%d bytes uploaded)", s, res.dst, res.uploaded_bytes)
+
+    def _promotion_pool(self) -> cf.Executor:
+        if self._promoter is None:
+            proto = getattr(self.remote.root, "protocol", "file")  # type: ignore[union-attr]
+            if proto == "memory":  # per-process filesystem: upload from this process
+                self._promoter = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-promote")
+            else:
+                import multiprocessing as mp
+
+                from ckptstore.pipeline.writer import _init_worker, _without_main_module
+
+                pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"),
+                                              initializer=_init_worker,
+                                              initargs=(os.getpid(),))
+                with _without_main_module():
+                    pool.submit(os.getpid).result()
+                self._promoter = pool
+        return self._promoter
+
+    def _retain(self, tier: Tier, protected: set[int] = frozenset()) -> None:
+        committed = self._committed(tier)
+        if not committed or tier.policy.keeps_all:
+            return
+        newest = max(committed)
+        problem = check_quick(tier.root.child(step_name(newest)))
+        if problem is not None:  # the newest may be all there is: delete nothing
+            log.warning("retention on %s skipped: newest step %d fails verification: %s",
+                        tier.root.url, newest, problem)
+            return
+        metrics = {s: self._metrics(tier, s) for s in committed}
+        keep = select_keep(metrics, tier.policy, protected)
+        drop = sorted(set(committed) - keep)
+        if not drop:
+            return
+        manifests = {}
+        for s in keep:
+            try:
+                manifests[step_name(s)] = fmt.decode(
+                    tier.root.child(step_name(s)).read(fmt.MANIFEST_NAME))
+            except (OSError, ValueError) as e:  # unreadable: keep it, and all it may need
+                log.warning("retention on %s skipped: step %d unreadable: %s",
+                            tier.root.url, s, e)
+                return
+        refs = referenced_files(tier.root, manifests)
+        for s in drop:
+            drop_step(tier.root, step_name(s), refs)
+
+    # -- agreement between ranks ---------------------------------------------
+    def _settle(self) -> None:
+        """Wait until this rank's previous save has committed: its commit thread uses
+        the same gloo group as ``_agree``, and two threads must never interleave
+        collectives on one group."""
+        last = self._last
+        if last is not None:
+            last.exception()
+
+    def _agree(self, fn: Callable[[], Any], what: str) -> Any:
+        """Run ``fn`` on the coordinator only and give every rank its result.
+
+        If ``fn`` raises, rank 0 raises that error itself and the other ranks raise
+        one of the same type (or :class:`DistributedSaveError`) naming rank 0."""
+        if not self.collective:
+            return fn()
+        from ckptstore.commit import twophase as pc
+
+        group = pc.coordination_group()
+        if self.coordinator:
+            try:
+                value = fn()
+            except Exception as e:
+                pc.broadcast(("error", type(e).__name__, str(e)), group)
+                raise
+            return pc.broadcast(("ok", value), group)[1]
+        got = pc.broadcast(None, group)
+        if got[0] == "ok":
+            return got[1]
+        raise _rebuild_error(got[1], f"rank 0 failed {what}: {got[2]}", 0, "checkpointer")
+
+    def _exchange(self, value: Any) -> list:
+        """Every rank's ``value``, in rank order (just ``[value]`` alone)."""
+        if not self.collective:
+            return [value]
+        from ckptstore.commit import twophase as pc
+
+        out: list = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value, group=pc.coordination_group())
+        return out
+
+    # -- helpers --------------------------------------------------------------
+    def _tiers(self) -> list[Tier]:
+        return [t for t in (self.local, self.remote) if t is not None]
+
+    def _committed(self, tier: Tier | None) -> list[int]:
+        if tier is None:
+            return []
+        out = []
+        for entry in tier.root.listdir():
+            s = parse_step(entry)
+            if s is not None and tier.root.child(entry).exists(fmt.MANIFEST_NAME):
+                out.append(s)
+        return sorted(out)
+
+    def _metrics(self, tier: Tier, step: int) -> dict | None:
+        if tier.policy.keep_best is None:
+            return None
+        try:
+            m = fmt.decode(tier.root.child(step_name(step)).read(fmt.MANIFEST_NAME))
+        except (OSError, ValueError):
+            return None
+        meta = m.metadata if isinstance(m.metadata, dict) else {}
+        return meta.get("metrics") if isinstance(meta.get("metrics"), dict) else None
+
+    def _candidates(self, step: "int | str") -> list[tuple[int, Tier]]:
+        """(step, tier) pairs to try, newest step first, local before remote."""
+        if step == "latest":
+            per = {t.name: set(self._committed(t)) for t in self._tiers()}
+            steps = sorted(set().union(*per.values()), reverse=True)
+            return [(s, t) for s in steps for t in self._tiers() if s in per[t.name]]
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ValueError(f"step must be an int or 'latest', not {step!r}")
+        return [(step, t) for t in self._tiers()]
+
+
+def check_quick(storage: Storage) -> str | None:
+    """None if ``storage`` holds a committed checkpoint whose manifest is valid and
+    whose every file is present at its recorded size; else what is wrong."""
+    try:
+        m = fmt.decode(storage.read(fmt.MANIFEST_NAME))
+        view = linked(storage, m.files)
+        for f in m.files:
+            try:
+                size = view.size(f.name)
+            except FileNotFoundError:
+                return f"file {f.name} is missing"
+            if size != f.size:
+                return f"file {f.name} is {size} bytes, the manifest says {f.size}"
+    except FileNotFoundError:
+        return "no manifest (not committed)"
+    except (OSError, ValueError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _world_size() -> int:
+    """Ranks in the initialized default process group, 0 if there is none."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    return dist.get_world_size()
+
+
+def _rebuild_error(name: str, message: str, rank: int, phase: str) -> Exception:
+    """Another rank's error, raised here with the same type where it is one of ours
+    or a builtin (constructible from a message); else a DistributedSaveError."""
+    import builtins
+
+    cls = getattr(_errors, name, None) or getattr(builtins, name, None)
+    if isinstance(cls, type) and issubclass(cls, Exception) and (
+            issubclass(cls, _errors.CkptError) or cls.__module__ == "builtins"):
+        try:
+            return cls(message)
+        except TypeError:  # a constructor that wants more than a message
+            pass
+    return DistributedSaveError(message, ((rank, phase, name, message),))
+
+
+def _warn(message: str) -> None:
+    log.warning("%s", message)
+    warnings.warn(message, CheckpointFallbackWarning, stacklevel=3)

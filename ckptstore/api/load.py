@@ -1,0 +1,67 @@
+"""``ckptstore.load``: verified reads back into the saved tree."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ckptstore.errors import CorruptCheckpointError, UnsupportedOperationError
+from ckptstore.plan.tree import unflatten
+from ckptstore.read.into import LoadReport, apply_into
+from ckptstore.read.reader import read_manifest, read_tensors
+from ckptstore.storage import Storage, open_storage
+
+
+def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool = True,
+         verify: bool = True, cast: bool = False, rename: Any = None, keys: Any = None,
+         storage_options: dict | None = None) -> Any:
+    """Load a committed checkpoint.
+
+    Without ``into``, returns the saved tree with CPU tensors (numpy arrays stay
+    numpy), bit-identical to what was saved. With ``into`` (a nested state dict or
+    an ``nn.Module``), copies every value into the existing tensors (on any device)
+    and containers and returns a :class:`LoadReport`; with ``strict=True`` any
+    missing, unexpected or mismatched key raises :class:`StrictLoadError` before
+    anything is modified.
+
+    Every chunk's xxh3-128 hash is checked unless ``verify=False``; damage raises
+    :class:`CorruptCheckpointError` naming the tensor and chunk.
+
+    ``rename`` (prefix mapping, regex rules or callable, see :mod:`ckptstore.rename`)
+    maps the checkpoint's '.'-joined names onto new ones. ``keys`` (names, prefixes
+    or a predicate over the checkpoint's names) loads only those leaves and reads
+    only their chunks. Both are described in docs/compat.md.
+    """
+    storage = open_storage(path, storage_options)
+    manifest = read_manifest(storage)
+    from ckptstore.distributed import holds_dtensor
+
+    if any(t.shards for t in manifest.tensors) or holds_dtensor(into):  # saved or loaded sharded
+        if rename is not None or keys is not None:
+            raise UnsupportedOperationError("rename= and keys= are not supported yet for sharded "
+                                      "checkpoints or DTensor targets")
+        from ckptstore.distributed.reshard import load_resharded
+
+        return load_resharded(storage, manifest, into=into, strict=strict, verify=verify,
+                              cast=cast)
+    if rename is not None or keys is not None:
+        from ckptstore.read.lazy import partial_load
+
+        return partial_load(storage, manifest, into=into, strict=strict, verify=verify,
+                            cast=cast, rename=rename, keys=keys)
+    arrays = read_tensors(storage, manifest, verify=verify)
+    state = unflatten(manifest.tree, lambda kind, i: _leaf(manifest, arrays, kind, i))
+    if into is None:
+        return state
+    return apply_into(state, into, strict=strict, cast=cast)
+
+
+def _leaf(manifest, arrays: dict, kind: str, i: Any) -> Any:
+    if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(manifest.tensors):
+        raise CorruptCheckpointError(f"state tree refers to tensor {i!r}, which does not exist")
+    want = "torch" if kind == "tensor" else "numpy"
+    if manifest.tensors[i].kind != want:
+        raise CorruptCheckpointError(f"state tree expects a {want} array for tensor {i}")
+    return arrays[i]
+
+
+__all__ = ["load", "LoadReport"]

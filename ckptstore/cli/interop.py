@@ -1,0 +1,80 @@
+"""CLI subcommands ``export``, ``import`` and ``diff`` (see :mod:`ckptstore.interop_io`)."""
+from __future__ import annotations
+
+import argparse
+
+from ckptstore.cli.main import _options, _out, command
+
+
+def _storage_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+
+
+@command("export", "write a checkpoint's tensors (weights only) to a plain .safetensors file")
+def _export(args) -> int:
+    from ckptstore.interop.convert import export_safetensors
+
+    names = export_safetensors(args.path, args.out, keys=args.keys or None,
+                               strip_prefix=args.strip_prefix, storage_options=_options(args))
+    _out(args, {"out": args.out, "tensors": names},
+         f"wrote {len(names)} tensors to {args.out}")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint directory or URL")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--keys", action="append", default=[], metavar="NAME_OR_PREFIX",
+                   help="export only these names or prefixes (repeatable), e.g. model.")
+    p.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="remove PREFIX from the written names (e.g. model.); others are skipped")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _storage_option(p)
+
+
+_export.arguments = _export_args  # type: ignore[attr-defined]
+
+
+@command("import", "convert a .safetensors file, a torch.save file or a DCP directory")
+def _import(args) -> int:
+    from ckptstore.interop.convert import import_checkpoint
+
+    result = import_checkpoint(args.file, args.dest, compression=args.compression,
+                               overwrite=args.overwrite, storage_options=_options(args))
+    _out(args, {"dest": args.dest, "result": repr(result)}, f"imported {args.file} into {args.dest}")
+    return 0
+
+
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help=".safetensors file, torch.save file (weights_only) or DCP directory")
+    p.add_argument("dest", help="new checkpoint directory or URL")
+    p.add_argument("--compression", default="zstd", choices=["none", "zstd", "lz4"])
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DEST")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _storage_option(p)
+
+
+_import.arguments = _import_args  # type: ignore[attr-defined]
+
+
+@command("diff", "list keys added, removed and changed between checkpoints A and B")
+def _diff(args) -> int:
+    from ckptstore.interop.convert import diff
+
+    report = diff(args.a, args.b, storage_options=_options(args))
+    lines = [f"+ {n}" for n in report.added] + [f"- {n}" for n in report.removed]
+    lines += [f"~ {n}: {why}" for n, why in report.changed]
+    lines.append(f"{len(report.added)} added, {len(report.removed)} removed, "
+                 f"{len(report.changed)} changed, {report.same} unchanged")
+    _out(args, report.to_json(), "\n".join(lines))
+    return 0 if report.identical else 1
+
+
+def _diff_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="checkpoint A")
+    p.add_argument("b", help="checkpoint B")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    _storage_option(p)
+
+
+_diff.arguments = _diff_args  # type: ignore[attr-defined]

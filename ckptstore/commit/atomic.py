@@ -1,0 +1,173 @@
+"""The one atomic-write path, and the create-only manifest commit.
+
+POSIX strategy: write to a temp name in the same directory, fsync, rename (or link
+for create-only), fsync the directory; the temp file is removed on any exception.
+Object-store strategy: there is no rename, so data objects are uploaded under their
+final names (they are invisible to readers until a manifest names them) and the
+manifest object is created last with a create-only precondition.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterable
+
+from ckptstore.storage.base import Storage, WriteHandle
+
+log = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".tmp-"
+
+
+def temp_name(name: str) -> str:
+    """A unique temp name in the same directory as ``name``."""
+    head, _, tail = name.rpartition("/")
+    tmp = f"{TEMP_PREFIX}{tail}.{os.getpid()}.{secrets.token_hex(4)}"
+    return f"{head}/{tmp}" if head else tmp
+
+
+def is_temp_name(name: str) -> bool:
+    return name.rpartition("/")[2].startswith(TEMP_PREFIX)
+
+
+class AtomicFile:
+    """Context manager: ``with AtomicFile(storage, name) as f: f.write(...)``.
+
+    On a clean exit the file is durable under ``name``; on an exception nothing
+    appears under ``name`` and the temp file is removed.
+    """
+
+    def __init__(self, storage: Storage, name: str, *, exclusive: bool = False) -> None:
+        self.storage = storage
+        self.name = name
+        self.exclusive = exclusive
+        self.posix = storage.capabilities.rename
+        self.target = temp_name(name) if self.posix else name
+        self.handle: WriteHandle | None = None
+        self.size = 0
+
+    def __enter__(self) -> "AtomicFile":
+        try:
+            self.handle = self.storage.open_write(self.target)
+        except BaseException:  # an open may fail after creating the file
+            if self.posix:
+                _quietly(lambda: self.storage.remove(self.target))
+            raise
+        return self
+
+    def write(self, data: memoryview | bytes) -> int:
+        assert self.handle is not None
+        n = self.handle.write(data)
+        self.size += n
+        return n
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        h, self.handle = self.handle, None
+        if exc_type is not None:
+            _quietly(h.abort)
+            if self.posix:
+                _quietly(lambda: self.storage.remove(self.target))
+            return
+        try:
+            h.fsync()  # a failed fsync aborts the save: never retried and trusted
+            h.close()
+            if self.posix:
+                if self.exclusive:
+                    self.storage.link_exclusive(self.target, self.name)
+                else:
+                    self.storage.rename(self.target, self.name)
+                self.storage.fsync_dir()
+        except BaseException:
+            _quietly(h.abort)
+            if self.posix:
+                _quietly(lambda: self.storage.remove(self.target))
+            raise
+
+
+def atomic_write(storage: Storage, name: str, chunks: Iterable[bytes | memoryview],
+                 *, exclusive: bool = False) -> int:
+    """Write ``chunks`` durably and atomically to ``name``; returns the size.
+
+    With ``exclusive=True`` an existing ``name`` is never replaced
+    (``FileExistsError``); on object stores this is the create-only precondition.
+    """
+    if exclusive and not storage.capabilities.rename:
+        data = b"".join(bytes(c) for c in chunks)
+        storage.put_exclusive(name, data)
+        return len(data)
+    with AtomicFile(storage, name, exclusive=exclusive) as f:
+        for c in chunks:
+            f.write(c)
+    return f.size
+
+
+def _quietly(fn) -> None:
+    try:
+        fn()
+    except Exception:  # cleanup must not mask the original error
+        pass
+
+
+def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False) -> bytes:
+    """Write ``manifest`` last: this is the commit. Returns the bytes written.
+
+    Create-only unless ``overwrite``: a manifest already in place (another writer of
+    the same path won) raises CheckpointExistsError and this save is discarded. With
+    ``overwrite`` the previous manifest is replaced atomically and only then are its
+    data files that the new one does not name removed: never files of another step,
+    and never files that a sibling step saved incrementally on top of it still reads.
+    """
+    from ckptstore.errors import CheckpointExistsError
+    from ckptstore.manifest import schema as fmt
+
+    data = fmt.encode(manifest)
+    old = None
+    if overwrite and storage.exists(fmt.MANIFEST_NAME):
+        try:
+            old = fmt.decode(storage.read(fmt.MANIFEST_NAME))
+        except (OSError, ValueError):  # unreadable: replace it, remove nothing
+            old = None
+        atomic_write(storage, fmt.MANIFEST_NAME, [data])
+    else:
+        try:
+            atomic_write(storage, fmt.MANIFEST_NAME, [data], exclusive=True)
+        except FileExistsError:
+            raise CheckpointExistsError(
+                f"another writer committed {storage.url} first; this save was discarded") from None
+    if old is not None:
+        keep = {f.name for f in manifest.files if f.base is None}
+        gone = [f.name for f in old.files if f.base is None and f.name not in keep]
+        if gone:
+            keep |= referenced_by_siblings(storage)
+        for name in gone:
+            if name not in keep:
+                storage.remove(name)
+    return data
+
+
+def referenced_by_siblings(storage: Storage) -> set[str]:
+    """Names of this checkpoint's files that committed sibling checkpoints read
+    through ``FileRecord.base`` (steps saved incrementally on top of this one).
+    A sibling whose manifest cannot be read is skipped: it is not committed."""
+    from ckptstore.errors import CkptError
+    from ckptstore.read.reader import read_manifest
+
+    me = storage.url.rstrip("/").rpartition("/")[2]
+    try:
+        parent = storage.parent()
+        entries = parent.listdir()
+    except (OSError, ValueError, CkptError) as e:
+        log.warning("cannot list the siblings of %s (%s); assuming none reads its files",
+                    storage.url, e)
+        return set()
+    out: set[str] = set()
+    for entry in entries:
+        if entry == me:
+            continue
+        try:
+            m = read_manifest(parent.child(entry))
+        except (OSError, ValueError, CkptError):
+            continue
+        out.update(f.name for f in m.files if f.base == me)
+    return out

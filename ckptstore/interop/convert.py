@@ -1,0 +1,388 @@
+"""Import, export and diff: ckptstore <-> plain safetensors, torch.save files, DCP.
+
+* :func:`export_safetensors` writes the tensors of a checkpoint (weights only) as one
+  plain safetensors file, for inference and the Hugging Face ecosystem.
+* :func:`import_checkpoint` turns a ``.safetensors`` file, a ``torch.save`` file or a
+  ``torch.distributed.checkpoint`` directory into a ckptstore checkpoint. Nothing is
+  ever unpickled freely: torch.save files go through ``torch.load(weights_only=True)``,
+  DCP's pickled ``.metadata`` through an allow-list of DCP's own record classes, and
+  DCP's non-tensor items through ``weights_only=True`` as well. Anything else is
+  refused with :class:`UnsafeCheckpointError` before any of it runs.
+* :func:`diff` compares two checkpoints by name, type and content digest, so
+  unchanged tensors compare without reading their data.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore.commit.atomic import atomic_write
+from ckptstore.errors import (
+    CheckpointNotFoundError,
+    CkptError,
+    CorruptCheckpointError,
+    UnsafeCheckpointError,
+    UnsupportedTypeError,
+)
+from ckptstore.read.lazy import KeySpec, TensorInfo, key_filter, open as open_lazy
+from ckptstore.storage import open_storage
+from ckptstore.storage.base import check_name
+
+log = logging.getLogger(__name__)
+
+
+# -- export -------------------------------------------------------------------
+
+def export_safetensors(path: "str | os.PathLike", out: "str | os.PathLike", *,
+                       keys: KeySpec = None, strip_prefix: str | None = None,
+                       verify: bool = True, storage_options: dict | None = None) -> list[str]:
+    """Write the torch tensors of checkpoint ``path`` to the safetensors file ``out``.
+
+    ``keys`` selects names or prefixes (e.g. ``"model."``); ``strip_prefix`` removes
+    a prefix from the written names (``"model."`` gives plain state_dict names; keys
+    without it are skipped). Non-tensor values and numpy arrays are not weights and
+    are left out. Returns the written names. The file is written atomically.
+    """
+    from safetensors.torch import save as st_save
+
+    ckpt = open_lazy(path, verify=verify, storage_options=storage_options)
+    pick = key_filter(keys)
+    names = [n for n in ckpt if (pick is None or pick(n)) and ckpt.info(n).kind == "torch"]
+    if strip_prefix:
+        names = [n for n in names if n.startswith(strip_prefix)]
+    wanted = set(names)
+    flat = ckpt.flat(wanted.__contains__)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for n in names:
+        t = flat[n]
+        if id(t) in seen:  # an alias (tied weights): safetensors stores each name's own copy
+            t = t.clone()
+        seen.add(id(t))
+        tensors[n[len(strip_prefix):] if strip_prefix else n] = t
+    try:
+        data = st_save(tensors, metadata={"format": "pt", "exported_by": "ckptstore"})
+    except (TypeError, ValueError, KeyError) as e:
+        raise UnsupportedTypeError(f"safetensors cannot store these tensors: {e}") from None
+    folder, name = _split(os.fspath(out))
+    storage = open_storage(folder, storage_options)
+    storage.makedirs()
+    atomic_write(storage, name, [data])
+    return list(tensors)
+
+
+def _split(out: str) -> tuple[str, str]:
+    if "://" in out:
+        folder, _, name = out.rstrip("/").rpartition("/")
+        return folder, name
+    folder, name = os.path.split(os.path.abspath(out))
+    return folder, name
+
+
+# -- import -------------------------------------------------------------------
+
+def import_checkpoint(src: "str | os.PathLike", dest: "str | os.PathLike", *,
+                      compression: str = "zstd", overwrite: bool = False,
+                      storage_options: dict | None = None) -> Any:
+    """Convert ``src`` (a ``.safetensors`` file, a ``torch.save`` file or a DCP
+    directory, all local) into a committed ckptstore checkpoint at ``dest``.
+
+    Returns the save's result. Raises :class:`UnsafeCheckpointError` for a file that
+    would need arbitrary unpickling (nothing in it is executed).
+    """
+    from ckptstore.api.save import save
+
+    state = read_foreign(src)
+    handle = save(state, dest, compression=compression, overwrite=overwrite,
+                  storage_options=storage_options)
+    return handle.wait()
+
+
+def read_foreign(src: "str | os.PathLike") -> Any:
+    """Load a foreign checkpoint into a state tree, without arbitrary unpickling."""
+    src = os.fspath(src)
+    if os.path.isdir(src):
+        if not os.path.isfile(os.path.join(src, ".metadata")):
+            raise CheckpointNotFoundError(f"{src} is a directory without a DCP .metadata file")
+        return read_dcp(src)
+    if not os.path.isfile(src):
+        raise CheckpointNotFoundError(f"{src} does not exist")
+    with open(src, "rb") as f:
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20):
+        return read_safetensors(src)
+    return read_torch_save(src)
+
+
+def read_safetensors(src: str) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(src)
+    except SafetensorError as e:
+        raise CorruptCheckpointError(f"{src} is not a valid safetensors file: {e}") from None
+
+
+def read_torch_save(src: str) -> Any:
+    """``torch.load(weights_only=True)``: tensors, containers and plain values only."""
+    try:
+        return torch.load(src, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UnsafeCheckpointError(
+            f"{src} cannot be loaded with torch.load(weights_only=True): it needs arbitrary "
+            "unpickling, which could run code, so ckptstore refuses it. If you trust the file, "
+            "load it yourself, convert the objects to tensors and plain values, and save that "
+            f"({_pickle_reason(e)})") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as e:
+        raise CorruptCheckpointError(f"{src} is not a readable torch.save file: {e}") from None
+
+
+def _pickle_reason(e: BaseException) -> str:
+    """The line of torch's weights_only refusal that names the offending global
+    (the rest of its message explains how to load the file unsafely)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for ln in lines:
+        if "Unsupported global" in ln or "WeightsUnpickler error" in ln:
+            return ln.split(" Please use")[0]  # not advice to allow-list it
+    return lines[-1] if lines else type(e).__name__
+
+
+# -- DCP ----------------------------------------------------------------------
+
+#: the only globals a DCP ``.metadata`` pickle may name: DCP's own plain records
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "BytesStorageMetadata", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_GLOBALS.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(
+            f"DCP .metadata names {module}.{name}, which is not one of DCP's metadata records; "
+            "ckptstore does not unpickle arbitrary objects, so it refuses this checkpoint")
+
+
+def read_dcp_metadata(src: str) -> Any:
+    """Unpickle ``src/.metadata`` with only DCP's record classes allowed."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    try:
+        with open(os.path.join(src, ".metadata"), "rb") as f:
+            md = _MetadataUnpickler(f).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # a damaged pickle raises almost anything
+        raise CorruptCheckpointError(f"{src}/.metadata is not a valid DCP metadata file: {e}") from None
+    if not isinstance(md, Metadata):
+        raise CorruptCheckpointError(f"{src}/.metadata holds a {type(md).__name__}, not DCP Metadata")
+    return md
+
+
+def read_dcp(src: str) -> Any:
+    """Read a DCP checkpoint directory into a (nested, when DCP recorded how) state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+
+    md = read_dcp_metadata(src)
+    budget = _dcp_budget(src, md)
+    state: dict[str, Any] = {}
+    total = 0
+    for fqn, item in md.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            dtype = item.properties.dtype
+            if not isinstance(dtype, torch.dtype) or len(item.size) > 64:
+                raise UnsafeCheckpointError(f"DCP entry {fqn!r} has a malformed tensor description")
+            total += math.prod(item.size) * dtype.itemsize
+            if total > budget:
+                raise UnsafeCheckpointError(f"DCP metadata asks for more tensor bytes ({total}) "
+                                            f"than the checkpoint's files could hold ({budget})")
+            state[fqn] = torch.empty(tuple(item.size), dtype=dtype)
+        elif isinstance(item, BytesStorageMetadata):
+            state[fqn] = None  # filled by the planner below
+        else:
+            raise CorruptCheckpointError(f"DCP entry {fqn!r} has unknown metadata {type(item).__name__}")
+
+    class _Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            return md
+
+    class _Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            # DCP's own planner unpickles these with weights_only=False
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise UnsafeCheckpointError(
+                    f"DCP item {read_item.dest_index.fqn!r} needs arbitrary unpickling; "
+                    f"refused ({_pickle_reason(e)})") from None
+            # dcp.load hands the planner a shallow copy of ``state``: keep our own
+            byte_items[read_item.dest_index.fqn] = obj
+
+    byte_items: dict[str, Any] = {}
+    try:
+        dcp.load(state, storage_reader=_Reader(src), planner=_Planner(flatten_state_dict=False))
+    except CheckpointException as e:
+        # DCP gathers per-rank failures; ours (refusals, damage) keep their own type
+        for err in getattr(e, "failures", {}).values():
+            err = err[0] if isinstance(err, tuple) else err  # (exception, traceback) pairs
+            if isinstance(err, CkptError):
+                raise err from None
+        raise CorruptCheckpointError(f"DCP could not read {src}: {e}") from None
+    missing = [k for k, v in state.items() if v is None and k not in byte_items]
+    if missing:
+        raise CorruptCheckpointError(f"DCP checkpoint {src} did not provide {missing}")
+    state.update(byte_items)
+    return _nest(state, md.planner_data)
+
+
+def _dcp_budget(src: str, md: Any) -> int:
+    """Bound on tensor bytes a DCP directory can hold (guards absurd metadata), and
+    check that every data file it names stays inside the directory."""
+    transformed = False
+    for info in (md.storage_data or {}).values():
+        rel = getattr(info, "relative_path", None)
+        if not isinstance(rel, str):
+            raise UnsafeCheckpointError("DCP metadata names a data file that is not a string")
+        check_name(rel)
+        transformed |= bool(getattr(info, "transform_descriptors", None))
+    size = sum(os.path.getsize(os.path.join(src, n)) for n in os.listdir(src)
+               if os.path.isfile(os.path.join(src, n)))
+    # compressed (transformed) items may expand; raw ones cannot exceed the files
+    return size * (64 if transformed else 1) + (1 << 20)
+
+
+def _nest(flat: dict[str, Any], planner_data: Any) -> Any:
+    """Rebuild nesting from DCP's flatten mapping {fqn: path} the way DCP itself does
+    (``set_element``: int path keys are list positions); flat when there is none."""
+    from torch.distributed.checkpoint._traverse import set_element
+
+    if not isinstance(planner_data, dict) or set(planner_data) != set(flat):
+        return flat
+    out: dict[Any, Any] = {}
+    for fqn, value in flat.items():
+        path = planner_data[fqn]
+        if not isinstance(path, tuple) or not path or not isinstance(path[0], str) or not all(
+                type(k) in (str, int) and (type(k) is str or 0 <= k < 1 << 20) for k in path):
+            return flat
+        set_element(out, path, value)
+    return out
+
+
+# -- diff ---------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DiffReport:
+    """Keys added in B, removed from A, changed between them; ``same`` counts the rest."""
+
+    added: tuple = ()
+    removed: tuple = ()
+    changed: tuple = ()  #: (name, why) pairs
+    same: int = 0
+
+    @property
+    def identical(self) -> bool:
+        return not (self.added or self.removed or self.changed)
+
+    def to_json(self) -> dict:
+        return {"identical": self.identical, "added": list(self.added),
+                "removed": list(self.removed),
+                "changed": [{"name": n, "why": w} for n, w in self.changed], "same": self.same}
+
+
+def diff(a: "str | os.PathLike", b: "str | os.PathLike", *, verify: bool = True,
+         storage_options: dict | None = None) -> DiffReport:
+    """Compare checkpoints ``a`` and ``b`` leaf by leaf.
+
+    Tensors compare by kind, dtype, shape and content digest (no data is read). The
+    digest depends on the chunk size, so when the two were saved with different
+    chunk sizes tensors of equal type are read and compared byte for byte.
+    """
+    ca = open_lazy(a, verify=verify, storage_options=storage_options)
+    cb = open_lazy(b, verify=verify, storage_options=storage_options)
+    va, vb = ca.values_skeleton(), cb.values_skeleton()
+    same_chunking = ca.manifest.chunk_size == cb.manifest.chunk_size
+    added = tuple(n for n in vb if n not in va)
+    removed = tuple(n for n in va if n not in vb)
+    changed = []
+    same = 0
+    for name in va:
+        if name not in vb:
+            continue
+        x, y = va[name], vb[name]
+        if isinstance(x, TensorInfo) and isinstance(y, TensorInfo):
+            why = _tensor_diff(x, y)
+            if why is None and x.digest != y.digest:
+                if same_chunking:
+                    why = "content differs"
+                elif not _same_bytes(ca[name], cb[name]):
+                    why = "content differs"
+        elif isinstance(x, TensorInfo) or isinstance(y, TensorInfo):
+            why = f"{_kind(x)} in A, {_kind(y)} in B"
+        else:
+            why = None if _same_value(x, y) else f"{_short(x)} -> {_short(y)}"
+        if why:
+            changed.append((name, why))
+        else:
+            same += 1
+    return DiffReport(added, removed, tuple(changed), same)
+
+
+def _tensor_diff(x: TensorInfo, y: TensorInfo) -> str | None:
+    if x.kind != y.kind:
+        return f"{x.kind} array in A, {y.kind} array in B"
+    if x.dtype != y.dtype:
+        return f"dtype {x.dtype} -> {y.dtype}"
+    if tuple(x.shape) != tuple(y.shape):
+        return f"shape {list(x.shape)} -> {list(y.shape)}"
+    return None
+
+
+def _same_bytes(x: Any, y: Any) -> bool:
+    if isinstance(x, torch.Tensor):
+        x, y = x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)
+        return bool(torch.equal(x, y))
+    return np.ascontiguousarray(x).tobytes() == np.ascontiguousarray(y).tobytes()
+
+
+def _same_value(x: Any, y: Any) -> bool:
+    if type(x) is not type(y):
+        return False
+    if isinstance(x, np.generic):
+        return x.dtype == y.dtype and x.tobytes() == y.tobytes()
+    if isinstance(x, float):
+        return x == y or (x != x and y != y)
+    return bool(x == y)
+
+
+def _kind(v: Any) -> str:
+    return f"a {v.kind} array" if isinstance(v, TensorInfo) else f"a {type(v).__name__}"
+
+
+def _short(v: Any) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+__all__ = ["DiffReport", "diff", "export_safetensors", "import_checkpoint", "read_foreign"]

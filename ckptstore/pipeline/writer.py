@@ -1,0 +1,236 @@
+"""Writer processes: staged bytes -> chunks -> encode -> hash -> durable file.
+
+The pool is spawned (never forked: the parent may hold CUDA state), started once and
+reused. Each job writes one complete file through :class:`ckptstore.commit.AtomicFile`
+and returns the chunk records; the parent writes the manifest after every job of a
+save has succeeded. Workers exit when their parent dies (a watchdog polls the parent
+pid), so a SIGKILLed trainer leaves no orphans.
+
+Pipeline state machine of one job::
+
+    ATTACH (map arena) -> OPEN temp -> [HEADER] -> for each chunk: ENCODE -> HASH -> WRITE
+    -> FSYNC -> RENAME -> FSYNC DIR -> DONE          (any error: temp removed, raised)
+
+This module must not import torch: writers stay small and start fast.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import logging
+import mmap
+import multiprocessing as mp
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from ckptstore.commit.atomic import AtomicFile
+from ckptstore.pipeline import codec
+from ckptstore.storage.base import Storage
+
+log = logging.getLogger("ckptstore.writer")
+
+
+@dataclass(frozen=True, slots=True)
+class ArenaRef:
+    """How a writer process attaches to the staging arena."""
+
+    path: str
+    size: int
+    token: str
+
+
+@dataclass(frozen=True, slots=True)
+class PieceJob:
+    tensor: int
+    first_chunk: int
+    arena_offset: int
+    length: int
+    group: int
+    #: raw hashes of this piece's chunks in the base checkpoint (incremental saves):
+    #: a chunk whose bytes hash the same is not written again
+    prev: tuple | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileJob:
+    """Everything a writer needs to produce one file."""
+
+    storage: Storage
+    name: str
+    header: bytes
+    arena: ArenaRef
+    pieces: tuple
+    chunk_size: int
+    codec: str
+    level: int
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkResult:
+    tensor: int
+    index: int
+    offset: int
+    length: int
+    raw_length: int
+    group: int
+    planes: tuple
+    hash: str
+    raw_hash: str
+    reused: bool = False  #: identical to the base checkpoint's chunk; not written
+
+
+@dataclass(frozen=True, slots=True)
+class FileResult:
+    name: str
+    size: int
+    chunks: tuple
+
+
+_maps: dict[str, tuple[ArenaRef, mmap.mmap]] = {}
+
+
+def _attach(ref: ArenaRef) -> memoryview:
+    hit = _maps.get(ref.path)
+    if hit is None or hit[0] != ref:
+        if hit is not None:
+            try:
+                hit[1].close()
+            except BufferError:
+                pass
+        fd = os.open(ref.path, os.O_RDONLY)
+        try:
+            mm = mmap.mmap(fd, ref.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        _maps[ref.path] = (ref, mm)
+        hit = _maps[ref.path]
+    return memoryview(hit[1])
+
+
+def write_file(job: FileJob) -> FileResult:
+    """Write one file (runs in a writer process)."""
+    arena = _attach(job.arena)
+    results = []
+    with AtomicFile(job.storage, job.name) as f:
+        if job.header:
+            f.write(job.header)
+        pos = len(job.header)
+        for piece in job.pieces:
+            staged = arena[piece.arena_offset:piece.arena_offset + piece.length]
+            if job.codec == "raw" and piece.length:
+                f.write(staged)  # one large write; chunks are hashed from the same memory
+            for i, start in enumerate(range(0, piece.length, job.chunk_size)):
+                raw = staged[start:start + job.chunk_size]
+                if piece.prev is not None and i < len(piece.prev) and job.codec != "raw":
+                    h = codec.hash_bytes(raw)
+                    if h == piece.prev[i]:
+                        results.append(ChunkResult(piece.tensor, piece.first_chunk + i, 0, 0,
+                                                   len(raw), piece.group, (), "", h, True))
+                        continue
+                enc = codec.encode_chunk(raw, piece.group, job.codec, job.level)
+                if job.codec != "raw":
+                    for _, data in enc.planes:
+                        f.write(data)
+                results.append(ChunkResult(
+                    piece.tensor, piece.first_chunk + i, pos, enc.length, len(raw), enc.group,
+                    tuple((c, len(d)) for c, d in enc.planes), enc.hash, enc.raw_hash))
+                pos += enc.length
+            del staged
+    del arena
+    return FileResult(job.name, pos, tuple(results))
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+def _watch_parent(ppid: int) -> None:
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != ppid:
+            os._exit(1)
+
+
+def _init_worker(ppid: int) -> None:
+    threading.Thread(target=_watch_parent, args=(ppid,), daemon=True,
+                     name="ckptstore-parent-watch").start()
+
+
+def default_workers() -> int:
+    env = os.environ.get("CKPTSTORE_WRITERS")
+    if env:
+        return max(1, int(env))
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+_prep_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _without_main_module():
+    """Spawn children without importing the parent's ``__main__`` module."""
+    import multiprocessing.spawn as spawn
+
+    with _prep_lock:
+        orig = spawn.get_preparation_data
+
+        def prep(name: str) -> dict:
+            d = orig(name)
+            d.pop("init_main_from_path", None)
+            d.pop("init_main_from_name", None)
+            return d
+
+        spawn.get_preparation_data = prep
+        try:
+            yield
+        finally:
+            spawn.get_preparation_data = orig
+
+
+class WriterPool:
+    """A lazily started, reusable pool of spawned writer processes."""
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or default_workers()
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> cf.ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                ctx = mp.get_context("spawn")
+                pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx,
+                                              initializer=_init_worker, initargs=(os.getpid(),))
+                # Start every worker now, so the first save does not pay for it, and
+                # without re-running the user's __main__ (a training script that
+                # lacks an `if __name__ == "__main__"` guard must not train twice).
+                with _without_main_module():
+                    futures = [pool.submit(_ping) for _ in range(self.workers)]
+                for f in futures:
+                    f.result()
+                self._pool = pool
+            return self._pool
+
+    def start_async(self) -> None:
+        """Start the writers in the background (e.g. while the first save stages)."""
+        if self._pool is None and not self._lock.locked():
+            threading.Thread(target=self.get, name="ckptstore-writer-start", daemon=True).start()
+
+    def pids(self) -> list[int]:
+        pool = self._pool
+        return list(pool._processes) if pool is not None else []  # type: ignore[attr-defined]
+
+    def reset(self) -> None:
+        """Drop a broken pool (a worker died); the next save starts a new one."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)

@@ -1,0 +1,207 @@
+"""``load(..., into=...)``: copy a loaded tree into existing tensors and containers."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore.errors import StrictLoadError
+from ckptstore.plan.keymap import RenameSpec, rename_names
+from ckptstore.plan.tree import path_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadReport:
+    """What ``load(into=...)`` did with each key (names are '.'-joined paths).
+
+    ``loaded``, ``missing`` and ``mismatched`` use the target's names; ``unexpected``
+    uses the checkpoint's own names (before renaming), since those are what a rename
+    rule has to match; ``renamed`` holds the ``(checkpoint name, target name)`` pairs
+    that rename rules changed.
+    """
+
+    loaded: tuple = ()
+    missing: tuple = ()  #: in ``into`` but not in the checkpoint
+    unexpected: tuple = ()  #: in the checkpoint but not in ``into``
+    mismatched: tuple = ()  #: (key, why) pairs: shape or dtype differ
+    renamed: tuple = field(default=())  #: (old, new) pairs applied by rename rules
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int | None = 20) -> str:
+        """One line per category; at most ``limit`` names each (None: all of them)."""
+        def cut(items: list) -> tuple[list, str]:
+            if limit is None or len(items) <= limit:
+                return items, ""
+            return items[:limit], f" ... and {len(items) - limit} more"
+
+        parts = [f"{len(self.loaded)} loaded"]
+        for label, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if items:
+                shown, more = cut(list(items))
+                parts.append(f"{len(items)} {label}: {', '.join(shown)}{more}")
+        if self.mismatched:
+            shown, more = cut(list(self.mismatched))
+            parts.append(f"{len(self.mismatched)} mismatched: "
+                         + "; ".join(f"{k} ({why})" for k, why in shown) + more)
+        if self.renamed:
+            shown, more = cut(list(self.renamed))
+            parts.append(f"{len(self.renamed)} renamed: "
+                         + ", ".join(f"{a} -> {b}" for a, b in shown) + more)
+        return ", ".join(parts)
+
+
+def leaves_of(tree: Any, path: tuple = ()) -> dict[str, tuple[Any, Any, Any]]:
+    """Flatten containers to {name: (value, parent container, key in parent)}."""
+    out: dict[str, tuple[Any, Any, Any]] = {}
+
+    def walk(node: Any, path: tuple, parent: Any, key: Any) -> None:
+        if isinstance(node, torch.nn.Module):
+            # state_dict() tensors share storage with the parameters: copy_ fills the model
+            node = node.state_dict()
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,), node, k)
+        elif isinstance(node, (list, tuple)) and not isinstance(node, torch.Size):
+            for i, v in enumerate(node):
+                walk(v, path + (i,), node, i)
+        else:
+            out[path_name(path)] = (node, parent, key)
+
+    walk(tree, path, None, None)
+    return out
+
+
+def _compare(src: Any, dst: Any, cast: bool) -> str | None:
+    if isinstance(dst, torch.Tensor):
+        if not isinstance(src, (torch.Tensor, np.ndarray)):
+            return f"checkpoint holds a {type(src).__name__}, not a tensor"
+        src_shape = tuple(src.shape)
+        if src_shape != tuple(dst.shape):
+            return f"shape {list(src_shape)} in checkpoint, {list(dst.shape)} here"
+        src_dtype = src.dtype if isinstance(src, torch.Tensor) else None
+        if src_dtype is not None and src_dtype != dst.dtype and not cast:
+            return f"dtype {src_dtype} in checkpoint, {dst.dtype} here (pass cast=True to convert)"
+        return None
+    if isinstance(dst, np.ndarray):
+        if not isinstance(src, np.ndarray) or src.shape != dst.shape:
+            return "shape or type differs"
+        if src.dtype != dst.dtype and not cast:
+            return f"dtype {src.dtype} in checkpoint, {dst.dtype} here"
+    return None
+
+
+def apply_into(state: Any, into: Any, *, strict: bool = True, cast: bool = False,
+               rename: RenameSpec = None,
+               target_filter: Callable[[str], bool] | None = None) -> LoadReport:
+    """Copy ``state`` into ``into``; nothing is modified if strict checks fail.
+
+    ``rename`` maps the checkpoint's names onto the target's (see
+    :mod:`ckptstore.rename`). ``target_filter`` limits the load to the target keys it
+    accepts (partial loads): other keys are neither loaded nor reported missing.
+    With ``strict=False`` whatever matches is loaded and a report that is not clean is
+    logged as a warning; shape mismatches are never loaded, dtype differences only
+    with ``cast=True``.
+    """
+    src_leaves = {k: v[0] for k, v in leaves_of(state).items()}
+    mapping, renamed = rename_names(src_leaves, rename)
+    src = {new: src_leaves[old] for old, new in mapping.items()}
+    dst = leaves_of(into)
+    if target_filter is not None:
+        dst = {k: v for k, v in dst.items() if target_filter(k)}
+    loaded: list = []
+    missing: list = []
+    mismatched: list = []
+    actions = []
+    for name, (value, parent, key) in dst.items():
+        if name not in src:
+            missing.append(name)
+            continue
+        why = _compare(src[name], value, cast)
+        if why:
+            mismatched.append((name, why))
+            continue
+        actions.append((name, value, parent, key))
+    unexpected = [old for old, new in mapping.items() if new not in dst]
+    report = LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), renamed)
+    if strict and not report.ok:
+        raise StrictLoadError("checkpoint does not match the target (pass strict=False to load "
+                              f"what matches, or rename= rules): {report.summary(limit=None)}",
+                              report)
+    with torch.no_grad():
+        for name, value, parent, key in actions:
+            s = src[name]
+            if isinstance(value, torch.Tensor):
+                s = torch.from_numpy(s) if isinstance(s, np.ndarray) else s
+                value.copy_(s.to(dtype=value.dtype) if cast else s)
+            elif isinstance(value, np.ndarray):
+                np.copyto(value, s, casting="unsafe" if cast else "no")
+            elif isinstance(parent, (dict, list)):
+                parent[key] = s
+            elif parent is not None and value != s:
+                mismatched.append((name, "cannot replace a value inside a tuple"))
+                continue
+            loaded.append(name)
+    report = LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), renamed)
+    if not report.ok:
+        log.warning("partial load: %s", report.summary())
+    return report
+
+
+def rename_tree(state: Any, rename: RenameSpec) -> tuple[Any, tuple]:
+    """Rename the keys of ``state`` without a target (``load(path, rename=...)``).
+
+    A rule may change a leaf's key inside its own dict (the state_dict case:
+    ``model.encoder.0.weight`` -> ``model.backbone.0.weight`` renames the key
+    ``encoder.0.weight`` of the ``model`` dict). Moving a leaf to another container
+    is ambiguous without a target and raises ValueError: load with ``into=`` instead.
+    A rule that returns None drops the leaf. Returns (new tree, renamed pairs).
+    """
+    leaves = leaves_of(state)
+    mapping, renamed = rename_names(leaves, rename)
+    if not renamed and len(mapping) == len(leaves):
+        return state, renamed
+    new_keys: dict[int, dict] = {}  # id(parent dict) -> {old key: new key or None}
+    for name, (_value, parent, key) in leaves.items():
+        new = mapping.get(name)
+        if new == name:
+            continue
+        if not isinstance(parent, dict):
+            raise ValueError(f"rename of {name!r} needs to change a list or tuple position; "
+                             "load with into= to rename it")
+        if new is None:
+            new_keys.setdefault(id(parent), {})[key] = None
+            continue
+        prefix = name[:len(name) - len(str(key))]
+        if not (isinstance(key, str) and new.startswith(prefix) and len(new) > len(prefix)):
+            raise ValueError(f"rename of {name!r} to {new!r} moves it out of its container "
+                             f"{prefix.rstrip('.') or '<root>'!r}; load with into= to rename it")
+        new_keys.setdefault(id(parent), {})[key] = new[len(prefix):]
+    return _rebuild(state, new_keys), renamed
+
+
+def _rebuild(node: Any, new_keys: dict[int, dict]) -> Any:
+    if isinstance(node, dict):
+        changes = new_keys.get(id(node), {})
+        out = type(node)()
+        for k, v in node.items():
+            nk = changes.get(k, k)
+            if k in changes and nk is None:
+                continue
+            if nk in out:
+                raise ValueError(f"rename gives two entries the key {nk!r}")
+            out[nk] = _rebuild(v, new_keys)
+        return out
+    if isinstance(node, list):
+        return [_rebuild(v, new_keys) for v in node]
+    if isinstance(node, tuple) and not isinstance(node, torch.Size):
+        return tuple(_rebuild(v, new_keys) for v in node)
+    return node

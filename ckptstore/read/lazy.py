@@ -1,0 +1,222 @@
+"""Lazy and partial reads: ``ckptstore.open(path)`` and ``load(path, keys=...)``.
+
+Opening reads only the manifest. The state tree is rebuilt with a placeholder per
+array leaf, which gives every leaf its '.'-joined name (aliases included) without
+touching tensor data; a tensor's chunks are read and verified when it is asked for.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Union
+
+from ckptstore.errors import CorruptCheckpointError, UnsupportedOperationError
+from ckptstore.manifest import schema as fmt
+from ckptstore.plan.keymap import RenameSpec, rename_names
+from ckptstore.plan.tree import path_name, unflatten
+from ckptstore.read.into import apply_into, leaves_of, rename_tree
+from ckptstore.read.reader import read_manifest, read_tensors
+from ckptstore.storage import Storage, open_storage
+
+KeySpec = Union[str, Iterable[str], Callable[[str], bool], None]
+
+
+@dataclass(frozen=True, slots=True)
+class TensorInfo:
+    """Metadata of one array leaf, known without reading its data."""
+
+    name: str
+    kind: str  #: "torch" or "numpy"
+    dtype: str
+    shape: tuple
+    nbytes: int
+    digest: str  #: content hash (xxh3-128 over the chunk hashes; depends on chunk_size)
+    index: int  #: position in the manifest's tensor table
+
+
+@dataclass(frozen=True, slots=True)
+class _Ref:
+    """Placeholder for array leaf ``index`` while the tree has no data yet."""
+
+    kind: str
+    index: int
+
+
+def key_filter(keys: KeySpec) -> Callable[[str], bool] | None:
+    """``keys`` as a predicate: exact names, or prefixes ending in '.'; a single
+    string is one name or prefix; a callable is used as is; None selects all."""
+    if keys is None:
+        return None
+    if callable(keys):
+        return keys
+    items = [keys] if isinstance(keys, str) else list(keys)
+    for k in items:
+        if not isinstance(k, str):
+            raise TypeError(f"keys must be names or prefixes (str), got {k!r}")
+    exact = set(items)
+    prefixes = tuple(k if k.endswith(".") else k + "." for k in items)
+    return lambda name: name in exact or name.startswith(prefixes)
+
+
+class LazyCheckpoint(Mapping):
+    """Read-only mapping name -> tensor (or numpy array) of a committed checkpoint.
+
+    Iterating and ``info(name)`` use only the manifest; ``ckpt[name]`` reads and
+    verifies that one tensor's chunks. Non-array values are in :meth:`tree`.
+    """
+
+    def __init__(self, storage: Storage, manifest: fmt.Manifest, *, verify: bool = True) -> None:
+        if any(getattr(t, "shards", ()) for t in manifest.tensors):
+            # a sharded tensor's chunks are its shards' bytes in turn, not its own
+            # C-order bytes: ckptstore.distributed reassembles those
+            raise UnsupportedOperationError(f"{storage.url} holds tensors saved sharded by several "
+                                      "ranks; lazy and partial reads do not support them yet, "
+                                      "use ckptstore.load")
+        self.storage = storage
+        self.manifest = manifest
+        self.verify = verify
+        self._skeleton = unflatten(manifest.tree, self._ref)
+        self._names: dict[str, int] = {}
+        for name, (value, _p, _k) in leaves_of(self._skeleton).items():
+            if isinstance(value, _Ref):
+                self._names[name] = value.index
+
+    def _ref(self, kind: str, i: Any) -> _Ref:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < len(self.manifest.tensors):
+            raise CorruptCheckpointError(f"state tree refers to tensor {i!r}, which does not exist")
+        want = "torch" if kind == "tensor" else "numpy"
+        if self.manifest.tensors[i].kind != want:
+            raise CorruptCheckpointError(f"state tree expects a {want} array for tensor {i}")
+        return _Ref(kind, i)
+
+    # -- Mapping --------------------------------------------------------------
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._names:
+            raise KeyError(f"{name!r} is not an array in {self.storage.url}")
+        i = self._names[name]
+        return read_tensors(self.storage, self.manifest, verify=self.verify,
+                            select=_indices(self.manifest, {i}))[i]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self) -> str:
+        return f"<ckptstore.LazyCheckpoint {self.storage.url} ({len(self)} arrays)>"
+
+    # -- metadata ---------------------------------------------------------------
+    def info(self, name: str) -> TensorInfo:
+        """Metadata of the array called ``name`` (no data is read)."""
+        if name not in self._names:
+            raise KeyError(f"{name!r} is not an array in {self.storage.url}")
+        i = self._names[name]
+        r = self.manifest.tensors[i]
+        return TensorInfo(name, r.kind, r.dtype, tuple(r.shape), r.nbytes, r.digest, i)
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {n: self.info(n) for n in self._names}
+
+    @property
+    def metadata(self) -> Any:
+        """The user metadata given to ``save(metadata=...)``."""
+        return self.manifest.metadata
+
+    def values_skeleton(self) -> dict[str, Any]:
+        """Every leaf by name: arrays as :class:`TensorInfo`, other values as they are."""
+        out = {}
+        for name, (value, _p, _k) in leaves_of(self._skeleton).items():
+            out[name] = self.info(name) if isinstance(value, _Ref) else value
+        return out
+
+    # -- reads ----------------------------------------------------------------
+    def tree(self, keys: KeySpec = None) -> Any:
+        """The state tree; with ``keys``, only the selected leaves (and the containers
+        that lead to them; unselected positions of a kept list or tuple hold None),
+        reading only their chunks."""
+        pick = key_filter(keys)
+        full = self._read(pick)
+        return full if pick is None else _prune(full, (), pick)
+
+    def flat(self, keys: KeySpec = None) -> dict[str, Any]:
+        """The selected leaves (all by default) as ``{name: value}``, arrays read."""
+        pick = key_filter(keys)
+        return {name: value for name, (value, _p, _k) in leaves_of(self._read(pick)).items()
+                if not isinstance(value, _Ref) and (pick is None or pick(name))}
+
+    def _read(self, pick: Callable[[str], bool] | None) -> Any:
+        """The tree with the picked arrays read and the others left as placeholders."""
+        wanted = {i for n, i in self._names.items() if pick is None or pick(n)}
+        arrays = read_tensors(self.storage, self.manifest, verify=self.verify,
+                              select=_indices(self.manifest, wanted))
+        return unflatten(self.manifest.tree,
+                         lambda kind, i: arrays[i] if i in arrays else self._ref(kind, i))
+
+
+def partial_load(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
+                 strict: bool = True, verify: bool = True, cast: bool = False,
+                 rename: RenameSpec = None, keys: KeySpec = None) -> Any:
+    """``load(path, rename=..., keys=...)``: see :func:`ckptstore.load`.
+
+    With ``into`` and ``keys``, the target keys taken into account are those the
+    selection reaches (the renamed selected names) and those that match ``keys``
+    themselves; other target keys are left alone and not reported missing.
+    """
+    ckpt = LazyCheckpoint(storage, manifest, verify=verify)
+    if into is None:
+        state = ckpt.tree(keys)
+        return state if rename is None else rename_tree(state, rename)[0]
+    flat = ckpt.flat(keys)  # '.'-joined names are the same flat or nested
+    target_filter = None
+    if keys is not None:
+        pick = key_filter(keys)
+        reached = set(rename_names(flat, rename)[0].values())
+        target_filter = lambda name: name in reached or pick(name)  # noqa: E731
+    return apply_into(flat, into, strict=strict, cast=cast, rename=rename,
+                      target_filter=target_filter)
+
+
+def _indices(manifest: fmt.Manifest, wanted: set[int]) -> Callable[[fmt.TensorRecord], bool]:
+    """read_tensors selects by record: match the manifest's own record objects."""
+    ids = {id(manifest.tensors[i]) for i in wanted}
+    return lambda rec: id(rec) in ids
+
+
+_DROP = object()
+
+
+def _prune(node: Any, path: tuple, pick: Callable[[str], bool]) -> Any:
+    if isinstance(node, dict):
+        out = type(node)()
+        for k, v in node.items():
+            sub = _prune(v, path + (k,), pick)
+            if sub is not _DROP:
+                out[k] = sub
+        return out if out or pick(path_name(path)) else _DROP
+    if isinstance(node, (list, tuple)):
+        # positions matter in sequences: unselected entries of a kept one become None
+        subs = [_prune(v, path + (i,), pick) for i, v in enumerate(node)]
+        if all(s is _DROP for s in subs):
+            return _DROP
+        items = [None if s is _DROP else s for s in subs]
+        return items if isinstance(node, list) else tuple(items)
+    if isinstance(node, _Ref):
+        return _DROP  # an array that was not selected (and so not read)
+    return node if pick(path_name(path)) else _DROP
+
+
+def open(path: "str | os.PathLike | Storage", *, verify: bool = True,  # noqa: A001
+         storage_options: dict | None = None) -> LazyCheckpoint:
+    """Open a committed checkpoint lazily: only the manifest is read now.
+
+    >>> ckpt = ckptstore.open("runs/step-1000")       # doctest: +SKIP
+    >>> ckpt.info("model.lm_head.weight").shape       # doctest: +SKIP
+    >>> w = ckpt["model.lm_head.weight"]              # reads just this tensor
+    """
+    storage = open_storage(path, storage_options)
+    return LazyCheckpoint(storage, read_manifest(storage), verify=verify)
+
+
+__all__ = ["open", "LazyCheckpoint", "TensorInfo", "key_filter"]

@@ -1,0 +1,202 @@
+"""Reading checkpoints: manifest, verified chunk reads, tensors, the state tree."""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from ckptstore.manifest import schema as fmt
+from ckptstore.pipeline.codec import decode_planes, hash_bytes
+from ckptstore.plan.tree import safe_numpy_dtype, torch_dtype
+from ckptstore.storage import Storage
+from ckptstore.storage.base import linked
+
+READ_THREADS = 4
+
+
+def read_manifest(storage: Storage, migrate: Callable | None = None) -> fmt.Manifest:
+    """Read and validate the manifest; CheckpointNotFoundError if there is none."""
+    try:
+        size = storage.size(fmt.MANIFEST_NAME)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {storage.url}: {fmt.MANIFEST_NAME} is missing (an "
+            "interrupted save never writes it; use ckptstore ls to list committed ones)") from None
+    if size > fmt.MAX_MANIFEST_BYTES:
+        raise UnsafeCheckpointError(f"{fmt.MANIFEST_NAME} is {size} bytes; refusing to read it")
+    if migrate is None:
+        try:
+            from ckptstore.manifest.migrations import migrate as migrate  # type: ignore[no-redef]
+        except ImportError:
+            migrate = None
+    return fmt.decode(storage.read(fmt.MANIFEST_NAME), migrate=migrate)
+
+
+def empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
+    """Allocate the output array for ``rec`` and a byte view of it."""
+    if rec.kind == "torch":
+        dtype = torch_dtype(rec.dtype)
+        if math.prod(rec.shape) * dtype.itemsize != rec.nbytes:
+            raise CorruptCheckpointError(f"tensor {rec.name!r}: {rec.nbytes} bytes do not fit "
+                                         f"shape {list(rec.shape)} of {rec.dtype}")
+        out = torch.empty(rec.shape, dtype=dtype)
+        if rec.nbytes == 0:
+            return out, memoryview(bytearray(0))
+        raw = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage(), 0, (rec.nbytes,), (1,))
+        return out, memoryview(raw.numpy())
+    dt = safe_numpy_dtype(rec.dtype)
+    if math.prod(rec.shape) * dt.itemsize != rec.nbytes:
+        raise CorruptCheckpointError(f"array {rec.name!r}: {rec.nbytes} bytes do not fit "
+                                     f"shape {list(rec.shape)} of {rec.dtype}")
+    arr = np.empty(rec.shape, dtype=dt)
+    return arr, memoryview(arr.reshape(-1).view(np.uint8))
+
+
+def read_chunk(storage: Storage, rec: fmt.TensorRecord, index: int, out: memoryview,
+               verify: bool) -> None:
+    """Read chunk ``index`` of ``rec`` into ``out`` (its raw bytes), verifying hashes.
+    An ``out`` of type :class:`Mapped` already holds the stored bytes: only verified."""
+    c = rec.chunks[index]
+    where = f"tensor {rec.name!r} chunk {index} ({c.file} bytes [{c.offset}, {c.offset + c.length}))"
+    if isinstance(out, Mapped):
+        if hash_bytes(out.view) != c.hash:
+            raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
+                                         [(rec.name, index)])
+        return
+    try:
+        if c.group == 1 and c.planes[0][0] == "raw":
+            n = storage.readinto(c.file, c.offset, out)
+            if n != c.length:
+                raise CorruptCheckpointError(f"{where}: file is truncated ({n} of {c.length} bytes)")
+            if verify and hash_bytes(out) != c.hash:
+                raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
+                                             [(rec.name, index)])
+            return
+        data = storage.read(c.file, c.offset, c.length)
+    except FileNotFoundError:
+        raise CorruptCheckpointError(f"{where}: file {c.file} is missing") from None
+    if len(data) != c.length:
+        raise CorruptCheckpointError(f"{where}: file is truncated ({len(data)} of {c.length} bytes)")
+    if verify and hash_bytes(data) != c.hash:
+        raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
+                                     [(rec.name, index)])
+    try:
+        decode_planes(memoryview(data), list(c.planes), c.group, out)
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(f"{where}: {e}", [(rec.name, index)]) from None
+    if verify and hash_bytes(out) != c.raw_hash:
+        raise CorruptCheckpointError(f"{where}: decoded bytes do not match their hash",
+                                     [(rec.name, index)])
+
+
+def check_headers(storage: Storage, manifest: fmt.Manifest, names: set[str]) -> None:
+    """Verify the safetensors header of each named file, and that its size is right."""
+    for f in manifest.files:
+        if f.name not in names:
+            continue
+        try:
+            size = storage.size(f.name)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(f"file {f.name} of {storage.url} is missing") from None
+        if size != f.size:
+            raise CorruptCheckpointError(f"file {f.name} is {size} bytes, the manifest says {f.size}")
+        if f.header_length and hash_bytes(storage.read(f.name, 0, f.header_length)) != f.header_hash:
+            raise CorruptCheckpointError(f"the safetensors header of {f.name} is damaged")
+
+
+def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = True,
+                 select: Callable[[fmt.TensorRecord], bool] | None = None,
+                 threads: int = READ_THREADS, mmap: bool = True) -> dict[int, Any]:
+    """Read (the selected) tensors; returns {tensor index: tensor or ndarray}.
+
+    With ``mmap`` (the default), uncompressed tensors of local files are mapped
+    copy-on-write instead of copied: no page faults on fresh memory, no copy out of
+    the page cache (as safetensors does). Their chunk hashes are still verified.
+    Other tensors are read into new memory."""
+    storage = linked(storage, manifest.files)  # incremental saves name older steps' files
+    wanted = [(i, r) for i, r in enumerate(manifest.tensors) if select is None or select(r)]
+    outs: dict[int, Any] = {}
+    jobs = []
+    if verify:
+        check_headers(storage, manifest, {c.file for _, r in wanted for c in r.chunks})
+    maps = _FileMaps(storage, manifest) if mmap else None
+    for i, rec in wanted:
+        mapped = maps.tensor(rec) if maps is not None else None
+        if mapped is not None:
+            outs[i] = mapped
+            if verify:
+                jobs.extend((rec, k, None) for k in range(len(rec.chunks)))
+            continue
+        arr, raw = empty_like_record(rec)
+        outs[i] = arr
+        pos = 0
+        for k, c in enumerate(rec.chunks):
+            jobs.append((rec, k, raw[pos:pos + c.raw_length]))
+            pos += c.raw_length
+    if maps is not None:
+        jobs = [(rec, k, maps.chunk_view(rec, k) if view is None else view)
+                for rec, k, view in jobs]
+    if threads <= 1 or len(jobs) <= 1:
+        for rec, k, view in jobs:
+            read_chunk(storage, rec, k, view, verify)
+        return outs
+    with cf.ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="ckptstore-read") as ex:
+        futs = [ex.submit(read_chunk, storage, rec, k, view, verify) for rec, k, view in jobs]
+        for f in futs:
+            f.result()
+    return outs
+
+
+@dataclass(frozen=True, slots=True)
+class Mapped:
+    """Stored bytes of a chunk, already in place in a mapped tensor."""
+
+    view: memoryview
+
+
+class _FileMaps:
+    """Copy-on-write maps of a checkpoint's local data files, one per file."""
+
+    def __init__(self, storage: Storage, manifest: fmt.Manifest) -> None:
+        self.storage = storage
+        self.sizes = {f.name: f.size for f in manifest.files}
+        self.maps: dict[str, Any] = {}
+
+    def _map(self, name: str) -> Any:
+        if name not in self.maps:
+            mm = self.storage.map_file(name)
+            # never map past the end: a shorter file would raise SIGBUS on access
+            self.maps[name] = mm if mm is not None and len(mm) == self.sizes.get(name) else None
+        return self.maps[name]
+
+    def tensor(self, rec: fmt.TensorRecord) -> "torch.Tensor | None":
+        """``rec`` as a tensor over its mapped file, or None if it must be read."""
+        if rec.kind != "torch" or not rec.chunks or not self.storage.capabilities.local_path:
+            return None
+        c0 = rec.chunks[0]
+        pos = c0.offset
+        for c in rec.chunks:
+            if c.file != c0.file or c.group != 1 or c.planes[0][0] != "raw" or c.offset != pos:
+                return None
+            pos += c.length
+        dtype = torch_dtype(rec.dtype)
+        n = math.prod(rec.shape)
+        if (n * dtype.itemsize != rec.nbytes or pos - c0.offset != rec.nbytes or n == 0
+                or c0.offset % max(dtype.itemsize, 1)):
+            return None  # misaligned for its dtype (or inconsistent): copy instead
+        mm = self._map(c0.file)
+        if mm is None or pos > len(mm):
+            return None
+        # its own storage starting at the tensor (some torch APIs, e.g. set_rng_state,
+        # read a tensor's storage from its start and ignore the view offset)
+        return torch.frombuffer(mm, dtype=dtype, count=n, offset=c0.offset).view(rec.shape)
+
+    def chunk_view(self, rec: fmt.TensorRecord, index: int) -> Mapped:
+        c = rec.chunks[index]
+        return Mapped(memoryview(self.maps[c.file])[c.offset:c.offset + c.length])
