@@ -417,8 +417,8 @@ class Checkpointer:
 
     def _promotion_pool(self) -> cf.Executor:
         if self._promoter is None:
-            proto = getattr(self.remote.root, "protocol", "file")  # type: ignore[union-attr]
-            if proto == "memory":  # per-process filesystem: upload from this process
+            if self.remote.root.capabilities.process_local:  # type: ignore[union-attr]
+                # per-process filesystem (memory://): upload from this process
                 self._promoter = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-promote")
             else:
                 import multiprocessing as mp

@@ -18,6 +18,7 @@ from ckptstore.commit.atomic import is_temp_name
 from ckptstore.manifest import schema as fmt
 from ckptstore.runs.retention import parse_step, referenced_files
 from ckptstore.storage import Storage, open_storage
+from ckptstore.storage.capabilities import MultipartGC
 
 #: names of files a save writes into a checkpoint directory
 DATA_RE = re.compile(r"^(shard-\d{5}-[0-9a-f]+\.(chunks|safetensors)|\.tmp-.*)$")
@@ -112,7 +113,8 @@ def _ls(args) -> int:
         ratio = "-" if s.ratio is None else f"{s.ratio:.3f}"
         lines.append(f"{s.step:>12}  {state:<10} {_human(s.added_bytes):>10} "
                      f"{_human(s.stored_bytes):>10} {ratio:>6}  {age}")
-    tier = "local" if root.capabilities.local_path else getattr(root, "protocol", "remote")
+    scheme, sep, _ = root.url.partition("://")
+    tier = "local" if root.capabilities.local_path else (scheme if sep else "remote")
     lines.insert(0, f"{root.url} ({tier})")
     _out(args, {"url": root.url, "tier": tier, "steps": [asdict(s) for s in steps]},
          "\n".join(lines))
@@ -155,21 +157,16 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
 
 
 def _gc_multipart(root: Storage, now: float, grace: float, dry_run: bool) -> list[str]:
-    """Abort incomplete S3 multipart uploads below ``root`` older than ``grace``."""
-    if getattr(root, "protocol", None) not in ("s3", "s3a"):
+    """Abort incomplete (S3 multipart) uploads below ``root`` older than ``grace``."""
+    if not isinstance(root, MultipartGC):
         return []
-    fs = root.fs  # type: ignore[attr-defined]
-    bucket, _, prefix = root.root.partition("/")  # type: ignore[attr-defined]
-    resp = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
     out = []
-    for up in resp.get("Uploads", []):
-        started = up.get("Initiated")
-        if started is not None and now - started.timestamp() < grace:
+    for up in root.incomplete_uploads():
+        if up.started is not None and now - up.started < grace:
             continue
-        out.append(f"s3://{bucket}/{up['Key']} (incomplete upload {up['UploadId']})")
+        out.append(f"{up.url} (incomplete upload {up.upload_id})")
         if not dry_run:
-            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=up["Key"],
-                       UploadId=up["UploadId"])
+            root.abort_upload(up)
     return out
 
 
@@ -231,10 +228,7 @@ def _promote(args) -> int:
 
 def _parent(s: Storage, name: str) -> Storage:
     """The run directory holding checkpoint ``s`` (named ``name``)."""
-    from ckptstore.storage import open_storage as _open
-
-    url = s.url.rstrip("/")[: -len(name) - 1]
-    return _open(url, getattr(s, "options", None))
+    return s.parent()
 
 
 _ls.arguments = _ls_args  # type: ignore[attr-defined]

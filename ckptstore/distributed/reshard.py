@@ -26,6 +26,7 @@ from ckptstore.plan.tree import torch_dtype, unflatten
 from ckptstore.read.into import LoadReport, leaves_of
 from ckptstore.read.reader import READ_THREADS, check_headers, read_chunk, read_tensors
 from ckptstore.storage import Storage
+from ckptstore.storage.base import linked
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,11 +38,7 @@ class Ref:
 
 
 def _storage_for(storage: Storage, manifest: fmt.Manifest) -> Storage:
-    try:  # incremental saves name files of older steps (ckptstore.storage.base.linked)
-        from ckptstore.storage.base import linked  # type: ignore[attr-defined]
-    except ImportError:
-        return storage
-    return linked(storage, manifest.files)
+    return linked(storage, manifest.files)  # incremental saves name older steps' files
 
 
 def whole_shards(rec: fmt.TensorRecord) -> tuple:

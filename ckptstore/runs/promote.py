@@ -26,6 +26,7 @@ from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.commit.atomic import atomic_write
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
 from ckptstore.storage.base import Storage
+from ckptstore.storage.capabilities import ObjectInfo
 
 log = logging.getLogger("ckptstore.promote")
 UPLOAD_THREADS = 4
@@ -141,12 +142,11 @@ def _copy_file(src: Storage, dst: Storage, f: fmt.FileRecord, chunks) -> int:
 def verify_upload(dst: Storage, name: str, data: bytes) -> None:
     """Compare the stored object with the bytes sent: size always, and the backend's
     checksum where it reports one."""
-    info = getattr(dst, "info", None)
-    if info is None:
+    if not isinstance(dst, ObjectInfo):
         if dst.size(name) != len(data):
             raise StorageError(f"{dst.url}/{name}: stored size differs from the bytes sent")
         return
-    meta = info(name)
+    meta = dst.info(name)
     if int(meta.get("size", -1)) != len(data):
         raise StorageError(f"{dst.url}/{name}: stored {meta.get('size')} bytes, sent {len(data)}")
     crc = meta.get("crc32c")

@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from ckptstore.errors import UnsafeCheckpointError
+from ckptstore.storage.capabilities import ObjectInfo, plain_class, remake
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +34,9 @@ class Capabilities:
     fsync: bool  #: fsync of files and directories means something
     create_only: bool  #: put_exclusive is enforced by the backend
     local_path: bool  #: names map to local filesystem paths (mmap, O_DIRECT...)
+    #: the bytes live in this process only (fsspec ``memory://``): a pickled copy in
+    #: another process (a writer, a promoter) sees a different, empty store
+    process_local: bool = False
 
 
 class WriteHandle(ABC):
@@ -69,7 +73,10 @@ def check_name(name: str) -> str:
 
 
 class Storage(ABC):
-    """Byte I/O rooted at one location. Instances are picklable (sent to writers)."""
+    """Byte I/O rooted at one location. Instances are picklable (sent to writers).
+
+    Optional abilities beyond these methods are the protocols of
+    :mod:`ckptstore.storage.capabilities` (``isinstance(s, ObjectInfo)``...)."""
 
     capabilities: Capabilities
 
@@ -128,6 +135,7 @@ class Storage(ABC):
     def map_file(self, name: str) -> "mmap.mmap | None":
         """A private (copy-on-write) memory map of the whole file, or None where the
         backend has no local files. Writes through the map never reach the file."""
+        check_name(name)
         return None
 
     def readinto(self, name: str, offset: int, buf: memoryview) -> int:
@@ -178,9 +186,25 @@ class Storage(ABC):
         return open_storage(posixpath.dirname(self.url.rstrip("/")) or "/")
 
 
+class _LinkedObjectInfo:
+    """:class:`ObjectInfo` of a :class:`LinkedView` whose storage has it."""
+
+    def info(self, name: str) -> dict:
+        return self._route(name).info(name)  # type: ignore[attr-defined]
+
+
 class LinkedView(Storage):
     """Read-only view of a checkpoint whose manifest names files held by sibling
-    checkpoints (``FileRecord.base``): each such name is read from that sibling."""
+    checkpoints (``FileRecord.base``): each such name is read from that sibling.
+    It implements the read-side capability protocols its storage implements."""
+
+    _MIXINS = {ObjectInfo: _LinkedObjectInfo}
+
+    def __new__(cls, storage: Storage, bases: dict[str, str]) -> "LinkedView":
+        return remake(cls, storage, cls._MIXINS)
+
+    def __reduce__(self):
+        return remake, (plain_class(type(self)), self.storage, self._MIXINS), self.__dict__
 
     def __init__(self, storage: Storage, bases: dict[str, str]) -> None:
         self.storage = storage
@@ -204,6 +228,12 @@ class LinkedView(Storage):
     def child(self, name: str) -> Storage:
         return self.storage.child(name)
 
+    def sibling(self, name: str) -> Storage:
+        return self.storage.sibling(name)
+
+    def parent(self) -> Storage:
+        return self.storage.parent()
+
     def makedirs(self) -> None:
         raise PermissionError("a linked checkpoint view is read-only")
 
@@ -220,7 +250,8 @@ class LinkedView(Storage):
         self.makedirs()
 
     def fsync_dir(self, name: str = "") -> None:
-        return None
+        if name:
+            check_name(name)
 
     def remove(self, name: str) -> None:
         self.makedirs()

@@ -31,11 +31,19 @@ from collections.abc import Iterable
 from typing import Any
 
 from ckptstore.storage.base import Storage, WriteHandle
+from ckptstore.storage.capabilities import (
+    IncompleteUpload,
+    MultipartGC,
+    ObjectInfo,
+    plain_class,
+    remake,
+)
 
 #: calls that change what is stored; these are the kill points of a sweep
 MUTATING = ("makedirs", "open_write", "write", "fsync", "close", "abort", "rename",
-            "link_exclusive", "put_exclusive", "fsync_dir", "remove")
-READING = ("exists", "size", "read", "readinto", "listdir", "isdir", "mtime")
+            "link_exclusive", "put_exclusive", "fsync_dir", "remove", "abort_upload")
+READING = ("exists", "size", "read", "readinto", "listdir", "isdir", "mtime", "info",
+           "incomplete_uploads")
 
 _LEN = struct.Struct("<Q")
 
@@ -150,8 +158,29 @@ def _normalise(fail: dict | None) -> dict[str, Any]:
     return out
 
 
+class _FaultyObjectInfo:
+    """:class:`ObjectInfo` of a FaultyStorage whose inner storage has it."""
+
+    def info(self, name: str) -> dict:
+        return self._call("info", name, lambda: self.inner.info(name))  # type: ignore
+
+
+class _FaultyMultipartGC:
+    """:class:`MultipartGC` of a FaultyStorage whose inner storage has it."""
+
+    def incomplete_uploads(self) -> list[IncompleteUpload]:
+        return self._call("incomplete_uploads", "", self.inner.incomplete_uploads)  # type: ignore
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        self._call("abort_upload", upload.key, lambda: self.inner.abort_upload(upload),  # type: ignore
+                   extra={"upload_id": upload.upload_id})
+
+
 class FaultyStorage(Storage):
     """A :class:`Storage` that counts every primitive call and breaks chosen ones.
+
+    It implements the optional protocols of :mod:`ckptstore.storage.capabilities`
+    that ``inner`` implements; their calls are counted and breakable like the rest.
 
     Args:
         inner: the storage doing the real I/O.
@@ -170,6 +199,14 @@ class FaultyStorage(Storage):
         ledger: path of the shared counts file (a temp file by default).
         record: journal the bytes of every write too (for power-loss replay).
     """
+
+    _MIXINS = {ObjectInfo: _FaultyObjectInfo, MultipartGC: _FaultyMultipartGC}
+
+    def __new__(cls, inner: Storage, *args: Any, **kwargs: Any) -> "FaultyStorage":
+        return remake(cls, inner, cls._MIXINS)
+
+    def __reduce__(self):
+        return remake, (plain_class(type(self)), self.inner, self._MIXINS), self.__dict__
 
     def __init__(self, inner: Storage, *, fail: dict | None = None,
                  errno: int | dict = _errno.EIO, fail_when: str = "before",
@@ -238,7 +275,7 @@ class FaultyStorage(Storage):
         os.kill(os.getpid(), signal.SIGKILL)
 
     def _wrap(self, inner: Storage) -> "FaultyStorage":
-        clone = object.__new__(FaultyStorage)
+        clone = remake(type(self), inner, self._MIXINS)
         clone.__dict__.update(self.__dict__)
         clone.inner = inner
         return clone

@@ -9,6 +9,11 @@ raise ``FileExistsError`` when the object exists.
 Instances are pickled into writer and promotion processes: only the URL and the
 options travel; each process creates its own filesystem on first use.
 Every call goes through :func:`ckptstore.retry.retrying`.
+
+Beyond the Storage interface it implements the protocols
+:class:`~ckptstore.storage.capabilities.ObjectInfo` (``info``: size, ETag, crc32c) and
+:class:`~ckptstore.storage.capabilities.MultipartGC` (S3's incomplete multipart
+uploads; none elsewhere).
 """
 from __future__ import annotations
 
@@ -18,10 +23,13 @@ from typing import Any
 
 from ckptstore.errors import StorageError, UnsafeCheckpointError, UnsupportedOperationError
 from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
+from ckptstore.storage.capabilities import IncompleteUpload
 from ckptstore.storage.retry import retrying
 
 #: protocols whose create-only put is enforced by the server
 _CREATE_ONLY = {"s3", "s3a", "gs", "gcs"}
+#: protocols whose filesystem lives in the memory of one process
+_PROCESS_LOCAL = {"memory"}
 
 
 class FsspecWriteHandle(WriteHandle):
@@ -63,7 +71,8 @@ class FsspecStorage(Storage):
         self.root = path.rstrip("/")
         create_only = self.protocol in _CREATE_ONLY
         self.capabilities = Capabilities(rename=False, fsync=False, create_only=create_only,
-                                         local_path=False)
+                                         local_path=False,
+                                         process_local=self.protocol in _PROCESS_LOCAL)
         self._fs = None
 
     def __getstate__(self) -> dict:
@@ -102,7 +111,12 @@ class FsspecStorage(Storage):
         return self._url
 
     def _path(self, name: str) -> str:
+        """The path of ``name``; ``""`` is the root itself (directory operations)."""
         return f"{self.root}/{check_name(name)}" if name else self.root
+
+    def _file(self, name: str) -> str:
+        """The path of object ``name``: like :meth:`_path`, but the root is no object."""
+        return f"{self.root}/{check_name(name)}"
 
     def child(self, name: str) -> "FsspecStorage":
         return FsspecStorage(f"{self._url}/{check_name(name)}", self.options)
@@ -125,10 +139,11 @@ class FsspecStorage(Storage):
             self._call("makedirs", self.fs.makedirs, self.root, exist_ok=True)
 
     def open_write(self, name: str) -> FsspecWriteHandle:
+        check_name(name)
         return FsspecWriteHandle(self, name)
 
     def _put(self, name: str, data, *, create: bool) -> None:
-        path = self._path(name)
+        path = self._file(name)
         data = bytes(data)
         kwargs = {"mode": "create"} if create else {}
         if create and self.protocol not in _CREATE_ONLY:
@@ -166,11 +181,12 @@ class FsspecStorage(Storage):
         self.rename(src, dst)
 
     def fsync_dir(self, name: str = "") -> None:
-        return None
+        if name:
+            check_name(name)
 
     def remove(self, name: str) -> None:
         try:
-            self._call("delete", self.fs.rm_file, self._path(name))
+            self._call("delete", self.fs.rm_file, self._file(name))
         except FileNotFoundError:
             pass
 
@@ -186,21 +202,30 @@ class FsspecStorage(Storage):
         return bool(self._call("exists", self.fs.exists, self._path(name)))
 
     def size(self, name: str) -> int:
-        info = self._call("stat", self.fs.info, self._path(name))
+        info = self._call("stat", self.fs.info, self._file(name))
         if info.get("type") == "directory":
             raise FileNotFoundError(f"{self._url}/{name} is a directory")
         return int(info["size"])
 
     def info(self, name: str) -> dict:
         """The backend's metadata of ``name`` (size, ETag, crc32c, ...)."""
-        return self._call("stat", self.fs.info, self._path(name))
+        return self._call("stat", self.fs.info, self._file(name))
 
     def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
-        end = None if length is None else offset + length
+        path = self._file(name)
         if length == 0:
             return b""
-        return self._call(f"read of {name}", self.fs.cat_file, self._path(name),
-                          start=offset, end=end)
+        if offset == 0 and length is None:  # no range: an empty object has none
+            return self._call(f"read of {name}", self.fs.cat_file, path)
+        end = None if length is None else offset + length
+        try:
+            return self._call(f"read of {name}", self.fs.cat_file, path, start=offset, end=end)
+        except Exception as e:
+            # S3 and GCS answer 416 to a range that starts at or after the end of the
+            # object, where a file gives a short read: return that short read
+            if not _range_not_satisfiable(e) or self.size(name) > offset:
+                raise
+        return b""
 
     def listdir(self, name: str = "") -> list[str]:
         path = self._path(name)
@@ -220,4 +245,41 @@ class FsspecStorage(Storage):
         return bool(self._call("stat", self.fs.isdir, self._path(name)))
 
     def mtime(self, name: str) -> float:
-        return self._call("stat", self.fs.modified, self._path(name)).timestamp()
+        return self._call("stat", self.fs.modified, self._file(name)).timestamp()
+
+    # -- MultipartGC ----------------------------------------------------------
+    def incomplete_uploads(self) -> list[IncompleteUpload]:
+        """S3's incomplete multipart uploads below the root; other protocols keep none."""
+        if self.protocol not in ("s3", "s3a"):
+            return []
+        bucket, _, prefix = self.root.partition("/")
+        resp = self.fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix + "/")
+        out = []
+        for up in resp.get("Uploads", []):
+            started = up.get("Initiated")
+            out.append(IncompleteUpload(url=f"s3://{bucket}/{up['Key']}", key=up["Key"],
+                                        upload_id=up["UploadId"],
+                                        started=None if started is None else started.timestamp()))
+        return out
+
+    def abort_upload(self, upload: IncompleteUpload) -> None:
+        bucket = self.root.partition("/")[0]
+        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload.key,
+                        UploadId=upload.upload_id)
+
+
+def _range_not_satisfiable(e: BaseException | None) -> bool:
+    """Whether ``e`` (or an error it wraps) is HTTP 416: gcsfs ``HttpError.code``,
+    botocore ``ClientError.response`` (s3fs wraps it in an OSError)."""
+    for _ in range(8):
+        if e is None:
+            return False
+        if getattr(e, "code", None) == 416 or getattr(e, "status", None) == 416:
+            return True
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict) and (
+                resp.get("Error", {}).get("Code") == "InvalidRange"
+                or resp.get("ResponseMetadata", {}).get("HTTPStatusCode") == 416):
+            return True
+        e = e.__cause__ or e.__context__
+    return False

@@ -68,13 +68,18 @@ class LocalStorage(Storage):
         return self.root
 
     def path(self, name: str) -> str:
-        """The local path of ``name`` (checked to stay below the root)."""
+        """The local path of ``name`` (checked to stay below the root); ``""`` is
+        the root itself (directory operations)."""
         if name == "":
             return self.root
         return os.path.join(self.root, check_name(name))
 
+    def _file(self, name: str) -> str:
+        """The local path of file ``name``: like :meth:`path`, but the root is no file."""
+        return os.path.join(self.root, check_name(name))
+
     def child(self, name: str) -> "LocalStorage":
-        return LocalStorage(self.path(name))
+        return LocalStorage(self._file(name))
 
     def makedirs(self) -> None:
         missing = []
@@ -88,20 +93,20 @@ class LocalStorage(Storage):
             _fsync_dir(os.path.dirname(d))
 
     def open_write(self, name: str) -> LocalWriteHandle:
-        path = self.path(name)
+        path = self._file(name)
         return LocalWriteHandle(os.open(path, _WRITE_FLAGS, 0o644), path)
 
     def rename(self, src: str, dst: str) -> None:
-        os.rename(self.path(src), self.path(dst))
+        os.rename(self._file(src), self._file(dst))
 
     def link_exclusive(self, src: str, dst: str) -> None:
         # link(2) fails with EEXIST where rename(2) would silently replace.
-        os.link(self.path(src), self.path(dst))
-        os.unlink(self.path(src))
+        os.link(self._file(src), self._file(dst))
+        os.unlink(self._file(src))
 
     def put_exclusive(self, name: str, data: bytes) -> None:
-        fd = os.open(self.path(name), _WRITE_FLAGS | os.O_EXCL, 0o644)
-        h = LocalWriteHandle(fd, self.path(name))
+        fd = os.open(self._file(name), _WRITE_FLAGS | os.O_EXCL, 0o644)
+        h = LocalWriteHandle(fd, self._file(name))
         try:
             h.write(data)
             h.fsync()
@@ -113,7 +118,7 @@ class LocalStorage(Storage):
 
     def remove(self, name: str) -> None:
         try:
-            os.unlink(self.path(name))
+            os.unlink(self._file(name))
         except FileNotFoundError:
             pass
 
@@ -127,7 +132,7 @@ class LocalStorage(Storage):
         return os.path.lexists(self.path(name))
 
     def _open_read(self, name: str) -> int:
-        path = self.path(name)
+        path = self._file(name)
         try:
             fd = os.open(path, _READ_FLAGS)
         except OSError as e:
@@ -147,9 +152,9 @@ class LocalStorage(Storage):
         return fd
 
     def size(self, name: str) -> int:
-        st = os.lstat(self.path(name))
+        st = os.lstat(self._file(name))
         if stat.S_ISLNK(st.st_mode):
-            raise UnsafeCheckpointError(f"{self.path(name)} is a symbolic link")
+            raise UnsafeCheckpointError(f"{self._file(name)} is a symbolic link")
         return st.st_size
 
     def read(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -190,7 +195,7 @@ class LocalStorage(Storage):
         return os.path.isdir(p) and not os.path.islink(p)
 
     def mtime(self, name: str) -> float:
-        return os.lstat(self.path(name)).st_mtime
+        return os.lstat(self._file(name)).st_mtime
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
