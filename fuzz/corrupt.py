@@ -23,7 +23,7 @@ import tempfile
 from typing import Iterator
 
 import ckptstore
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.errors import CkptError
 from ckptstore.storage import LocalStorage
 from ckptstore.verify.fsck import fsck

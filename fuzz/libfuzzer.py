@@ -104,7 +104,7 @@ class _Child:
 
     def one(self, data: bytes) -> None:
         """One input; only a CkptError may escape (the others are crashes)."""
-        from ckptstore.manifest import schema as fmt
+        from ckptstore import manifest as fmt
         from ckptstore.errors import CkptError
 
         if not data:

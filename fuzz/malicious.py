@@ -28,8 +28,7 @@ import threading
 import zstandard
 
 import ckptstore
-from ckptstore import errors as E
-from ckptstore.manifest import schema as fmt
+from ckptstore import errors as E, manifest as fmt
 from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.storage import LocalStorage
 from ckptstore.verify.fsck import fsck

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ckptstore
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.pipeline.codec import CODECS, decode_planes, hash_bytes
 from ckptstore.errors import CkptError
 from ckptstore.storage import LocalStorage

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.api.checkpointer import CheckpointFallbackWarning
 from ckptstore.runs.retention import step_name
 from conftest import assert_same_tree

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.manifest import migrations
 from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.errors import SchemaVersionError

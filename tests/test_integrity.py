@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.cli.main import main as cli
 
 MODES = ["none", "zstd", "lz4"]

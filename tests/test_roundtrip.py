@@ -143,7 +143,7 @@ def test_repeated_saves_of_one_structure_get_their_own_ids(tmp_path, small_state
 
     from safetensors import safe_open
 
-    from ckptstore.manifest import schema as fmt
+    from ckptstore import manifest as fmt
 
     ids = []
     for i in range(3):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.api.checkpointer import CheckpointFallbackWarning
 from ckptstore.cli.main import main as cli_main
 from ckptstore.cli.runs import gc

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ckptstore
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 
 
 def _as_sharded(path) -> None:

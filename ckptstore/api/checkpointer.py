@@ -36,7 +36,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from ckptstore import errors as _errors
+from ckptstore import errors as _errors, manifest as fmt
 from ckptstore.errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -45,7 +45,6 @@ from ckptstore.errors import (
     SchemaVersionError,
     StorageError,
 )
-from ckptstore.manifest import schema as fmt
 from ckptstore.runs.retention import (
     Best,
     Policy,
@@ -307,7 +306,7 @@ class Checkpointer:
         """The ``{"step", "metrics"}`` stored with ``step`` (first tier that has it)."""
         for tier in self._tiers():
             try:
-                m = fmt.decode(tier.root.child(step_name(step)).read(fmt.MANIFEST_NAME))
+                m = fmt.read_manifest(tier.root.child(step_name(step)))
             except (OSError, ValueError):
                 continue
             return m.metadata
@@ -451,8 +450,7 @@ class Checkpointer:
         manifests = {}
         for s in keep:
             try:
-                manifests[step_name(s)] = fmt.decode(
-                    tier.root.child(step_name(s)).read(fmt.MANIFEST_NAME))
+                manifests[step_name(s)] = fmt.read_manifest(tier.root.child(step_name(s)))
             except (OSError, ValueError) as e:  # unreadable: keep it, and all it may need
                 log.warning("retention on %s skipped: step %d unreadable: %s",
                             tier.root.url, s, e)
@@ -520,7 +518,7 @@ class Checkpointer:
         if tier.policy.keep_best is None:
             return None
         try:
-            m = fmt.decode(tier.root.child(step_name(step)).read(fmt.MANIFEST_NAME))
+            m = fmt.read_manifest(tier.root.child(step_name(step)))
         except (OSError, ValueError):
             return None
         meta = m.metadata if isinstance(m.metadata, dict) else {}
@@ -541,7 +539,7 @@ def check_quick(storage: Storage) -> str | None:
     """None if ``storage`` holds a committed checkpoint whose manifest is valid and
     whose every file is present at its recorded size; else what is wrong."""
     try:
-        m = fmt.decode(storage.read(fmt.MANIFEST_NAME))
+        m = fmt.read_manifest(storage)
         view = linked(storage, m.files)
         for f in m.files:
             try:

@@ -5,9 +5,10 @@ import os
 from typing import Any
 
 from ckptstore.errors import CorruptCheckpointError, UnsupportedOperationError
+from ckptstore.manifest.io import read_manifest
 from ckptstore.plan.tree import unflatten
 from ckptstore.read.into import LoadReport, apply_into
-from ckptstore.read.reader import read_manifest, read_tensors
+from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage, open_storage
 
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ckptstore import __version__
+from ckptstore import __version__, manifest as fmt
 from ckptstore.commit.atomic import commit_manifest
 from ckptstore.errors import (
     CheckpointExistsError,
@@ -41,7 +41,6 @@ from ckptstore.errors import (
     UnsupportedTypeError,
     WriterDiedError,
 )
-from ckptstore.manifest import schema as fmt
 from ckptstore.pipeline.writer import FileJob, FileResult, PieceJob, WriterPool, write_file
 from ckptstore.plan.layout import FilePlan, SavePlan, make_plan
 from ckptstore.plan.tree import flatten
@@ -283,7 +282,7 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
 
 def _base_manifest(storage: Storage, base: str) -> "fmt.Manifest | None":
     """The committed manifest of sibling checkpoint ``base``, or None (full save)."""
-    from ckptstore.read.reader import read_manifest
+    from ckptstore.manifest.io import read_manifest
 
     try:
         return read_manifest(storage.sibling(base))

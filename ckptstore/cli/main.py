@@ -52,7 +52,7 @@ def _fsck_args(p: argparse.ArgumentParser) -> None:
 
 @command("fsck", "verify a checkpoint: manifest, files, every chunk hash")
 def _fsck(args) -> int:
-    from ckptstore.read.reader import read_manifest
+    from ckptstore.manifest.io import read_manifest
     from ckptstore.storage import open_storage
     from ckptstore.verify.fsck import fsck
 

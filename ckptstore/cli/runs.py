@@ -13,9 +13,9 @@ import re
 import time
 from dataclasses import asdict, dataclass
 
+from ckptstore import manifest as fmt
 from ckptstore.cli.main import _options, _out, command, progress_bar
 from ckptstore.commit.atomic import is_temp_name
-from ckptstore.manifest import schema as fmt
 from ckptstore.runs.retention import parse_step, referenced_files
 from ckptstore.storage import Storage, open_storage
 from ckptstore.storage.capabilities import MultipartGC
@@ -63,7 +63,7 @@ def list_steps(root: Storage) -> list[StepInfo]:
             continue
         d = root.child(entry)
         try:
-            m = fmt.decode(d.read(fmt.MANIFEST_NAME))
+            m = fmt.read_manifest(d)
         except FileNotFoundError:
             files = [f for f in d.listdir() if not d.isdir(f)]
             added = sum(_size(d, f) for f in files)
@@ -131,7 +131,7 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
     dirs = [e for e in root.listdir() if parse_step(e) is not None]
     for e in dirs:
         try:
-            manifests[e] = fmt.decode(root.child(e).read(fmt.MANIFEST_NAME))
+            manifests[e] = fmt.read_manifest(root.child(e))
         except FileNotFoundError:
             continue
         except (OSError, ValueError):

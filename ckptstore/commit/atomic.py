@@ -118,14 +118,14 @@ def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False) -> b
     data files that the new one does not name removed: never files of another step,
     and never files that a sibling step saved incrementally on top of it still reads.
     """
+    from ckptstore import manifest as fmt
     from ckptstore.errors import CheckpointExistsError
-    from ckptstore.manifest import schema as fmt
 
     data = fmt.encode(manifest)
     old = None
     if overwrite and storage.exists(fmt.MANIFEST_NAME):
         try:
-            old = fmt.decode(storage.read(fmt.MANIFEST_NAME))
+            old = fmt.read_manifest(storage)
         except (OSError, ValueError):  # unreadable: replace it, remove nothing
             old = None
         atomic_write(storage, fmt.MANIFEST_NAME, [data])
@@ -151,7 +151,7 @@ def referenced_by_siblings(storage: Storage) -> set[str]:
     through ``FileRecord.base`` (steps saved incrementally on top of this one).
     A sibling whose manifest cannot be read is skipped: it is not committed."""
     from ckptstore.errors import CkptError
-    from ckptstore.read.reader import read_manifest
+    from ckptstore.manifest.io import read_manifest
 
     me = storage.url.rstrip("/").rpartition("/")[2]
     try:

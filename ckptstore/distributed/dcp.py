@@ -48,15 +48,15 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from ckptstore import __version__
+from ckptstore import __version__, manifest as fmt
 from ckptstore.commit.atomic import AtomicFile, commit_manifest
 from ckptstore.distributed.reshard import read_boxes, whole_shards
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError
-from ckptstore.manifest import schema as fmt
+from ckptstore.manifest.io import read_manifest
 from ckptstore.pipeline import codec as _codec
 from ckptstore.plan.layout import GROUPED
 from ckptstore.plan.tree import torch_dtype
-from ckptstore.read.reader import read_manifest, read_tensors
+from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage, open_storage
 
 DEFAULT_CHUNK = 16 << 20

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ckptstore import __version__
+from ckptstore import __version__, manifest as fmt
 from ckptstore.api import save as _saver
 from ckptstore.commit import twophase as pc
 from ckptstore.commit.atomic import commit_manifest
@@ -41,7 +41,6 @@ from ckptstore.distributed.shards import (
     local_shards,
 )
 from ckptstore.errors import CheckpointExistsError, DistributedSaveError
-from ckptstore.manifest import schema as fmt
 from ckptstore.plan.layout import make_plan
 from ckptstore.plan.tree import Leaf
 from ckptstore.staging.arena import Ring

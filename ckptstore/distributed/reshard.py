@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckptstore import manifest as fmt
 from ckptstore.distributed.shards import is_dtensor
 from ckptstore.errors import CorruptCheckpointError, StrictLoadError
-from ckptstore.manifest import schema as fmt
 from ckptstore.plan.tree import torch_dtype, unflatten
 from ckptstore.read.into import LoadReport, leaves_of
 from ckptstore.read.reader import READ_THREADS, check_headers, read_chunk, read_tensors

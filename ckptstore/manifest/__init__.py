@@ -1,0 +1,44 @@
+"""The manifest layer: records, bytes, validation, schema migrations and reading.
+
+``from ckptstore import manifest as fmt`` gives every name callers use:
+``fmt.Manifest``, ``fmt.encode``, ``fmt.decode``, ``fmt.MANIFEST_NAME``,
+``fmt.SCHEMA_VERSION``, ``fmt.read_manifest``... Each module owns one thing:
+
+* :mod:`.records`: the frozen records and the format's constants;
+* :mod:`.jsonio`: encoding with a self-checksum, strict decoding;
+* :mod:`.validate`: structural checks of a decoded manifest;
+* :mod:`.migrations`: upgrades of older schema versions;
+* :mod:`.io`: reading a committed manifest from storage (every layer uses it).
+
+``SCHEMA_VERSION`` here is the one the library reads at call time
+(:func:`~.records.library_schema_version`): patch it here to simulate a newer library.
+This package imports nothing above it (api, read, verify, runs) and no torch.
+"""
+from __future__ import annotations
+
+from ckptstore.manifest.io import read_manifest, read_manifest_bytes
+from ckptstore.manifest.jsonio import check_checksum, decode, encode, parse_json
+from ckptstore.manifest.records import (
+    BASE_RE,
+    FORMAT_NAME,
+    MANIFEST_NAME,
+    MAX_MANIFEST_BYTES,
+    MAX_SIZE,
+    SCHEMA_VERSION,
+    ChunkRecord,
+    FileRecord,
+    Manifest,
+    ShardRecord,
+    TensorRecord,
+    check_base,
+    digest_of,
+)
+from ckptstore.manifest.validate import validate, validate_shards
+from ckptstore.pipeline.codec import hash_bytes
+
+__all__ = [
+    "BASE_RE", "FORMAT_NAME", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "MAX_SIZE", "SCHEMA_VERSION",
+    "ChunkRecord", "FileRecord", "Manifest", "ShardRecord", "TensorRecord", "check_base",
+    "check_checksum", "decode", "digest_of", "encode", "hash_bytes", "parse_json",
+    "read_manifest", "read_manifest_bytes", "validate", "validate_shards",
+]

@@ -1,7 +1,7 @@
 """Schema migrations: upgrade an older manifest, as its raw JSON object, step by step.
 
-``format.decode`` calls :func:`migrate` for a manifest whose ``schema_version`` is
-older than ``format.SCHEMA_VERSION``. Each registered step turns a version-N object
+``manifest.decode`` calls :func:`migrate` for a manifest whose ``schema_version`` is
+older than ``manifest.SCHEMA_VERSION``. Each registered step turns a version-N object
 into a version-N+1 object (and sets ``schema_version`` to N+1); the steps run in
 order until the object has the library's version, and only then is it parsed into
 records. A step works on plain JSON (dicts, lists, strings, numbers) and must not
@@ -9,7 +9,7 @@ read files: the manifest's checksum was checked on the original bytes.
 
 Adding a schema version (see docs/compat.md):
 
-1. bump ``format.SCHEMA_VERSION`` and change the writer;
+1. bump ``SCHEMA_VERSION`` (``ckptstore/manifest/records.py``) and change the writer;
 2. register the step from the previous version here::
 
        @register(1)
@@ -29,6 +29,7 @@ import logging
 from collections.abc import Callable
 
 from ckptstore.errors import SchemaVersionError
+from ckptstore.manifest.records import library_schema_version
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,9 @@ def register(from_version: int, registry: dict[int, Migration] | None = None
 def migrate(obj: dict, *, target: int | None = None,
             registry: dict[int, Migration] | None = None) -> dict:
     """Upgrade manifest object ``obj`` to schema version ``target`` (default: the
-    library's ``format.SCHEMA_VERSION``). The input is not modified."""
-    from ckptstore.manifest import (
-        schema as fmt,  # read at call time: tests may simulate a newer library
-    )
-
+    library's ``manifest.SCHEMA_VERSION``). The input is not modified."""
     table = MIGRATIONS if registry is None else registry
-    target = fmt.SCHEMA_VERSION if target is None else target
+    target = library_schema_version() if target is None else target
     version = obj.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise SchemaVersionError(f"manifest schema_version {version!r} is not an integer")

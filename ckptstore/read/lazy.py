@@ -11,12 +11,13 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
+from ckptstore import manifest as fmt
 from ckptstore.errors import CorruptCheckpointError, UnsupportedOperationError
-from ckptstore.manifest import schema as fmt
+from ckptstore.manifest.io import read_manifest
 from ckptstore.plan.keymap import RenameSpec, rename_names
 from ckptstore.plan.tree import path_name, unflatten
 from ckptstore.read.into import apply_into, leaves_of, rename_tree
-from ckptstore.read.reader import read_manifest, read_tensors
+from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage, open_storage
 
 KeySpec = Union[str, Iterable[str], Callable[[str], bool], None]

@@ -1,4 +1,4 @@
-"""Reading checkpoints: manifest, verified chunk reads, tensors, the state tree."""
+"""Reading checkpoints: verified chunk reads, tensors (the manifest: ckptstore.manifest.io)."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -10,32 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
+from ckptstore.errors import CorruptCheckpointError
 from ckptstore.pipeline.codec import decode_planes, hash_bytes
 from ckptstore.plan.tree import safe_numpy_dtype, torch_dtype
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
 
 READ_THREADS = 4
-
-
-def read_manifest(storage: Storage, migrate: Callable | None = None) -> fmt.Manifest:
-    """Read and validate the manifest; CheckpointNotFoundError if there is none."""
-    try:
-        size = storage.size(fmt.MANIFEST_NAME)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(
-            f"no committed checkpoint at {storage.url}: {fmt.MANIFEST_NAME} is missing (an "
-            "interrupted save never writes it; use ckptstore ls to list committed ones)") from None
-    if size > fmt.MAX_MANIFEST_BYTES:
-        raise UnsafeCheckpointError(f"{fmt.MANIFEST_NAME} is {size} bytes; refusing to read it")
-    if migrate is None:
-        try:
-            from ckptstore.manifest.migrations import migrate as migrate  # type: ignore[no-redef]
-        except ImportError:
-            migrate = None
-    return fmt.decode(storage.read(fmt.MANIFEST_NAME), migrate=migrate)
 
 
 def empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:

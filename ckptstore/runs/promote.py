@@ -21,10 +21,10 @@ import hashlib
 import logging
 from dataclasses import dataclass, replace
 
-from ckptstore.manifest import schema as fmt
-from ckptstore.pipeline.codec import hash_bytes
+from ckptstore import manifest as fmt
 from ckptstore.commit.atomic import atomic_write
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
+from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.storage.base import Storage
 from ckptstore.storage.capabilities import ObjectInfo
 
@@ -44,22 +44,13 @@ class PromoteResult:
     already: bool  #: the destination already held this very checkpoint
 
 
-def read_committed(storage: Storage) -> tuple[bytes, fmt.Manifest]:
-    """The raw manifest bytes and the decoded manifest of a committed checkpoint."""
-    try:
-        data = storage.read(fmt.MANIFEST_NAME)
-    except FileNotFoundError:
-        from ckptstore.errors import CheckpointNotFoundError
-
-        raise CheckpointNotFoundError(f"no committed checkpoint at {storage.url}") from None
-    return data, fmt.decode(data)
-
-
 def promote_step(src_root: Storage, dst_root: Storage, name: str, *,
                  threads: int = UPLOAD_THREADS) -> PromoteResult:
-    """Copy committed checkpoint ``name`` from ``src_root`` to ``dst_root``."""
+    """Copy committed checkpoint ``name`` from ``src_root`` to ``dst_root``. Decisions
+    use its manifest as this library reads it (migrated); the committed manifest
+    bytes are copied unchanged unless file references must be rewritten."""
     src, dst = src_root.child(name), dst_root.child(name)
-    data, m = read_committed(src)
+    data, m = fmt.read_manifest_bytes(src)
     if dst.exists(fmt.MANIFEST_NAME):
         return _already(dst, m, name)
     dst.makedirs()
@@ -94,7 +85,7 @@ def promote_step(src_root: Storage, dst_root: Storage, name: str, *,
 
 def _already(dst: Storage, m: fmt.Manifest, name: str) -> PromoteResult:
     try:
-        _, there = read_committed(dst)
+        there = fmt.read_manifest(dst)
     except CorruptCheckpointError:
         there = None
     if there is None or there.save_id != m.save_id:

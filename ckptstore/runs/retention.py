@@ -16,10 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
-from ckptstore.manifest import schema as fmt
+from ckptstore import manifest as fmt
 from ckptstore.storage import Storage
 
 log = logging.getLogger("ckptstore.retention")

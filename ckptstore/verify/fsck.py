@@ -7,10 +7,10 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+from ckptstore import manifest as fmt
 from ckptstore.errors import CheckpointNotFoundError, CkptError, CorruptCheckpointError
-from ckptstore.manifest import schema as fmt
+from ckptstore.manifest.io import read_manifest
 from ckptstore.pipeline.codec import decode_planes, hash_bytes
-from ckptstore.read.reader import read_manifest
 from ckptstore.storage import Storage, open_storage
 from ckptstore.storage.base import linked
 

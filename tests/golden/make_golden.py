@@ -96,19 +96,19 @@ def describe_manifest(obj: dict) -> list[str]:
 
 def describe_records() -> list[str]:
     """Field names of the manifest's record dataclasses (a new field is a schema change)."""
-    from ckptstore.manifest import schema as fmt
+    from ckptstore.manifest import records
 
     lines = []
-    for name in sorted(vars(fmt)):
-        cls = getattr(fmt, name)
-        if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == fmt.__name__:
+    for name in sorted(vars(records)):
+        cls = getattr(records, name)
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls) and cls.__module__ == records.__name__:
             lines.append(f"record {name}: {[f.name for f in dataclasses.fields(cls)]}")
     return lines
 
 
 def describe_checkpoint(path: Path) -> list[str]:
     """Schema description of a checkpoint directory: manifest + safetensors headers."""
-    from ckptstore.manifest import schema as fmt
+    from ckptstore import manifest as fmt
 
     obj = json.loads((path / fmt.MANIFEST_NAME).read_text())
     lines = set(describe_manifest(obj))
@@ -144,7 +144,7 @@ def write_version(root: Path, version: int) -> list[Path]:
 
 
 def main() -> int:
-    from ckptstore.manifest import schema as fmt
+    from ckptstore import manifest as fmt
 
     version = fmt.SCHEMA_VERSION
     schema_file = HERE / f"schema-v{version}.json"

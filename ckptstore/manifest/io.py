@@ -1,0 +1,39 @@
+"""Reading a committed manifest from storage: the one way every layer does it.
+
+Load, fsck, the Checkpointer (latest, retention, metadata), ``ls``, ``gc``, promotion
+and commit all read manifests here, so they all get the same size cap and the same
+schema migrations (:mod:`ckptstore.manifest.migrations`): after a schema bump an
+older step reads the same everywhere.
+"""
+from __future__ import annotations
+
+from ckptstore.errors import CheckpointNotFoundError, UnsafeCheckpointError
+from ckptstore.manifest.jsonio import decode
+from ckptstore.manifest.records import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
+from ckptstore.storage.base import Storage
+
+
+def read_manifest_bytes(storage: Storage) -> tuple[bytes, Manifest]:
+    """The committed manifest's bytes exactly as stored, and the manifest they
+    decode to (migrated to this library's schema version). Promotion copies the
+    bytes and decides with the manifest.
+
+    Raises CheckpointNotFoundError (a FileNotFoundError) if there is no manifest,
+    UnsafeCheckpointError if it is over the size cap, CorruptCheckpointError or
+    SchemaVersionError if it does not decode."""
+    try:
+        size = storage.size(MANIFEST_NAME)
+        if size > MAX_MANIFEST_BYTES:
+            raise UnsafeCheckpointError(f"{MANIFEST_NAME} is {size} bytes; refusing to read it")
+        data = storage.read(MANIFEST_NAME)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"no committed checkpoint at {storage.url}: {MANIFEST_NAME} is missing (an "
+            "interrupted save never writes it; use ckptstore ls to list committed ones)") from None
+    return data, decode(data)
+
+
+def read_manifest(storage: Storage) -> Manifest:
+    """Read, migrate and validate the manifest of the checkpoint at ``storage``
+    (errors as :func:`read_manifest_bytes`)."""
+    return read_manifest_bytes(storage)[1]

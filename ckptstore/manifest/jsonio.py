@@ -1,0 +1,176 @@
+"""Manifest bytes: JSON encoding with a self-checksum, strict parsing into records.
+
+The checksum covers every byte before the ``,"manifest_checksum"`` member that
+introduces it (the last member of the object). Parsing is strict (no duplicate keys,
+no NaN, bounded size and depth) and every record is validated before it is returned.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ckptstore.errors import CorruptCheckpointError, SchemaVersionError, UnsafeCheckpointError
+from ckptstore.manifest import migrations, records as rec
+from ckptstore.manifest.records import FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_SIZE, library_schema_version
+from ckptstore.manifest.validate import validate
+from ckptstore.pipeline.codec import hash_bytes
+from ckptstore.storage.base import check_name
+
+_CHECKSUM_KEY = b',"manifest_checksum":"'
+
+
+
+def encode(m: rec.Manifest) -> bytes:
+    body = {
+        "format": FORMAT_NAME,
+        "schema_version": m.schema_version,
+        "writer": m.writer,
+        "created": m.created,
+        "save_id": m.save_id,
+        "hash": "xxh3_128",
+        "chunk_size": m.chunk_size,
+        "compression": m.compression,
+        "metadata": m.metadata,
+        "files": [{"name": f.name, "size": f.size, "format": f.format,
+                   "header_length": f.header_length, "header_hash": f.header_hash,
+                   **({"base": f.base} if f.base is not None else {})}
+                  for f in m.files],
+        "tensors": [{"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape),
+                     "nbytes": t.nbytes, "digest": t.digest,
+                     "chunks": [[c.file, c.offset, c.length, c.raw_length, c.group,
+                                 [list(p) for p in c.planes], c.hash, c.raw_hash]
+                                for c in t.chunks],
+                     **({"shards": [[list(h.offsets), list(h.shape), h.nchunks] for h in t.shards]}
+                        if t.shards else {})}
+                    for t in m.tensors],
+        "tree": m.tree,
+    }
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    prefix = text[:-1]  # drop the closing brace
+    return prefix + _CHECKSUM_KEY + hash_bytes(prefix).encode() + b'"}\n'
+
+
+# -- decoding ---------------------------------------------------------------
+
+def _no_duplicates(pairs: list) -> dict:
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise UnsafeCheckpointError(f"manifest has a duplicate JSON key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str):
+    raise UnsafeCheckpointError(f"manifest contains the non-JSON constant {name}")
+
+
+def parse_json(data: bytes) -> dict:
+    """Strict JSON: no duplicate keys, no NaN/Infinity, bounded size and depth."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise UnsafeCheckpointError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    try:
+        text = data.decode("utf-8")
+        obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except RecursionError:
+        raise UnsafeCheckpointError("manifest JSON nests too deeply") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpointError(f"manifest is not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError("manifest is not a JSON object")
+    return obj
+
+
+def check_checksum(data: bytes) -> None:
+    cut = data.rfind(_CHECKSUM_KEY)
+    if cut < 0:
+        raise CorruptCheckpointError("manifest has no manifest_checksum; it is not a ckptstore "
+                                     "manifest or it was truncated")
+    expected = hash_bytes(data[:cut]).encode()
+    start = cut + len(_CHECKSUM_KEY)
+    if data[start:start + 32] != expected or data[start + 32:].strip() != b'"}':
+        raise CorruptCheckpointError("manifest checksum mismatch: the manifest was modified "
+                                     "or damaged after it was written")
+
+
+def decode(data: bytes, *, migrate: Callable[[dict], dict] | None = None) -> rec.Manifest:
+    """Parse, check and validate manifest bytes. An older schema version is upgraded
+    first by ``migrate(obj) -> obj``, by default the registered steps of
+    :mod:`ckptstore.manifest.migrations`. Manifests in storage are read with
+    :func:`ckptstore.manifest.io.read_manifest`, which also caps their size."""
+    if data[:1] != b"{":
+        raise CorruptCheckpointError("manifest does not start with '{' (not JSON; pickle or "
+                                     "another format is never loaded)")
+    check_checksum(data)
+    obj = parse_json(data)
+    if obj.get("format") != FORMAT_NAME:
+        raise CorruptCheckpointError(f"manifest format is {obj.get('format')!r}, not {FORMAT_NAME!r}")
+    version = obj.get("schema_version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CorruptCheckpointError(f"invalid schema_version {version!r}")
+    current = library_schema_version()
+    if version > current:
+        writer = obj.get("writer", {})
+        ver = writer.get("version", "?") if isinstance(writer, dict) else "?"
+        raise SchemaVersionError(
+            f"checkpoint uses schema version {version}, written by ckptstore {ver}; this "
+            f"ckptstore reads up to schema version {current}: upgrade ckptstore to "
+            f"{ver} or newer to load it")
+    if version < current:
+        obj = (migrate or migrations.migrate)(obj)
+    return _build(obj)
+
+
+def _int(v: Any, what: str, hi: int = MAX_SIZE) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
+        raise UnsafeCheckpointError(f"{what} is {v!r}: not an integer in [0, {hi}]")
+    return v
+
+
+def _str(v: Any, what: str) -> str:
+    if not isinstance(v, str):
+        raise CorruptCheckpointError(f"{what} is not a string")
+    return v
+
+
+def _build(obj: dict) -> rec.Manifest:
+    try:
+        files = []
+        for f in obj["files"]:
+            files.append(rec.FileRecord(
+                name=check_name(_str(f["name"], "file name")), size=_int(f["size"], "file size"),
+                format=_str(f["format"], "file format"),
+                header_length=_int(f["header_length"], "header length"),
+                header_hash=_str(f["header_hash"], "header hash"),
+                base=rec.check_base(f.get("base"))))
+        tensors = []
+        for t in obj["tensors"]:
+            chunks = tuple(rec.ChunkRecord(
+                file=_str(c[0], "chunk file"), offset=_int(c[1], "chunk offset"),
+                length=_int(c[2], "chunk length"), raw_length=_int(c[3], "chunk raw length"),
+                group=_int(c[4], "chunk group", 16),
+                planes=tuple((_str(p[0], "codec"), _int(p[1], "plane length")) for p in c[5]),
+                hash=_str(c[6], "chunk hash"), raw_hash=_str(c[7], "chunk raw hash"))
+                for c in t["chunks"])
+            tensors.append(rec.TensorRecord(
+                name=_str(t["name"], "tensor name"), kind=_str(t["kind"], "tensor kind"),
+                dtype=_str(t["dtype"], "dtype"),
+                shape=tuple(_int(d, "dimension", 1 << 48) for d in t["shape"]),
+                nbytes=_int(t["nbytes"], "tensor size"), digest=_str(t["digest"], "digest"),
+                chunks=chunks, shards=tuple(rec.ShardRecord(
+                    offsets=tuple(_int(d, "shard offset", 1 << 48) for d in h[0]),
+                    shape=tuple(_int(d, "shard dimension", 1 << 48) for d in h[1]),
+                    nchunks=_int(h[2], "shard chunk count")) for h in t.get("shards", ()))))
+        m = rec.Manifest(
+            schema_version=obj["schema_version"], writer=obj.get("writer", {}),
+            created=str(obj.get("created", "")), save_id=_str(obj["save_id"], "save_id"),
+            chunk_size=_int(obj["chunk_size"], "chunk_size"),
+            compression=_str(obj["compression"], "compression"),
+            metadata=obj.get("metadata"), tree=obj["tree"],
+            tensors=tuple(tensors), files=tuple(files))
+    except (KeyError, IndexError, TypeError) as e:
+        raise CorruptCheckpointError(f"manifest is missing or has malformed field: {e!r}") from None
+    validate(m)
+    return m
+

@@ -1,0 +1,133 @@
+"""The manifest's records: frozen dataclasses, the format's constants and names.
+
+The manifest file is one JSON object whose last member is
+``"manifest_checksum":"<xxh3-128 hex>"`` (:mod:`ckptstore.manifest.jsonio` encodes and
+decodes it); docs/format.md is the full specification.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ckptstore.errors import UnsafeCheckpointError
+from ckptstore.pipeline.codec import hash_bytes
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_NAME = "ckptstore"
+SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 1 << 30
+MAX_SIZE = 1 << 50  #: no file, tensor or chunk is larger than a petabyte
+
+
+def library_schema_version() -> int:
+    """The schema version this library writes and reads up to:
+    ``ckptstore.manifest.SCHEMA_VERSION``, read at call time, so that a test can
+    simulate a newer library by patching that one attribute."""
+    from ckptstore import manifest
+
+    return manifest.SCHEMA_VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkRecord:
+    """One chunk of a tensor: ``raw_length`` bytes of the tensor stored as
+    ``length`` bytes at ``offset`` of ``file`` (planes concatenated)."""
+
+    file: str
+    offset: int
+    length: int
+    raw_length: int
+    group: int
+    planes: tuple  # ((codec, length), ...)
+    hash: str
+    raw_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class TensorRecord:
+    """A tensor (``kind="torch"``) or numpy array (``kind="numpy"``) and its chunks,
+    in order: their raw bytes concatenated are the array's C-contiguous bytes.
+
+    A tensor saved by several ranks has ``shards`` (:class:`ShardRecord`, which tile
+    ``shape``): its chunks are then each shard's C-contiguous bytes in turn, every
+    shard starting on a chunk boundary. Empty ``shards`` means one whole tensor.
+    """
+
+    name: str
+    kind: str
+    dtype: str
+    shape: tuple
+    nbytes: int
+    digest: str
+    chunks: tuple
+    shards: tuple = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ShardRecord:
+    """A box of a sharded tensor: ``shape`` elements from ``offsets`` (global
+    coordinates); its bytes are the next ``nchunks`` chunks of the tensor record."""
+
+    offsets: tuple
+    shape: tuple
+    nchunks: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """A data file: ``safetensors`` (header + raw data) or ``chunks`` (frames only).
+
+    ``base`` is None for a file inside this checkpoint; an incremental save sets it to
+    the name of a sibling checkpoint directory (same parent) that holds the file.
+    """
+
+    name: str
+    size: int
+    format: str
+    header_length: int
+    header_hash: str
+    base: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """Everything a reader needs; written last, its presence is the commit."""
+
+    schema_version: int
+    writer: dict
+    created: str
+    save_id: str
+    chunk_size: int
+    compression: str
+    metadata: Any
+    tree: Any
+    tensors: tuple
+    files: tuple
+
+    def file(self, name: str) -> FileRecord:
+        for f in self.files:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+
+#: a sibling checkpoint directory named by ``FileRecord.base``: one plain name component
+BASE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+
+
+def check_base(base: Any) -> str | None:
+    """Validate ``FileRecord.base``: None, or a sibling directory name (no separators,
+    no dots, so it can never leave the parent of the checkpoint)."""
+    if base is None:
+        return None
+    if not isinstance(base, str) or not BASE_RE.fullmatch(base):
+        raise UnsafeCheckpointError(f"file base {base!r} is not a plain sibling checkpoint name")
+    return base
+
+
+def digest_of(raw_hashes: list[str]) -> str:
+    """A tensor's content digest: xxh3-128 over its chunks' raw hashes."""
+    return hash_bytes("".join(raw_hashes).encode("ascii"))
+
+

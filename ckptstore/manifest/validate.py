@@ -1,0 +1,102 @@
+"""Structural validation of decoded manifests: what makes reading a checkpoint safe."""
+from __future__ import annotations
+
+import math
+
+from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
+from ckptstore.manifest.records import MANIFEST_NAME, MAX_SIZE, Manifest, TensorRecord
+from ckptstore.pipeline.codec import CODECS
+
+
+def validate(m: Manifest) -> None:
+    """Structural checks that make reading safe: names inside the checkpoint,
+    sizes within files, no overlapping ranges, sizes consistent with dtype/shape."""
+    files = {}
+    for f in m.files:
+        if f.name in files or f.name == MANIFEST_NAME:
+            raise UnsafeCheckpointError(f"file {f.name!r} is listed twice or shadows the manifest")
+        if f.format not in ("safetensors", "chunks"):
+            raise CorruptCheckpointError(f"file {f.name!r} has unknown format {f.format!r}")
+        if f.header_length > f.size:
+            raise UnsafeCheckpointError(f"file {f.name!r}: header longer than the file")
+        files[f.name] = f
+    ranges: dict[str, list[tuple[int, int, str]]] = {n: [] for n in files}
+    for t in m.tensors:
+        if t.kind not in ("torch", "numpy"):
+            raise CorruptCheckpointError(f"tensor {t.name!r} has unknown kind {t.kind!r}")
+        if len(t.shape) > 64:
+            raise UnsafeCheckpointError(f"tensor {t.name!r} has {len(t.shape)} dimensions")
+        if math.prod(t.shape) > MAX_SIZE:
+            raise UnsafeCheckpointError(f"tensor {t.name!r} has an absurd shape {t.shape}")
+        total = 0
+        for i, c in enumerate(t.chunks):
+            where = f"tensor {t.name!r} chunk {i}"
+            f = files.get(c.file)
+            if f is None:
+                raise CorruptCheckpointError(f"{where} names file {c.file!r} that is not listed")
+            if c.offset < f.header_length or c.offset + c.length > f.size:
+                raise UnsafeCheckpointError(
+                    f"{where}: bytes [{c.offset}, {c.offset + c.length}) lie outside the data "
+                    f"of {c.file!r} (size {f.size})")
+            if c.raw_length > max(m.chunk_size, 1) or c.group < 1 or c.raw_length % c.group:
+                raise UnsafeCheckpointError(f"{where}: raw length {c.raw_length} / group {c.group} invalid")
+            if len(c.planes) != c.group or sum(p[1] for p in c.planes) != c.length:
+                raise CorruptCheckpointError(f"{where}: plane lengths do not add up to {c.length}")
+            for codec, length in c.planes:
+                if codec not in CODECS:
+                    raise CorruptCheckpointError(f"{where}: unknown codec {codec!r}")
+                if codec == "raw" and length * c.group != c.raw_length:
+                    raise CorruptCheckpointError(f"{where}: raw plane of wrong length")
+            ranges[c.file].append((c.offset, c.offset + c.length, where))
+            total += c.raw_length
+        if total != t.nbytes:
+            raise CorruptCheckpointError(
+                f"tensor {t.name!r}: chunks hold {total} bytes, the tensor needs {t.nbytes}")
+        if t.shards:
+            validate_shards(t)
+    for name, rs in ranges.items():
+        rs.sort()
+        for (_a0, a1, wa), (b0, _b1, wb) in zip(rs, rs[1:]):
+            if b0 < a1:
+                raise UnsafeCheckpointError(f"{wa} and {wb} overlap in file {name!r}")
+
+
+def validate_shards(t: TensorRecord) -> None:
+    """Shards must tile the tensor as a grid (each dimension cut into disjoint
+    intervals, every combination present once) and own whole chunks."""
+    nd = len(t.shape)
+    if t.nbytes % max(math.prod(t.shape), 1):
+        raise CorruptCheckpointError(f"tensor {t.name!r}: {t.nbytes} bytes do not fit its shape")
+    itemsize = t.nbytes // max(math.prod(t.shape), 1)
+    cuts: list[set] = [set() for _ in range(nd)]
+    boxes = set()
+    first = 0
+    for h in t.shards:
+        if len(h.offsets) != nd or len(h.shape) != nd or not all(h.shape):
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shard {h.offsets} is malformed")
+        if any(o + n > d for o, n, d in zip(h.offsets, h.shape, t.shape)):
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shard {h.offsets} lies outside {t.shape}")
+        box = tuple(zip(h.offsets, h.shape))
+        if box in boxes:
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shard {h.offsets} is listed twice")
+        boxes.add(box)
+        for d, iv in enumerate(box):
+            cuts[d].add(iv)
+        raw = sum(c.raw_length for c in t.chunks[first:first + h.nchunks])
+        if h.nchunks < 1 or first + h.nchunks > len(t.chunks) or raw != math.prod(h.shape) * itemsize:
+            raise CorruptCheckpointError(f"tensor {t.name!r}: shard {h.offsets} does not own "
+                                         "whole chunks of its size")
+        first += h.nchunks
+    if first != len(t.chunks):
+        raise CorruptCheckpointError(f"tensor {t.name!r}: chunks left over after its shards")
+    for d, ivs in enumerate(cuts):
+        end = 0
+        for o, n in sorted(ivs):
+            if o != end:
+                raise UnsafeCheckpointError(f"tensor {t.name!r}: shards overlap or leave a gap "
+                                            f"in dimension {d}")
+            end = o + n
+        if end != t.shape[d]:
+            raise UnsafeCheckpointError(f"tensor {t.name!r}: shards do not cover dimension {d}")
+    if len(boxes) != math.prod(len(c) for c in cuts):
+        raise UnsafeCheckpointError(f"tensor {t.name!r}: shards do not tile its shape")

@@ -1,0 +1,173 @@
+"""After a schema bump, every reader of manifests sees older steps migrated.
+
+A newer library is simulated: ``SCHEMA_VERSION`` is 2 and the registry holds a
+1 -> 2 migration. The steps on disk were written by the "older" library in a
+synthetic version-1 layout the version-2 parser cannot read (chunk records are
+objects, the chunk size is called ``chunk_bytes``, the metrics are ``scores``).
+``Checkpointer.latest()``/``metadata()``, retention with ``keep_best``, ``ckptstore
+ls``, ``gc``, promotion, overwrite, ``fsck`` and ``load`` must all read them through
+the migration, as ``load`` always did.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import ckptstore
+from ckptstore import manifest as fmt
+from ckptstore.cli.main import main as cli
+from ckptstore.manifest import migrations
+from ckptstore.pipeline.codec import hash_bytes
+from conftest import assert_same_tree
+
+CHUNK_KEYS = ["file", "offset", "length", "raw_length", "group", "planes", "hash", "raw_hash"]
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:012d}"
+
+
+def _state(step: int, frozen: torch.Tensor) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"frozen": frozen, "w": torch.randn(64, 16, generator=g), "step": step}
+
+
+@pytest.fixture
+def frozen():
+    return torch.randn(256, 64, generator=torch.Generator().manual_seed(7))
+
+
+def make_legacy(path: Path) -> bytes:
+    """Rewrite the manifest at ``path`` in the synthetic version-1 layout (with a
+    valid checksum, as the older library wrote it); returns the bytes written."""
+    obj = json.loads((path / fmt.MANIFEST_NAME).read_text())
+    del obj["manifest_checksum"]
+    obj["schema_version"] = 1
+    obj["chunk_bytes"] = obj.pop("chunk_size")
+    for t in obj["tensors"]:
+        t["chunks"] = [dict(zip(CHUNK_KEYS, c)) for c in t["chunks"]]
+    meta = obj.get("metadata")
+    if isinstance(meta, dict) and "metrics" in meta:
+        meta["scores"] = meta.pop("metrics")
+    prefix = json.dumps(obj, separators=(",", ":")).encode()[:-1]
+    data = prefix + b',"manifest_checksum":"' + hash_bytes(prefix).encode() + b'"}\n'
+    (path / fmt.MANIFEST_NAME).write_bytes(data)
+    return data
+
+
+@pytest.fixture
+def newer_library(monkeypatch):
+    """The library at schema version 2, with the 1 -> 2 step registered; returns the
+    list of calls to the step."""
+    calls: list[str] = []
+    registry: dict = {}
+
+    @migrations.register(1, registry)
+    def v1_to_v2(obj: dict) -> dict:
+        calls.append(obj["save_id"])
+        obj["chunk_size"] = obj.pop("chunk_bytes")
+        for t in obj["tensors"]:
+            t["chunks"] = [[c[k] for k in CHUNK_KEYS] for c in t["chunks"]]
+        meta = obj.get("metadata")
+        if isinstance(meta, dict) and "scores" in meta:
+            meta["metrics"] = meta.pop("scores")
+        obj["schema_version"] = 2
+        return obj
+
+    monkeypatch.setattr(fmt, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(migrations, "MIGRATIONS", registry)
+    return calls
+
+
+def test_legacy_layout_needs_the_migration(tmp_path, frozen, newer_library):
+    ckptstore.save(_state(1, frozen), tmp_path / "c", blocking=True)
+    data = make_legacy(tmp_path / "c")
+    with pytest.raises(ckptstore.CorruptCheckpointError):
+        fmt.decode(data, migrate=lambda obj: obj)  # the v2 parser cannot read v1 as it is
+    assert fmt.decode(data).chunk_size > 0 and newer_library
+
+
+def _legacy_run(root: Path, frozen: torch.Tensor, losses: dict) -> None:
+    with ckptstore.Checkpointer(root, keep_last=None) as ck:
+        for s, loss in losses.items():
+            ck.save(s, _state(s, frozen), metrics={"loss": loss})
+    for s in losses:
+        make_legacy(step_dir(root, s))
+
+
+def test_latest_and_metadata_migrate(tmp_path, frozen, newer_library):
+    _legacy_run(tmp_path, frozen, {1: 5.0, 2: 1.0})
+    with ckptstore.Checkpointer(tmp_path, keep_last=None) as ck:
+        assert ck.latest() == 2
+        assert ck.metadata(1) == {"step": 1, "metrics": {"loss": 5.0}}
+        assert_same_tree(ck.load(), _state(2, frozen))
+        assert ck.loaded_step == 2
+
+
+def test_retention_reads_metrics_through_the_migration(tmp_path, frozen, newer_library):
+    _legacy_run(tmp_path, frozen, {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0})
+    with ckptstore.Checkpointer(tmp_path, keep_last=1, keep_best=("loss", "min", 1)) as ck:
+        ck.save(5, _state(5, frozen), metrics={"loss": 6.0})
+        ck.wait()
+        assert ck.steps() == [2, 5]  # the best step is kept, the others dropped
+        assert_same_tree(ck.load(2), _state(2, frozen))
+
+
+def test_fsck_and_load_migrate(tmp_path, frozen, newer_library):
+    ckptstore.save(_state(1, frozen), tmp_path / "c", blocking=True)
+    make_legacy(tmp_path / "c")
+    report = ckptstore.fsck(tmp_path / "c", deep=True)
+    assert report.ok, report.damage
+    assert_same_tree(ckptstore.load(tmp_path / "c"), _state(1, frozen))
+    assert newer_library  # the step ran
+
+
+def test_ls_lists_migrated_steps(tmp_path, frozen, newer_library, capsys):
+    for s in (1, 2):
+        ckptstore.save(_state(s, frozen), step_dir(tmp_path, s), blocking=True)
+        make_legacy(step_dir(tmp_path, s))
+    capsys.readouterr()
+    assert cli(["ls", str(tmp_path), "--json"]) == 0
+    steps = json.loads(capsys.readouterr().out)["steps"]
+    assert [(s["step"], s["committed"], s["problem"]) for s in steps] == [(1, True, None),
+                                                                       (2, True, None)]
+    assert all(s["logical_bytes"] > 0 for s in steps)
+
+
+def test_gc_keeps_files_a_migrated_step_references(tmp_path, frozen, newer_library):
+    with ckptstore.Checkpointer(tmp_path, keep_last=None) as ck:
+        for s in (1, 2):
+            ck.save(s, _state(s, frozen))
+    bases = {f["base"] for f in json.loads((step_dir(tmp_path, 2) / fmt.MANIFEST_NAME).read_text())
+             ["files"] if "base" in f}
+    assert bases == {step_dir(tmp_path, 1).name}  # step 2 reads step 1's file
+    make_legacy(step_dir(tmp_path, 2))
+    os.remove(step_dir(tmp_path, 1) / fmt.MANIFEST_NAME)  # step 1 is retired
+    assert cli(["gc", str(tmp_path), "--grace", "0"]) == 0
+    assert_same_tree(ckptstore.load(step_dir(tmp_path, 2)), _state(2, frozen))
+
+
+def test_promotion_decides_on_the_migrated_manifest_and_copies_the_bytes(
+        tmp_path, frozen, newer_library):
+    src, dst = tmp_path / "local", tmp_path / "remote"
+    ckptstore.save(_state(1, frozen), step_dir(src, 1), blocking=True)
+    legacy = make_legacy(step_dir(src, 1))
+    assert cli(["promote", str(src), str(dst)]) == 0
+    assert (step_dir(dst, 1) / fmt.MANIFEST_NAME).read_bytes() == legacy  # copied unchanged
+    assert cli(["promote", str(src), str(dst)]) == 0  # already there: same save_id
+    assert_same_tree(ckptstore.load(step_dir(dst, 1)), _state(1, frozen))
+    assert ckptstore.fsck(step_dir(dst, 1)).ok
+
+
+def test_overwrite_removes_the_files_of_a_migrated_manifest(tmp_path, frozen, newer_library):
+    where = tmp_path / "c"
+    ckptstore.save(_state(1, frozen), where, blocking=True)
+    make_legacy(where)
+    old = {p.name for p in where.iterdir()} - {fmt.MANIFEST_NAME}
+    ckptstore.save(_state(2, frozen), where, overwrite=True, blocking=True)
+    assert not old & {p.name for p in where.iterdir()}
+    assert_same_tree(ckptstore.load(where), _state(2, frozen))
