@@ -165,7 +165,9 @@ def main(argv: list[str]) -> None:
     import logging
 
     with atheris.instrument_imports(include=["ckptstore"]):
-        for name in ("codec", "format", "tree", "reader", "loader", "verify"):
+        for name in ("pipeline.codec", "manifest.records", "manifest.jsonio", "manifest.validate",
+                     "manifest.migrations", "manifest.io", "plan.tree", "read.reader", "api.load",
+                     "verify.checks", "verify.fsck"):
             importlib.import_module(f"ckptstore.{name}")
 
     logging.disable(logging.CRITICAL)

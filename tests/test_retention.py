@@ -9,9 +9,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ckptstore
-from ckptstore.api.checkpointer import check_quick
 from ckptstore.runs.retention import Best, Policy, select_keep, step_name
 from ckptstore.storage import LocalStorage
+from ckptstore.verify.checks import check_quick
 
 policies = st.builds(
     Policy,

@@ -55,7 +55,7 @@ from ckptstore.runs.retention import (
     step_name,
 )
 from ckptstore.storage import Storage, open_storage
-from ckptstore.storage.base import linked
+from ckptstore.verify.checks import check_quick
 
 log = logging.getLogger("ckptstore.checkpointer")
 
@@ -533,26 +533,6 @@ class Checkpointer:
         if not isinstance(step, int) or isinstance(step, bool):
             raise ValueError(f"step must be an int or 'latest', not {step!r}")
         return [(step, t) for t in self._tiers()]
-
-
-def check_quick(storage: Storage) -> str | None:
-    """None if ``storage`` holds a committed checkpoint whose manifest is valid and
-    whose every file is present at its recorded size; else what is wrong."""
-    try:
-        m = fmt.read_manifest(storage)
-        view = linked(storage, m.files)
-        for f in m.files:
-            try:
-                size = view.size(f.name)
-            except FileNotFoundError:
-                return f"file {f.name} is missing"
-            if size != f.size:
-                return f"file {f.name} is {size} bytes, the manifest says {f.size}"
-    except FileNotFoundError:
-        return "no manifest (not committed)"
-    except (OSError, ValueError) as e:
-        return f"{type(e).__name__}: {e}"
-    return None
 
 
 def _world_size() -> int:

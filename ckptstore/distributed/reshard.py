@@ -24,9 +24,10 @@ from ckptstore.distributed.shards import is_dtensor
 from ckptstore.errors import CorruptCheckpointError, StrictLoadError
 from ckptstore.plan.tree import torch_dtype, unflatten
 from ckptstore.read.into import LoadReport, leaves_of
-from ckptstore.read.reader import READ_THREADS, check_headers, read_chunk, read_tensors
+from ckptstore.read.reader import READ_THREADS, read_chunk, read_tensors
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
+from ckptstore.verify.checks import check_files
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +136,7 @@ def read_boxes(storage: Storage, manifest: fmt.Manifest, wanted: list[tuple[int,
     reads = [BoxRead(manifest.tensors[i], o, s) for i, o, s in wanted]
     jobs = [j for r in reads for j in r.jobs]
     if verify:
-        check_headers(storage, manifest, {rec.chunks[k].file for rec, k, _ in jobs})
+        check_files(storage, manifest, {rec.chunks[k].file for rec, k, _ in jobs})
     run_jobs(storage, jobs, verify)
     return [r.finish() for r in reads]
 

@@ -12,10 +12,10 @@ import torch
 
 from ckptstore import manifest as fmt
 from ckptstore.errors import CorruptCheckpointError
-from ckptstore.pipeline.codec import decode_planes, hash_bytes
 from ckptstore.plan.tree import safe_numpy_dtype, torch_dtype
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
+from ckptstore.verify.checks import check_chunk, check_files, chunk_where, decode_chunk
 
 READ_THREADS = 4
 
@@ -42,54 +42,23 @@ def empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
 
 def read_chunk(storage: Storage, rec: fmt.TensorRecord, index: int, out: memoryview,
                verify: bool) -> None:
-    """Read chunk ``index`` of ``rec`` into ``out`` (its raw bytes), verifying hashes.
-    An ``out`` of type :class:`Mapped` already holds the stored bytes: only verified."""
+    """Read chunk ``index`` of ``rec`` into ``out`` (its raw bytes), verifying hashes
+    (:mod:`ckptstore.verify.checks`). An ``out`` of type :class:`Mapped` already
+    holds the stored bytes: only verified."""
     c = rec.chunks[index]
-    where = f"tensor {rec.name!r} chunk {index} ({c.file} bytes [{c.offset}, {c.offset + c.length}))"
     if isinstance(out, Mapped):
-        if hash_bytes(out.view) != c.hash:
-            raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
-                                         [(rec.name, index)])
+        check_chunk(rec, index, out.view)
         return
     try:
         if c.group == 1 and c.planes[0][0] == "raw":
             n = storage.readinto(c.file, c.offset, out)
-            if n != c.length:
-                raise CorruptCheckpointError(f"{where}: file is truncated ({n} of {c.length} bytes)")
-            if verify and hash_bytes(out) != c.hash:
-                raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
-                                             [(rec.name, index)])
+            check_chunk(rec, index, out[:n], verify=verify)
             return
         data = storage.read(c.file, c.offset, c.length)
     except FileNotFoundError:
-        raise CorruptCheckpointError(f"{where}: file {c.file} is missing") from None
-    if len(data) != c.length:
-        raise CorruptCheckpointError(f"{where}: file is truncated ({len(data)} of {c.length} bytes)")
-    if verify and hash_bytes(data) != c.hash:
-        raise CorruptCheckpointError(f"{where}: hash mismatch (the data is damaged)",
-                                     [(rec.name, index)])
-    try:
-        decode_planes(memoryview(data), list(c.planes), c.group, out)
-    except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(f"{where}: {e}", [(rec.name, index)]) from None
-    if verify and hash_bytes(out) != c.raw_hash:
-        raise CorruptCheckpointError(f"{where}: decoded bytes do not match their hash",
-                                     [(rec.name, index)])
-
-
-def check_headers(storage: Storage, manifest: fmt.Manifest, names: set[str]) -> None:
-    """Verify the safetensors header of each named file, and that its size is right."""
-    for f in manifest.files:
-        if f.name not in names:
-            continue
-        try:
-            size = storage.size(f.name)
-        except FileNotFoundError:
-            raise CorruptCheckpointError(f"file {f.name} of {storage.url} is missing") from None
-        if size != f.size:
-            raise CorruptCheckpointError(f"file {f.name} is {size} bytes, the manifest says {f.size}")
-        if f.header_length and hash_bytes(storage.read(f.name, 0, f.header_length)) != f.header_hash:
-            raise CorruptCheckpointError(f"the safetensors header of {f.name} is damaged")
+        raise CorruptCheckpointError(f"{chunk_where(rec, index)}: file {c.file} is missing") from None
+    check_chunk(rec, index, data, verify=verify)
+    decode_chunk(rec, index, data, out, verify=verify)
 
 
 def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = True,
@@ -106,7 +75,7 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
     outs: dict[int, Any] = {}
     jobs = []
     if verify:
-        check_headers(storage, manifest, {c.file for _, r in wanted for c in r.chunks})
+        check_files(storage, manifest, {c.file for _, r in wanted for c in r.chunks})
     maps = _FileMaps(storage, manifest) if mmap else None
     for i, rec in wanted:
         mapped = maps.tensor(rec) if maps is not None else None

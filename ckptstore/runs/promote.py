@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 from ckptstore import manifest as fmt
 from ckptstore.commit.atomic import atomic_write
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, StorageError
-from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.storage.base import Storage
 from ckptstore.storage.capabilities import ObjectInfo
+from ckptstore.verify.checks import bytes_damage
 
 log = logging.getLogger("ckptstore.promote")
 UPLOAD_THREADS = 4
@@ -102,29 +102,19 @@ def _holds(holder: Storage, f: fmt.FileRecord) -> bool:
         return False
 
 
-def _chunks_by_file(m: fmt.Manifest) -> dict[str, list[tuple[str, fmt.ChunkRecord]]]:
+def _chunks_by_file(m: fmt.Manifest) -> dict[str, list[tuple[str, int, fmt.ChunkRecord]]]:
     out: dict[str, list] = {}
     for t in m.tensors:
-        for c in t.chunks:
-            out.setdefault(c.file, []).append((t.name, c))
+        for i, c in enumerate(t.chunks):
+            out.setdefault(c.file, []).append((t.name, i, c))
     return out
 
 
 def _copy_file(src: Storage, dst: Storage, f: fmt.FileRecord, chunks) -> int:
     """Read one file, check it against the manifest, upload it, check the upload."""
     data = src.read(f.name)
-    if len(data) != f.size:
-        raise CorruptCheckpointError(
-            f"{src.url}/{f.name} is {len(data)} bytes, the manifest says {f.size}; "
-            "a damaged checkpoint is never promoted")
-    if f.header_length and hash_bytes(data[:f.header_length]) != f.header_hash:
-        raise CorruptCheckpointError(f"the safetensors header of {src.url}/{f.name} is damaged")
-    view = memoryview(data)
-    for tensor, c in chunks:
-        if hash_bytes(view[c.offset:c.offset + c.length]) != c.hash:
-            raise CorruptCheckpointError(
-                f"tensor {tensor!r} in {src.url}/{f.name} does not match its hash; "
-                "a damaged checkpoint is never promoted", [(tensor, None)])
+    for damage in bytes_damage(f, data, chunks):
+        raise damage.error(f"{src.url}: ", "; a damaged checkpoint is never promoted")
     atomic_write(dst, f.name, [data])
     verify_upload(dst, f.name, data)
     return len(data)
