@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 
-from ckptstore.runs.retention import step_name
+from ckptstore.runs.layout import step_name
 from ckptstore.storage.fsspec_backend import FsspecStorage
 
 from .common import MODES, SMALL, Budget, Report, make_state, outcome, tree_digest
@@ -164,7 +164,7 @@ def _check(report: Report, env: StoreEnv, run: str, step: str, error, what: str)
 def fault_promotion(report: Report, env: StoreEnv, rng: random.Random, i: int, tmp: str) -> None:
     """A Checkpointer save whose promotion to S3 meets sampled network faults."""
     import ckptstore
-    from ckptstore.runs.retention import step_name
+    from ckptstore.runs.layout import step_name
 
     mode = rng.choice(MODES)
     run = env.bucket(mode)

@@ -10,7 +10,7 @@ import torch
 import ckptstore
 from ckptstore import manifest as fmt
 from ckptstore.api.checkpointer import CheckpointFallbackWarning
-from ckptstore.runs.retention import step_name
+from ckptstore.runs.layout import step_name
 from conftest import assert_same_tree
 
 

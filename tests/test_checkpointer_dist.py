@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 
 import ckptstore
 from ckptstore.api.checkpointer import CheckpointFallbackWarning, Checkpointer
-from ckptstore.runs.retention import step_name
+from ckptstore.runs.layout import step_name
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -9,7 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import ckptstore
-from ckptstore.runs.retention import Best, Policy, select_keep, step_name
+from ckptstore.runs.layout import step_name
+from ckptstore.runs.retention import Best, Policy, select_keep
 from ckptstore.storage import LocalStorage
 from ckptstore.verify.checks import check_quick
 

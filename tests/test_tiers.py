@@ -17,8 +17,8 @@ import ckptstore
 from ckptstore import manifest as fmt
 from ckptstore.api.checkpointer import CheckpointFallbackWarning
 from ckptstore.cli.main import main as cli_main
-from ckptstore.cli.runs import gc
-from ckptstore.runs.retention import step_name
+from ckptstore.runs.gc import gc
+from ckptstore.runs.layout import step_name
 from ckptstore.storage import open_storage
 from conftest import assert_same_tree
 from conftest_tiers import *  # noqa: F401,F403

@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 import ckptstore
-from ckptstore.runs.retention import step_name
+from ckptstore.runs.layout import step_name
 from trainer.checkpointing import TrainCheckpointer
 from trainer.config import TrainConfig
 from trainer.train import DistContext, build_parts, setup, teardown, train_step

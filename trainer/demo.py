@@ -48,7 +48,7 @@ def main(argv: list[str]) -> int:
         return rc
 
     import ckptstore
-    from ckptstore.runs.retention import step_name
+    from ckptstore.runs.layout import step_name
 
     with ckptstore.Checkpointer(str(out / "checkpoints")) as ckpt:
         latest = ckpt.latest()

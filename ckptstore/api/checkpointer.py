@@ -31,30 +31,22 @@ import queue
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-from ckptstore import errors as _errors, manifest as fmt
+from ckptstore import errors as _errors
 from ckptstore.errors import (
-    CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     DistributedSaveError,
     SchemaVersionError,
     StorageError,
 )
-from ckptstore.runs.retention import (
-    Best,
-    Policy,
-    drop_step,
-    parse_step,
-    referenced_files,
-    select_keep,
-    step_name,
-)
-from ckptstore.storage import Storage, open_storage
+from ckptstore.runs.layout import step_name
+from ckptstore.runs.retention import Best, Policy
+from ckptstore.runs.tiers import Tier, candidates, retain, retire_damaged, step_metadata, unpromoted
+from ckptstore.storage import open_storage
 from ckptstore.verify.checks import check_quick
 
 log = logging.getLogger("ckptstore.checkpointer")
@@ -62,15 +54,6 @@ log = logging.getLogger("ckptstore.checkpointer")
 
 class CheckpointFallbackWarning(UserWarning):
     """A copy of a checkpoint failed verification; an older or other copy was used."""
-
-
-@dataclass(frozen=True, slots=True)
-class Tier:
-    """One place checkpoints live, and what it keeps."""
-
-    name: str  # "local" | "remote"
-    root: Storage
-    policy: Policy
 
 
 class Checkpointer:
@@ -171,7 +154,7 @@ class Checkpointer:
 
         def prepare() -> None:
             self._raise_background()
-            self._retire_damaged(step)
+            retire_damaged(self.primary.root, step)
 
         self._agree(prepare, f"preparing the save of step {step}")
         opts = {**self.save_options, **kwargs}
@@ -187,41 +170,14 @@ class Checkpointer:
             self._queue.put((step, handle))
         return handle
 
-    def _retire_damaged(self, step: int) -> None:
-        """A run that fell back past a damaged step saves that step again: retire
-        the damaged copy's manifest (its files go to gc) so the new save can commit.
-        An intact committed copy is never replaced."""
-        from ckptstore.verify.fsck import fsck
-
-        where = self.primary.root.child(step_name(step))
-        if not where.exists(fmt.MANIFEST_NAME):
-            return
-        try:
-            report = fsck(where)
-            problem = None if report.ok else "; ".join(str(d) for d in report.damage[:5])
-        except (CorruptCheckpointError, OSError, ValueError) as e:
-            problem = f"{type(e).__name__}: {e}"
-        if problem is None:
-            raise CheckpointExistsError(
-                f"step {step} is already committed and intact at {where.url}; a Checkpointer "
-                "never replaces an intact checkpoint: delete it first or save another step")
-        log.warning("step %d at %s is damaged (%s); retiring it so it can be saved again",
-                    step, where.url, problem)
-        where.remove(fmt.MANIFEST_NAME)
-        if where.capabilities.fsync:
-            where.fsync_dir()
-
     def _base_for(self, step: int) -> str | None:
-        older = [s for s in self._committed(self.primary) if s < step]
+        older = [s for s in self.primary.committed() if s < step]
         return step_name(max(older)) if older else None
 
     # -- queries --------------------------------------------------------------
     def steps(self) -> list[int]:
         """Every step committed on any tier, ascending (not verified)."""
-        out = set(self._committed(self.local)) if self.local else set()
-        if self.remote:
-            out |= set(self._committed(self.remote))
-        return sorted(out)
+        return sorted({s for t in self._tiers() for s in t.committed()})
 
     def latest(self) -> int | None:
         """The newest step that is committed and passes verification (manifest
@@ -232,7 +188,7 @@ class Checkpointer:
         return self._agree(self._latest_here, "finding the latest step")
 
     def _latest_here(self) -> int | None:
-        for step, tier in self._candidates("latest"):
+        for step, tier in candidates(self._tiers(), "latest"):
             problem = check_quick(tier.root.child(step_name(step)))
             if problem is None:
                 return step
@@ -256,7 +212,7 @@ class Checkpointer:
         from ckptstore.api.load import load
 
         self._settle()
-        cands = self._agree(lambda: [(s, t.name) for s, t in self._candidates(step)],
+        cands = self._agree(lambda: [(s, t.name) for s, t in candidates(self._tiers(), step)],
                             f"choosing step {step!r} to load")
         tiers = {t.name: t for t in self._tiers()}
         problems = []
@@ -304,13 +260,7 @@ class Checkpointer:
 
     def metadata(self, step: int) -> dict | None:
         """The ``{"step", "metrics"}`` stored with ``step`` (first tier that has it)."""
-        for tier in self._tiers():
-            try:
-                m = fmt.read_manifest(tier.root.child(step_name(step)))
-            except (OSError, ValueError):
-                continue
-            return m.metadata
-        return None
+        return step_metadata(self._tiers(), step)
 
     # -- lifecycle ------------------------------------------------------------
     def wait(self) -> None:
@@ -385,30 +335,15 @@ class Checkpointer:
             return  # the save's own error is raised by handle.wait() / the next save()
         if self.local is not None and self.remote is not None:
             self._promote_wanted()  # raises on failure: then nothing is deleted this round
-            self._retain(self.local, protected=self._unpromoted())
+            self._retain(self.local, protected=unpromoted(self.local, self.remote))
             self._retain(self.remote)
         else:
             self._retain(self.primary)
 
-    def _unpromoted(self) -> set[int]:
-        """Local steps the remote policy wants that are not committed remotely."""
-        assert self.local is not None and self.remote is not None
-        local = self._committed(self.local)
-        remote = self._committed(self.remote)
-        cands = {s: self._metrics(self.local, s) for s in local if self._eligible(s)}
-        cands.update({s: self._metrics(self.remote, s) for s in remote})
-        return select_keep(cands, self.remote.policy) - set(remote)
-
-    def _eligible(self, step: int) -> bool:
-        p = self.remote.policy  # type: ignore[union-attr]
-        if p.keep_every and p.keep_last is None and p.keep_best is None:
-            return step % p.keep_every == 0
-        return True
-
     def _promote_wanted(self) -> None:
         from ckptstore.runs.promote import promote_step
 
-        for s in sorted(self._unpromoted(), reverse=True):
+        for s in sorted(unpromoted(self.local, self.remote), reverse=True):  # type: ignore[arg-type]
             fut = self._promotion_pool().submit(promote_step, self.local.root,  # type: ignore
                                                 self.remote.root, step_name(s))  # type: ignore
             res = fut.result()
@@ -433,31 +368,7 @@ class Checkpointer:
         return self._promoter
 
     def _retain(self, tier: Tier, protected: set[int] = frozenset()) -> None:
-        committed = self._committed(tier)
-        if not committed or tier.policy.keeps_all:
-            return
-        newest = max(committed)
-        problem = check_quick(tier.root.child(step_name(newest)))
-        if problem is not None:  # the newest may be all there is: delete nothing
-            log.warning("retention on %s skipped: newest step %d fails verification: %s",
-                        tier.root.url, newest, problem)
-            return
-        metrics = {s: self._metrics(tier, s) for s in committed}
-        keep = select_keep(metrics, tier.policy, protected)
-        drop = sorted(set(committed) - keep)
-        if not drop:
-            return
-        manifests = {}
-        for s in keep:
-            try:
-                manifests[step_name(s)] = fmt.read_manifest(tier.root.child(step_name(s)))
-            except (OSError, ValueError) as e:  # unreadable: keep it, and all it may need
-                log.warning("retention on %s skipped: step %d unreadable: %s",
-                            tier.root.url, s, e)
-                return
-        refs = referenced_files(tier.root, manifests)
-        for s in drop:
-            drop_step(tier.root, step_name(s), refs)
+        retain(tier, protected)  # a method: tests count the rounds per rank
 
     # -- agreement between ranks ---------------------------------------------
     def _settle(self) -> None:
@@ -503,37 +414,6 @@ class Checkpointer:
     # -- helpers --------------------------------------------------------------
     def _tiers(self) -> list[Tier]:
         return [t for t in (self.local, self.remote) if t is not None]
-
-    def _committed(self, tier: Tier | None) -> list[int]:
-        if tier is None:
-            return []
-        out = []
-        for entry in tier.root.listdir():
-            s = parse_step(entry)
-            if s is not None and tier.root.child(entry).exists(fmt.MANIFEST_NAME):
-                out.append(s)
-        return sorted(out)
-
-    def _metrics(self, tier: Tier, step: int) -> dict | None:
-        if tier.policy.keep_best is None:
-            return None
-        try:
-            m = fmt.read_manifest(tier.root.child(step_name(step)))
-        except (OSError, ValueError):
-            return None
-        meta = m.metadata if isinstance(m.metadata, dict) else {}
-        return meta.get("metrics") if isinstance(meta.get("metrics"), dict) else None
-
-    def _candidates(self, step: "int | str") -> list[tuple[int, Tier]]:
-        """(step, tier) pairs to try, newest step first, local before remote."""
-        if step == "latest":
-            per = {t.name: set(self._committed(t)) for t in self._tiers()}
-            steps = sorted(set().union(*per.values()), reverse=True)
-            return [(s, t) for s in steps for t in self._tiers() if s in per[t.name]]
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise ValueError(f"step must be an int or 'latest', not {step!r}")
-        return [(step, t) for t in self._tiers()]
-
 
 def _world_size() -> int:
     """Ranks in the initialized default process group, 0 if there is none."""

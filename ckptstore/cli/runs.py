@@ -1,92 +1,24 @@
 """``ckptstore ls``, ``gc`` and ``promote``: runs of step checkpoints on any tier.
 
-``gc`` removes only what ckptstore creates and a crash can leave behind, once it is
-older than a grace period: temp files (``.tmp-*``), data files of step directories
-that never committed (files still referenced by a committed step stay), and on S3
-incomplete multipart uploads below the prefix. Committed checkpoints are never
-touched, nor files whose names ckptstore does not write.
+Arguments and output only; the work is in :mod:`ckptstore.runs` (``listing``,
+``gc``, ``promote``).
 """
 from __future__ import annotations
 
 import argparse
-import re
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from ckptstore import manifest as fmt
 from ckptstore.cli.main import _options, _out, command, progress_bar
-from ckptstore.commit.atomic import is_temp_name
-from ckptstore.runs.retention import parse_step, referenced_files
+from ckptstore.runs.gc import DEFAULT_GRACE, gc
+from ckptstore.runs.listing import list_steps
 from ckptstore.storage import Storage, open_storage
-from ckptstore.storage.capabilities import MultipartGC
-
-#: names of files a save writes into a checkpoint directory
-DATA_RE = re.compile(r"^(shard-\d{5}-[0-9a-f]+\.(chunks|safetensors)|\.tmp-.*)$")
-DEFAULT_GRACE = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class StepInfo:
-    """One step directory as ``ls`` shows it."""
-
-    step: int
-    name: str
-    committed: bool
-    added_bytes: int  #: bytes stored in this directory (what this step added)
-    stored_bytes: int  #: bytes the checkpoint reads, referenced files included
-    logical_bytes: int
-    ratio: float | None  #: stored / logical
-    age_seconds: float | None
-    problem: str | None = None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option (repeatable)")
-
-
-def _age(storage: Storage, name: str, now: float) -> float | None:
-    try:
-        return max(0.0, now - storage.mtime(name))
-    except (OSError, ValueError, AttributeError, NotImplementedError):
-        return None
-
-
-def list_steps(root: Storage) -> list[StepInfo]:
-    """Every step directory below ``root``, committed or not, by step."""
-    now = time.time()
-    out = []
-    for entry in root.listdir():
-        step = parse_step(entry)
-        if step is None:
-            continue
-        d = root.child(entry)
-        try:
-            m = fmt.read_manifest(d)
-        except FileNotFoundError:
-            files = [f for f in d.listdir() if not d.isdir(f)]
-            added = sum(_size(d, f) for f in files)
-            age = min((a for a in (_age(d, f, now) for f in files) if a is not None), default=None)
-            out.append(StepInfo(step, entry, False, added, added, 0, None, age))
-            continue
-        except (OSError, ValueError) as e:
-            out.append(StepInfo(step, entry, False, 0, 0, 0, None, None, f"{type(e).__name__}: {e}"))
-            continue
-        added = sum(f.size for f in m.files if f.base is None)
-        stored = sum(f.size for f in m.files)
-        logical = sum(t.nbytes for t in m.tensors)
-        out.append(StepInfo(step, entry, True, added, stored, logical,
-                            round(stored / logical, 4) if logical else None,
-                            _age(d, fmt.MANIFEST_NAME, now)))
-    return sorted(out, key=lambda s: s.step)
-
-
-def _size(d: Storage, name: str) -> int:
-    try:
-        return d.size(name)
-    except (OSError, ValueError):
-        return 0
 
 
 def _human(n: float) -> str:
@@ -122,53 +54,6 @@ def _ls(args) -> int:
 
 
 # -- gc ---------------------------------------------------------------------
-
-def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[str]:
-    """Remove leftovers below run directory ``root`` older than ``grace`` seconds;
-    returns what was (or, with ``dry_run``, would be) removed."""
-    now = time.time()
-    manifests: dict[str, fmt.Manifest] = {}
-    dirs = [e for e in root.listdir() if parse_step(e) is not None]
-    for e in dirs:
-        try:
-            manifests[e] = fmt.read_manifest(root.child(e))
-        except FileNotFoundError:
-            continue
-        except (OSError, ValueError):
-            manifests[e] = None  # type: ignore[assignment]  # damaged: leave it alone
-    refs = referenced_files(root, {k: v for k, v in manifests.items() if v is not None})
-    removed: list[str] = []
-    for e in dirs:
-        d = root.child(e)
-        committed = e in manifests
-        for f in d.listdir():
-            if not DATA_RE.match(f) or (e, f) in refs or (committed and not is_temp_name(f)):
-                continue
-            age = _age(d, f, now)
-            if age is None or age < grace:
-                continue
-            removed.append(f"{d.url}/{f}")
-            if not dry_run:
-                d.remove(f)
-        if not committed and not dry_run and not d.listdir():
-            root.rmtree(e)
-    removed += _gc_multipart(root, now, grace, dry_run)
-    return removed
-
-
-def _gc_multipart(root: Storage, now: float, grace: float, dry_run: bool) -> list[str]:
-    """Abort incomplete (S3 multipart) uploads below ``root`` older than ``grace``."""
-    if not isinstance(root, MultipartGC):
-        return []
-    out = []
-    for up in root.incomplete_uploads():
-        if up.started is not None and now - up.started < grace:
-            continue
-        out.append(f"{up.url} (incomplete upload {up.upload_id})")
-        if not dry_run:
-            root.abort_upload(up)
-    return out
-
 
 def _gc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="run directory or URL")

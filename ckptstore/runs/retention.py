@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -23,23 +22,6 @@ from ckptstore import manifest as fmt
 from ckptstore.storage import Storage
 
 log = logging.getLogger("ckptstore.retention")
-
-STEP_PREFIX = "step-"
-STEP_DIGITS = 12
-STEP_RE = re.compile(r"^step-(\d{12})$")
-
-
-def step_name(step: int) -> str:
-    """Directory name of ``step``; zero-padded so that names sort by step."""
-    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 10 ** STEP_DIGITS:
-        raise ValueError(f"step must be an integer in [0, 10**{STEP_DIGITS}), not {step!r}")
-    return f"{STEP_PREFIX}{step:0{STEP_DIGITS}d}"
-
-
-def parse_step(name: str) -> int | None:
-    """The step of a step directory name, or None for anything else."""
-    m = STEP_RE.match(name)
-    return int(m.group(1)) if m else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,71 @@
+"""``gc``: remove what ckptstore creates and a crash can leave behind in a run.
+
+Only once it is older than a grace period: temp files (``.tmp-*``), data files of
+step directories that never committed (files still referenced by a committed step
+stay), and incomplete multipart uploads below the prefix on a store that has them.
+Committed checkpoints are never touched, nor files whose names ckptstore does not
+write.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from ckptstore import manifest as fmt
+from ckptstore.commit.atomic import is_temp_name
+from ckptstore.runs.layout import parse_step
+from ckptstore.runs.listing import age_of
+from ckptstore.runs.retention import referenced_files
+from ckptstore.storage import Storage
+from ckptstore.storage.capabilities import MultipartGC
+
+#: names of files a save writes into a checkpoint directory
+DATA_RE = re.compile(r"^(shard-\d{5}-[0-9a-f]+\.(chunks|safetensors)|\.tmp-.*)$")
+DEFAULT_GRACE = 3600.0
+
+
+def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[str]:
+    """Remove leftovers below run directory ``root`` older than ``grace`` seconds;
+    returns what was (or, with ``dry_run``, would be) removed."""
+    now = time.time()
+    manifests: dict[str, fmt.Manifest] = {}
+    dirs = [e for e in root.listdir() if parse_step(e) is not None]
+    for e in dirs:
+        try:
+            manifests[e] = fmt.read_manifest(root.child(e))
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError):
+            manifests[e] = None  # type: ignore[assignment]  # damaged: leave it alone
+    refs = referenced_files(root, {k: v for k, v in manifests.items() if v is not None})
+    removed: list[str] = []
+    for e in dirs:
+        d = root.child(e)
+        committed = e in manifests
+        for f in d.listdir():
+            if not DATA_RE.match(f) or (e, f) in refs or (committed and not is_temp_name(f)):
+                continue
+            age = age_of(d, f, now)
+            if age is None or age < grace:
+                continue
+            removed.append(f"{d.url}/{f}")
+            if not dry_run:
+                d.remove(f)
+        if not committed and not dry_run and not d.listdir():
+            root.rmtree(e)
+    removed += _gc_multipart(root, now, grace, dry_run)
+    return removed
+
+
+def _gc_multipart(root: Storage, now: float, grace: float, dry_run: bool) -> list[str]:
+    """Abort incomplete (S3 multipart) uploads below ``root`` older than ``grace``."""
+    if not isinstance(root, MultipartGC):
+        return []
+    out = []
+    for up in root.incomplete_uploads():
+        if up.started is not None and now - up.started < grace:
+            continue
+        out.append(f"{up.url} (incomplete upload {up.upload_id})")
+        if not dry_run:
+            root.abort_upload(up)
+    return out
