@@ -11,7 +11,7 @@ import torch
 
 import ckptstore
 from ckptstore import manifest as fmt
-from ckptstore.manifest import migrations
+from ckptstore.manifest import migrations, records
 from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.errors import SchemaVersionError
 from ckptstore.storage import open_storage
@@ -161,7 +161,7 @@ def future_library(monkeypatch):
 
     migrations.register(1, registry)(traced(_v1_to_v2))
     migrations.register(2, registry)(traced(_v2_to_v3))
-    monkeypatch.setattr(fmt, "SCHEMA_VERSION", 3)
+    monkeypatch.setattr(records, "SCHEMA_VERSION", 3)
     monkeypatch.setattr(migrations, "MIGRATIONS", registry)
     return calls
 

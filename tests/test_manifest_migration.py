@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_same_tree
 
 import ckptstore
 from ckptstore import manifest as fmt
 from ckptstore.cli.main import main as cli
-from ckptstore.manifest import migrations
+from ckptstore.manifest import migrations, records
 from ckptstore.pipeline.codec import hash_bytes
-from conftest import assert_same_tree
 
 CHUNK_KEYS = ["file", "offset", "length", "raw_length", "group", "planes", "hash", "raw_hash"]
 
@@ -63,6 +63,7 @@ def make_legacy(path: Path) -> bytes:
 def newer_library(monkeypatch):
     """The library at schema version 2, with the 1 -> 2 step registered; returns the
     list of calls to the step."""
+    assert fmt.SCHEMA_VERSION == 1
     calls: list[str] = []
     registry: dict = {}
 
@@ -78,8 +79,9 @@ def newer_library(monkeypatch):
         obj["schema_version"] = 2
         return obj
 
-    monkeypatch.setattr(fmt, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(records, "SCHEMA_VERSION", 2)
     monkeypatch.setattr(migrations, "MIGRATIONS", registry)
+    assert fmt.SCHEMA_VERSION == 2  # the writer reads it through the package
     return calls
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ckptstore.cli.main import _options, _out, command
+from ckptstore.cli.main import command, emit, storage_options
 
 
 def _storage_option(p: argparse.ArgumentParser) -> None:
@@ -15,8 +15,8 @@ def _export(args) -> int:
     from ckptstore.interop.convert import export_safetensors
 
     names = export_safetensors(args.path, args.out, keys=args.keys or None,
-                               strip_prefix=args.strip_prefix, storage_options=_options(args))
-    _out(args, {"out": args.out, "tensors": names},
+                               strip_prefix=args.strip_prefix, storage_options=storage_options(args))
+    emit(args, {"out": args.out, "tensors": names},
          f"wrote {len(names)} tensors to {args.out}")
     return 0
 
@@ -40,8 +40,8 @@ def _import(args) -> int:
     from ckptstore.interop.convert import import_checkpoint
 
     result = import_checkpoint(args.file, args.dest, compression=args.compression,
-                               overwrite=args.overwrite, storage_options=_options(args))
-    _out(args, {"dest": args.dest, "result": repr(result)}, f"imported {args.file} into {args.dest}")
+                               overwrite=args.overwrite, storage_options=storage_options(args))
+    emit(args, {"dest": args.dest, "result": repr(result)}, f"imported {args.file} into {args.dest}")
     return 0
 
 
@@ -61,12 +61,12 @@ _import.arguments = _import_args  # type: ignore[attr-defined]
 def _diff(args) -> int:
     from ckptstore.interop.convert import diff
 
-    report = diff(args.a, args.b, storage_options=_options(args))
+    report = diff(args.a, args.b, storage_options=storage_options(args))
     lines = [f"+ {n}" for n in report.added] + [f"- {n}" for n in report.removed]
     lines += [f"~ {n}: {why}" for n, why in report.changed]
     lines.append(f"{len(report.added)} added, {len(report.removed)} removed, "
                  f"{len(report.changed)} changed, {report.same} unchanged")
-    _out(args, report.to_json(), "\n".join(lines))
+    emit(args, report.to_json(), "\n".join(lines))
     return 0 if report.identical else 1
 
 

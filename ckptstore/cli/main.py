@@ -35,7 +35,7 @@ def progress_bar(total: int, desc: str):
     return (lambda n: None), (lambda: None)
 
 
-def _out(args, payload: dict, text: str) -> None:
+def emit(args, payload: dict, text: str) -> None:
     if getattr(args, "json", False):
         json.dump(payload, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
@@ -56,7 +56,7 @@ def _fsck(args) -> int:
     from ckptstore.storage import open_storage
     from ckptstore.verify.fsck import fsck
 
-    storage = open_storage(args.path, _options(args))
+    storage = open_storage(args.path, storage_options(args))
     total = 0
     try:
         m = read_manifest(storage)
@@ -73,14 +73,14 @@ def _fsck(args) -> int:
     lines = [f"{report.path}: {'OK' if report.ok else 'DAMAGED'} — {report.tensors} tensors, "
              f"{report.chunks} chunks, {report.files} files, {report.bytes_checked} bytes checked"]
     lines += [f"  damaged: {d}" for d in report.damage]
-    _out(args, report.to_json(), "\n".join(lines))
+    emit(args, report.to_json(), "\n".join(lines))
     return 0 if report.ok else 1
 
 
 _fsck.arguments = _fsck_args  # type: ignore[attr-defined]
 
 
-def _options(args) -> dict:
+def storage_options(args) -> dict:
     opts = {}
     for kv in getattr(args, "storage_option", []) or []:
         k, _, v = kv.partition("=")

@@ -9,7 +9,7 @@ import argparse
 from dataclasses import asdict
 
 from ckptstore import manifest as fmt
-from ckptstore.cli.main import _options, _out, command, progress_bar
+from ckptstore.cli.main import command, emit, progress_bar, storage_options
 from ckptstore.runs.gc import DEFAULT_GRACE, gc
 from ckptstore.runs.listing import list_steps
 from ckptstore.storage import Storage, open_storage
@@ -36,7 +36,7 @@ def _ls_args(p: argparse.ArgumentParser) -> None:
 
 @command("ls", "list the steps of a run: committed or not, bytes added, ratio, age")
 def _ls(args) -> int:
-    root = open_storage(args.url, _options(args))
+    root = open_storage(args.url, storage_options(args))
     steps = list_steps(root)
     lines = [f"{'step':>12}  {'state':<10} {'added':>10} {'stored':>10} {'ratio':>6}  age"]
     for s in steps:
@@ -48,7 +48,7 @@ def _ls(args) -> int:
     scheme, sep, _ = root.url.partition("://")
     tier = "local" if root.capabilities.local_path else (scheme if sep else "remote")
     lines.insert(0, f"{root.url} ({tier})")
-    _out(args, {"url": root.url, "tier": tier, "steps": [asdict(s) for s in steps]},
+    emit(args, {"url": root.url, "tier": tier, "steps": [asdict(s) for s in steps]},
          "\n".join(lines))
     return 0
 
@@ -65,11 +65,11 @@ def _gc_args(p: argparse.ArgumentParser) -> None:
 
 @command("gc", "remove temp files, uncommitted steps and incomplete uploads of a run")
 def _gc(args) -> int:
-    root = open_storage(args.url, _options(args))
+    root = open_storage(args.url, storage_options(args))
     removed = gc(root, grace=args.grace, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     text = "\n".join(f"{verb} {r}" for r in removed) or "nothing to remove"
-    _out(args, {"url": root.url, "dry_run": args.dry_run, "removed": removed}, text)
+    emit(args, {"url": root.url, "dry_run": args.dry_run, "removed": removed}, text)
     return 0
 
 
@@ -87,9 +87,9 @@ def _promote_args(p: argparse.ArgumentParser) -> None:
 def _promote(args) -> int:
     from ckptstore.runs.promote import promote_step
 
-    src = open_storage(args.src, _options(args))
-    dst = open_storage(args.dst, _options(argparse.Namespace(storage_option=args.dst_option))
-                       or _options(args))
+    src = open_storage(args.src, storage_options(args))
+    dst = open_storage(args.dst, storage_options(argparse.Namespace(storage_option=args.dst_option))
+                       or storage_options(args))
     if src.exists(fmt.MANIFEST_NAME):  # one checkpoint: SRC's own name is the step name
         name = src.url.rstrip("/").rpartition("/")[2]
         names, src = [name], _parent(src, name)
@@ -107,7 +107,7 @@ def _promote(args) -> int:
     text = "\n".join(f"{r['name']}: {'already there' if r['already'] else 'promoted'}, "
                      f"{r['uploaded_files']} files, {_human(r['uploaded_bytes'])} uploaded"
                      for r in results) or "no committed checkpoints to promote"
-    _out(args, {"src": src.url, "dst": dst.url, "promoted": results}, text)
+    emit(args, {"src": src.url, "dst": dst.url, "promoted": results}, text)
     return 0
 
 

@@ -10,12 +10,15 @@
 * :mod:`.migrations`: upgrades of older schema versions;
 * :mod:`.io`: reading a committed manifest from storage (every layer uses it).
 
-``SCHEMA_VERSION`` here is the one the library reads at call time
-(:func:`~.records.library_schema_version`): patch it here to simulate a newer library.
-This package imports nothing above it (api, read, verify, runs) and no torch.
+``SCHEMA_VERSION`` forwards to ``records.SCHEMA_VERSION``, the one the library reads
+at call time: patch that attribute to simulate a newer library. This package imports
+nothing above it (api, read, verify, runs) and no torch.
 """
 from __future__ import annotations
 
+from typing import Any
+
+from ckptstore.manifest import records
 from ckptstore.manifest.io import read_manifest, read_manifest_bytes
 from ckptstore.manifest.jsonio import check_checksum, decode, encode, parse_json
 from ckptstore.manifest.records import (
@@ -24,7 +27,6 @@ from ckptstore.manifest.records import (
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     MAX_SIZE,
-    SCHEMA_VERSION,
     ChunkRecord,
     FileRecord,
     Manifest,
@@ -42,3 +44,9 @@ __all__ = [
     "check_checksum", "decode", "digest_of", "encode", "hash_bytes", "parse_json",
     "read_manifest", "read_manifest_bytes", "validate", "validate_shards",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SCHEMA_VERSION":  # live, not a copy: records.SCHEMA_VERSION may be patched
+        return records.SCHEMA_VERSION
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

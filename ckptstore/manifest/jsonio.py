@@ -12,7 +12,7 @@ from typing import Any
 
 from ckptstore.errors import CorruptCheckpointError, SchemaVersionError, UnsafeCheckpointError
 from ckptstore.manifest import migrations, records as rec
-from ckptstore.manifest.records import FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_SIZE, library_schema_version
+from ckptstore.manifest.records import FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_SIZE
 from ckptstore.manifest.validate import validate
 from ckptstore.pipeline.codec import hash_bytes
 from ckptstore.storage.base import check_name
@@ -109,7 +109,7 @@ def decode(data: bytes, *, migrate: Callable[[dict], dict] | None = None) -> rec
     version = obj.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise CorruptCheckpointError(f"invalid schema_version {version!r}")
-    current = library_schema_version()
+    current = rec.SCHEMA_VERSION  # at call time: see records.SCHEMA_VERSION
     if version > current:
         writer = obj.get("writer", {})
         ver = writer.get("version", "?") if isinstance(writer, dict) else "?"

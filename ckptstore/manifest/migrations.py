@@ -9,7 +9,7 @@ read files: the manifest's checksum was checked on the original bytes.
 
 Adding a schema version (see docs/compat.md):
 
-1. bump ``SCHEMA_VERSION`` (``ckptstore/manifest/records.py``) and change the writer;
+1. bump ``SCHEMA_VERSION`` in ``ckptstore/manifest/records.py`` and change the writer;
 2. register the step from the previous version here::
 
        @register(1)
@@ -29,7 +29,7 @@ import logging
 from collections.abc import Callable
 
 from ckptstore.errors import SchemaVersionError
-from ckptstore.manifest.records import library_schema_version
+from ckptstore.manifest import records
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def migrate(obj: dict, *, target: int | None = None,
     """Upgrade manifest object ``obj`` to schema version ``target`` (default: the
     library's ``manifest.SCHEMA_VERSION``). The input is not modified."""
     table = MIGRATIONS if registry is None else registry
-    target = library_schema_version() if target is None else target
+    target = records.SCHEMA_VERSION if target is None else target
     version = obj.get("schema_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise SchemaVersionError(f"manifest schema_version {version!r} is not an integer")

@@ -15,18 +15,12 @@ from ckptstore.pipeline.codec import hash_bytes
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "ckptstore"
+#: the schema version this library writes and reads up to. Everything reads it here at
+#: call time (``ckptstore.manifest.SCHEMA_VERSION`` forwards to it), so patching this one
+#: attribute simulates a newer library.
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_SIZE = 1 << 50  #: no file, tensor or chunk is larger than a petabyte
-
-
-def library_schema_version() -> int:
-    """The schema version this library writes and reads up to:
-    ``ckptstore.manifest.SCHEMA_VERSION``, read at call time, so that a test can
-    simulate a newer library by patching that one attribute."""
-    from ckptstore import manifest
-
-    return manifest.SCHEMA_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +33,7 @@ class ChunkRecord:
     length: int
     raw_length: int
     group: int
-    planes: tuple  # ((codec, length), ...)
+    planes: tuple[tuple[str, int], ...]  # ((codec, length), ...)
     hash: str
     raw_hash: str
 
@@ -57,11 +51,11 @@ class TensorRecord:
     name: str
     kind: str
     dtype: str
-    shape: tuple
+    shape: tuple[int, ...]
     nbytes: int
     digest: str
-    chunks: tuple
-    shards: tuple = ()
+    chunks: tuple[ChunkRecord, ...]
+    shards: tuple[ShardRecord, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,8 +63,8 @@ class ShardRecord:
     """A box of a sharded tensor: ``shape`` elements from ``offsets`` (global
     coordinates); its bytes are the next ``nchunks`` chunks of the tensor record."""
 
-    offsets: tuple
-    shape: tuple
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
     nchunks: int
 
 
@@ -95,15 +89,15 @@ class Manifest:
     """Everything a reader needs; written last, its presence is the commit."""
 
     schema_version: int
-    writer: dict
+    writer: dict[str, Any]
     created: str
     save_id: str
     chunk_size: int
     compression: str
     metadata: Any
     tree: Any
-    tensors: tuple
-    files: tuple
+    tensors: tuple[TensorRecord, ...]
+    files: tuple[FileRecord, ...]
 
     def file(self, name: str) -> FileRecord:
         for f in self.files:

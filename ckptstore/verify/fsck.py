@@ -22,7 +22,7 @@ class FsckReport:
     chunks: int
     files: int
     bytes_checked: int
-    damage: tuple
+    damage: tuple[Damage, ...]
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -1,7 +1,7 @@
 """Golden checkpoints: tiny checkpoints of every schema version, committed to the repo.
 
 Every later ckptstore must keep loading them bit-exactly (tests/test_golden.py).
-Run this script only when ``format.SCHEMA_VERSION`` is bumped::
+Run this script only when ``SCHEMA_VERSION`` (ckptstore/manifest/records.py) is bumped::
 
     python tests/golden/make_golden.py
 
@@ -150,7 +150,7 @@ def main() -> int:
     schema_file = HERE / f"schema-v{version}.json"
     if schema_file.exists() or any((HERE / f"v{version}-{m}").exists() for m in MODES):
         sys.stderr.write(f"golden files for schema version {version} already exist; a released "
-                         "version is never regenerated: bump format.SCHEMA_VERSION first\n")
+                         "version is never regenerated: bump manifest.records.SCHEMA_VERSION first\n")
         return 1
     paths = write_version(HERE, version)
     schema_file.write_text(json.dumps(schema_description(paths), indent=1) + "\n")
