@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
 from ckptstore.errors import (  # noqa: E402
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -27,6 +25,7 @@ from ckptstore.errors import (  # noqa: E402
     UnsupportedTypeError,
     WriterDiedError,
 )
+from ckptstore.version import __version__
 
 # The API modules import torch; they are loaded on first use so that writer
 # processes (which import this package) stay small and start fast.

@@ -49,7 +49,7 @@ def _limit_file_size(spec: dict) -> None:
     import resource
 
     import ckptstore
-    from ckptstore.api.save import engine
+    from ckptstore.pipeline.engine import engine
 
     from .common import SMALL, make_state
 

@@ -65,7 +65,7 @@ def rank_main(spec: dict, rank: int) -> int:
     from torch.distributed.tensor import Shard, distribute_tensor
 
     import ckptstore
-    from ckptstore.api import save as saver
+    from ckptstore.pipeline import engine as saver
     from ckptstore.storage import open_storage
     from ckptstore.storage.faulty import FaultyStorage
 
@@ -91,7 +91,7 @@ def rank_main(spec: dict, rank: int) -> int:
             return 3
         return 0
     finally:
-        saver._shutdown()  # stop the writers before the rank exits
+        saver.shutdown()  # stop the writers before the rank exits
 
 
 def _commit_index(journal: list) -> int:

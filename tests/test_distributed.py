@@ -205,8 +205,8 @@ def _rank_main(rank: int, fn, world: int, tmp: str) -> None:
     finally:
         # spawned children skip atexit: stop this rank's writer processes ourselves,
         # or the child's exit waits for them forever
-        from ckptstore.api import save as saver
-        saver._shutdown()
+        from ckptstore.pipeline import engine as saver
+        saver.shutdown()
 
 
 def _spawn(fn, world: int, tmp) -> None:

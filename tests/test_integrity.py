@@ -183,7 +183,7 @@ def test_pickle_in_place_of_manifest_is_refused_without_running(tmp_path):
 
 KILL_SCRIPT = r"""
 import os, signal, sys, threading, time, torch, ckptstore
-from ckptstore.api import save as saver
+from ckptstore.pipeline import engine as saver
 state = {f"w{i}": torch.randn(1024, 1024) for i in range(48)}   # 192 MB
 h = ckptstore.save(state, sys.argv[1], compression="zstd", chunk_size=1 << 20, shard_size=8 << 20)
 pids = saver.engine().writers.pids()
@@ -271,7 +271,7 @@ def test_staging_budget_pipelines_through_a_small_ring(tmp_path):
     ckptstore.save(state, tmp_path / "c", staging_budget=1 << 20, chunk_size=64 << 10,
                    compression="lz4").wait()
     assert_same_tree(state, ckptstore.load(tmp_path / "c"))
-    from ckptstore.api import save as saver
+    from ckptstore.pipeline import engine as saver
     assert saver.engine().staging.arena.size >= 1 << 20
 
 

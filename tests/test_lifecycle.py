@@ -14,7 +14,7 @@ import ckptstore
 
 ORPHAN_SCRIPT = r"""
 import sys, torch, ckptstore
-from ckptstore.api import save as saver
+from ckptstore.pipeline import engine as saver
 ckptstore.save({"x": torch.ones(4)}, sys.argv[1]).wait()
 print(" ".join(map(str, saver.engine().writers.pids())), flush=True)
 if sys.argv[2] == "hang":
@@ -51,7 +51,7 @@ def test_writers_exit_with_their_parent(tmp_path, how):
 
 
 def test_writers_are_reused_between_saves(tmp_path):
-    from ckptstore.api import save as saver
+    from ckptstore.pipeline import engine as saver
 
     ckptstore.save({"x": torch.ones(4)}, tmp_path / "a").wait()
     before = sorted(saver.engine().writers.pids())
@@ -60,7 +60,7 @@ def test_writers_are_reused_between_saves(tmp_path):
 
 
 def test_staging_is_reused_not_reallocated(tmp_path):
-    from ckptstore.api import save as saver
+    from ckptstore.pipeline import engine as saver
 
     state = {"w": torch.randn(1000, 100)}
     ckptstore.save(state, tmp_path / "a").wait()

@@ -355,16 +355,9 @@ class Checkpointer:
                 # per-process filesystem (memory://): upload from this process
                 self._promoter = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-promote")
             else:
-                import multiprocessing as mp
+                from ckptstore.pipeline.writer import spawn_pool
 
-                from ckptstore.pipeline.writer import _init_worker, _without_main_module
-
-                pool = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"),
-                                              initializer=_init_worker,
-                                              initargs=(os.getpid(),))
-                with _without_main_module():
-                    pool.submit(os.getpid).result()
-                self._promoter = pool
+                self._promoter = spawn_pool(1)
         return self._promoter
 
     def _retain(self, tier: Tier, protected: set[int] = frozenset()) -> None:

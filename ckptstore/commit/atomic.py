@@ -1,10 +1,11 @@
-"""The one atomic-write path, and the create-only manifest commit.
+"""The one atomic-write path, its two named commit strategies, and the manifest commit.
 
-POSIX strategy: write to a temp name in the same directory, fsync, rename (or link
-for create-only), fsync the directory; the temp file is removed on any exception.
-Object-store strategy: there is no rename, so data objects are uploaded under their
-final names (they are invisible to readers until a manifest names them) and the
-manifest object is created last with a create-only precondition.
+:class:`RenameCommit` (POSIX): write to a temp name in the same directory, fsync,
+rename (or link for create-only), fsync the directory; the temp file is removed on
+any exception. :class:`CreateOnlyCommit` (object stores): there is no rename, so data
+objects are uploaded under their final names (invisible to readers until a manifest
+names them) and the manifest object is created last with a create-only precondition.
+:func:`strategy_for` picks one from the backend's capabilities.
 """
 from __future__ import annotations
 
@@ -31,28 +32,74 @@ def is_temp_name(name: str) -> bool:
     return name.rpartition("/")[2].startswith(TEMP_PREFIX)
 
 
+class RenameCommit:
+    """POSIX: bytes go to a temp name in the same directory; after the fsync they are
+    renamed (or, create-only, hard-linked) to the final name and the directory is
+    fsynced. Readers never see a partial file under the final name."""
+
+    name = "rename"
+
+    def target(self, name: str) -> str:
+        return temp_name(name)
+
+    def publish(self, storage: Storage, target: str, name: str, *, exclusive: bool) -> None:
+        if exclusive:
+            storage.link_exclusive(target, name)
+        else:
+            storage.rename(target, name)
+        storage.fsync_dir()
+
+    def discard(self, storage: Storage, target: str) -> None:
+        _quietly(lambda: storage.remove(target))
+
+
+class CreateOnlyCommit:
+    """Object stores: there is no rename, so an object is uploaded under its final
+    name and becomes visible, whole, when the upload completes (an aborted upload
+    leaves nothing). The manifest is created last with the backend's create-only
+    precondition (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``)."""
+
+    name = "create-only"
+
+    def target(self, name: str) -> str:
+        return name
+
+    def publish(self, storage: Storage, target: str, name: str, *, exclusive: bool) -> None:
+        return None  # closing the upload published it
+
+    def discard(self, storage: Storage, target: str) -> None:
+        return None  # the aborted upload left nothing
+
+
+CommitStrategy = RenameCommit | CreateOnlyCommit
+
+
+def strategy_for(storage: Storage) -> CommitStrategy:
+    """The commit strategy a backend's capabilities call for."""
+    return RenameCommit() if storage.capabilities.rename else CreateOnlyCommit()
+
+
 class AtomicFile:
     """Context manager: ``with AtomicFile(storage, name) as f: f.write(...)``.
 
     On a clean exit the file is durable under ``name``; on an exception nothing
-    appears under ``name`` and the temp file is removed.
+    appears under ``name`` and any partial bytes are removed.
     """
 
     def __init__(self, storage: Storage, name: str, *, exclusive: bool = False) -> None:
         self.storage = storage
         self.name = name
         self.exclusive = exclusive
-        self.posix = storage.capabilities.rename
-        self.target = temp_name(name) if self.posix else name
+        self.strategy = strategy_for(storage)
+        self.target = self.strategy.target(name)
         self.handle: WriteHandle | None = None
         self.size = 0
 
-    def __enter__(self) -> "AtomicFile":
+    def __enter__(self) -> AtomicFile:
         try:
             self.handle = self.storage.open_write(self.target)
         except BaseException:  # an open may fail after creating the file
-            if self.posix:
-                _quietly(lambda: self.storage.remove(self.target))
+            self.strategy.discard(self.storage, self.target)
             raise
         return self
 
@@ -64,24 +111,18 @@ class AtomicFile:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         h, self.handle = self.handle, None
+        assert h is not None
         if exc_type is not None:
             _quietly(h.abort)
-            if self.posix:
-                _quietly(lambda: self.storage.remove(self.target))
+            self.strategy.discard(self.storage, self.target)
             return
         try:
             h.fsync()  # a failed fsync aborts the save: never retried and trusted
             h.close()
-            if self.posix:
-                if self.exclusive:
-                    self.storage.link_exclusive(self.target, self.name)
-                else:
-                    self.storage.rename(self.target, self.name)
-                self.storage.fsync_dir()
+            self.strategy.publish(self.storage, self.target, self.name, exclusive=self.exclusive)
         except BaseException:
             _quietly(h.abort)
-            if self.posix:
-                _quietly(lambda: self.storage.remove(self.target))
+            self.strategy.discard(self.storage, self.target)
             raise
 
 
@@ -92,7 +133,7 @@ def atomic_write(storage: Storage, name: str, chunks: Iterable[bytes | memoryvie
     With ``exclusive=True`` an existing ``name`` is never replaced
     (``FileExistsError``); on object stores this is the create-only precondition.
     """
-    if exclusive and not storage.capabilities.rename:
+    if exclusive and isinstance(strategy_for(storage), CreateOnlyCommit):
         data = b"".join(bytes(c) for c in chunks)
         storage.put_exclusive(name, data)
         return len(data)
@@ -171,3 +212,18 @@ def referenced_by_siblings(storage: Storage) -> set[str]:
             continue
         out.update(f.name for f in m.files if f.base == me)
     return out
+
+
+def manifest_visible(storage: Storage, data: bytes | None) -> bool:
+    """Whether the manifest ``data`` may be in place although its commit reported an
+    error (e.g. the directory fsync after the link failed); unknown counts as yes."""
+    from ckptstore import manifest as fmt
+
+    if data is None:
+        return False
+    try:
+        return storage.read(fmt.MANIFEST_NAME) == data
+    except FileNotFoundError:
+        return False
+    except Exception:
+        return True

@@ -32,29 +32,44 @@ log = logging.getLogger("ckptstore.distributed")
 COORDINATOR = 0
 DEFAULT_TIMEOUT = 1800.0  #: seconds; gloo's own default, overridden by CKPTSTORE_DIST_TIMEOUT
 
-_group: Any = None
-_group_key: tuple | None = None
-
-
 def timeout_seconds() -> float:
     """The collective timeout: ``CKPTSTORE_DIST_TIMEOUT`` seconds, default 30 minutes."""
     env = os.environ.get("CKPTSTORE_DIST_TIMEOUT")
     return float(env) if env else DEFAULT_TIMEOUT
 
 
-def coordination_group() -> Any:
-    """The gloo group (all ranks) that carries the protocol; created once, collectively.
+class CoordinationGroup:
+    """The gloo group (all ranks) that carries the protocol.
 
     A separate gloo group keeps our object collectives off the training backend
-    (NCCL would need device tensors) and gives them their own timeout.
-    """
-    global _group, _group_key
-    key = (id(dist.group.WORLD), dist.get_world_size(), timeout_seconds())
-    if _group is None or _group_key != key:
-        _group = dist.new_group(backend="gloo",
-                                timeout=_dt.timedelta(seconds=timeout_seconds()))
-        _group_key = key
-    return _group
+    (NCCL would need device tensors) and gives them their own timeout. It lives as
+    long as the default process group it was made from: creating a group is a
+    collective, so it is made once, on first use by every rank, and made again
+    only when the default group (or the timeout) changed."""
+
+    def __init__(self) -> None:
+        self._group: Any = None
+        self._key: tuple | None = None
+
+    def get(self) -> Any:
+        key = (id(dist.group.WORLD), dist.get_world_size(), timeout_seconds())
+        if self._group is None or self._key != key:
+            self._group = dist.new_group(backend="gloo",
+                                         timeout=_dt.timedelta(seconds=timeout_seconds()))
+            self._key = key
+        return self._group
+
+
+_coordination = CoordinationGroup()
+
+
+def coordination_group() -> Any:
+    """This process's :class:`CoordinationGroup` for the current default group."""
+    return _coordination.get()
+
+
+#: (rank or None when unknown, phase, error type name, message)
+Failure = tuple[int | None, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +79,7 @@ class Vote:
     rank: int
     ok: bool
     phase: str
-    error: tuple | None  # (type name, message)
+    error: tuple[str, str] | None  # (type name, message)
     payload: Any = None
 
 
@@ -73,7 +88,7 @@ class Decision:
     """The coordinator's verdict, identical on every rank."""
 
     committed: bool
-    failures: tuple  # ((rank, phase, type name, message), ...)
+    failures: tuple[Failure, ...]  # ((rank, phase, type name, message), ...)
     result: Any = None
     keep_files: bool = False  #: the manifest may be in place: removing files could tear it
 

@@ -18,16 +18,17 @@ CheckpointException on every rank when any rank failed).
 from __future__ import annotations
 
 import dataclasses
-import datetime as _dt
+import functools
 import io
 import json
 import math
+import operator
 import os
-import platform
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -48,43 +49,44 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from ckptstore import __version__, manifest as fmt
-from ckptstore.commit.atomic import AtomicFile, commit_manifest
+from ckptstore import manifest as fmt
+from ckptstore.commit.atomic import commit_manifest
 from ckptstore.distributed.reshard import read_boxes, whole_shards
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError
+from ckptstore.manifest import builder
 from ckptstore.manifest.io import read_manifest
-from ckptstore.pipeline import codec as _codec
-from ckptstore.plan.layout import GROUPED
-from ckptstore.plan.tree import torch_dtype
+from ckptstore.pipeline.engine import engine
+from ckptstore.pipeline.options import DEFAULT_CHUNK, SaveOptions
+from ckptstore.pipeline.pipeline import SavePipeline
+from ckptstore.plan.tree import Leaf, torch_dtype
 from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage, open_storage
-
-DEFAULT_CHUNK = 16 << 20
 
 
 @dataclass(frozen=True, slots=True)
 class StoredItem:
     """Where one WriteItem's bytes went (travels to the coordinator in a WriteResult)."""
 
-    file: fmt.FileRecord | None  # set on the last item of each file
-    chunks: tuple  # fmt.ChunkRecord
+    files: tuple[fmt.FileRecord, ...]  # the rank's files, on its first item only
+    chunks: tuple[fmt.ChunkRecord, ...]
     nbytes: int
 
 
 class CkptStoreWriter(StorageWriter):
-    """A DCP StorageWriter writing a ckptstore checkpoint at ``path``."""
+    """A DCP StorageWriter writing a ckptstore checkpoint at ``path``.
 
-    def __init__(self, path: "str | os.PathLike | Storage", *, compression: str = "zstd",
+    Each rank's items go through the same save pipeline as :func:`ckptstore.save`
+    (staging, writer processes, chunk codec and hashes, atomic files); the
+    coordinator's ``finish`` builds the manifest with the same builder and commits it."""
+
+    def __init__(self, path: str | os.PathLike | Storage, *, compression: str = "zstd",
                  zstd_level: int = 1, byte_grouping: bool = True,
                  chunk_size: int = DEFAULT_CHUNK, overwrite: bool = False,
                  storage_options: dict | None = None) -> None:
-        if compression not in ("zstd", "lz4", "none"):
-            raise ValueError(f"compression must be zstd, lz4 or none, not {compression!r}")
-        if chunk_size <= 0 or chunk_size % 64:
-            raise ValueError("chunk_size must be a positive multiple of 64")
         super().__init__()
-        self.path, self.compression, self.level = path, compression, zstd_level
-        self.byte_grouping, self.chunk_size, self.overwrite = byte_grouping, chunk_size, overwrite
+        self.options = SaveOptions(compression, zstd_level, byte_grouping, None, chunk_size,
+                                   overwrite=overwrite)
+        self.path = path
         self.storage_options = storage_options
         self.save_id = secrets.token_hex(6)
         self.is_coordinator = False
@@ -93,13 +95,13 @@ class CkptStoreWriter(StorageWriter):
     def storage(self) -> Storage:
         return open_storage(self.path, self.storage_options)
 
-    def reset(self, checkpoint_id: "str | os.PathLike | None" = None) -> None:
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id:
             self.path = checkpoint_id
         self.save_id = secrets.token_hex(6)
 
     @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: "str | os.PathLike") -> bool:
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -110,63 +112,56 @@ class CkptStoreWriter(StorageWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         storage = self.storage
-        if not self.overwrite and storage.exists(fmt.MANIFEST_NAME):
+        if not self.options.overwrite and storage.exists(fmt.MANIFEST_NAME):
             raise CheckpointExistsError(f"{storage.url} already holds a committed checkpoint; "
                                         "pass overwrite=True to replace it")
         storage.makedirs()
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        # every rank writes its own file, named by its position in the global plan
+        # every rank writes its own files, named by its position in the global plan
         return [dataclasses.replace(p, storage_data=f"r{i}") for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
-        storage = self.storage
-        name = f"dcp-{plan.storage_data or 'r0'}-{self.save_id}.chunks"
-        codec = "raw" if self.compression == "none" else self.compression
-        items: list[tuple[Any, tuple, int]] = []
-        pos = 0
-        with AtomicFile(storage, name) as f:
-            for item in plan.items:
-                if item.type == WriteItemType.BYTE_IO:
-                    buf = planner.resolve_data(item)
-                    raw = memoryview(buf.getbuffer() if isinstance(buf, io.BytesIO) else bytes(buf))
-                    group = 1
-                else:
-                    t = planner.resolve_data(item).detach().cpu().contiguous()
-                    raw = memoryview(_bytes_of(t))
-                    group = GROUPED.get(t.dtype, 1) if codec != "raw" and self.byte_grouping else 1
-                chunks = []
-                for start in range(0, len(raw), self.chunk_size):
-                    piece = raw[start:start + self.chunk_size]
-                    enc = _codec.encode_chunk(piece, group, codec, self.level)
-                    for _, data in enc.planes:
-                        f.write(data)
-                    chunks.append(fmt.ChunkRecord(name, pos, enc.length, len(piece), enc.group,
-                                                  tuple((c, len(d)) for c, d in enc.planes),
-                                                  enc.hash, enc.raw_hash))
-                    pos += enc.length
-                items.append((item, tuple(chunks), len(raw)))
-        record = fmt.FileRecord(name, pos, "chunks", 0, fmt.hash_bytes(b""))
-        results = [WriteResult(index=item.index, size_in_bytes=n,
-                               storage_data=StoredItem(record if k == len(items) - 1 else None,
-                                                       chunks, n))
-                   for k, (item, chunks, n) in enumerate(items)]
+        leaves = []
+        for i, item in enumerate(plan.items):
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                buf = data.getbuffer() if isinstance(data, io.BytesIO) else bytes(data)
+                value: Any = np.frombuffer(buf, dtype=np.uint8)
+            else:
+                value = data.detach()
+            offsets = "" if item.index.offset is None else "@" + ",".join(map(str, item.index.offset))
+            leaves.append(Leaf(i, (item.index.fqn + offsets,), value))
+        eng = engine()
+        pipe = SavePipeline(eng, self.storage, self.options)
+        # held until the files are written: the next save reuses the staging memory
+        with eng.admit("wait"):
+            staged = pipe.stage(leaves, f"{self.save_id}-{plan.storage_data or 'r0'}")
+            try:
+                tensors, files = builder.file_records(pipe.written(staged))
+            except BaseException:
+                pipe.discard(staged.files)
+                raise
+        results = [WriteResult(index=item.index, size_in_bytes=t.nbytes,
+                               storage_data=StoredItem(files if k == 0 else (), t.chunks, t.nbytes))
+                   for k, (item, t) in enumerate(zip(plan.items, tensors))]
         fut: Future = Future()
         fut.set_result(results)
         return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        storage = self.storage
         stored = {(r.index.fqn, _key(r.index.offset)): r.storage_data
                   for rs in results for r in rs}
-        files = [r.storage_data.file for rs in results for r in rs if r.storage_data.file]
-        tensors, items, byte_keys = [], [], []
+        files = [f for rs in results for r in rs for f in r.storage_data.files]
+        tensors: list[fmt.TensorRecord] = []
+        items: list[list[Any]] = []
+        byte_keys: list[str] = []
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, BytesStorageMetadata):
                 s = stored[(fqn, None)]
-                rec = fmt.TensorRecord(fqn, "numpy", "|u1", (s.nbytes,), s.nbytes,
-                                       fmt.digest_of([c.raw_hash for c in s.chunks]), s.chunks)
+                rec = builder.tensor_record(fqn, "numpy", "|u1", (s.nbytes,), s.nbytes,
+                                            [((0,), (s.nbytes,), s.chunks)])
                 byte_keys.append(fqn)
                 node = {"T": "ndarray", "id": len(tensors)}
             else:
@@ -179,42 +174,26 @@ class CkptStoreWriter(StorageWriter):
             dcp_meta["planner_data"] = json.loads(json.dumps(metadata.planner_data))
         except (TypeError, ValueError):
             pass  # not JSON (a custom planner): DCP's default load does not need it
-        manifest = fmt.Manifest(
-            schema_version=fmt.SCHEMA_VERSION,
-            writer={"library": "ckptstore", "version": __version__, "torch": torch.__version__,
-                    "python": platform.python_version(), "via": "torch.distributed.checkpoint"},
-            created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            save_id=self.save_id, chunk_size=self.chunk_size, compression=self.compression,
-            metadata={"dcp": dcp_meta}, tree={"T": "dict", "items": items},
-            tensors=tuple(tensors), files=tuple(files))
+        manifest = builder.assemble(
+            save_id=self.save_id, chunk_size=self.options.chunk_size,
+            compression=self.options.compression, metadata={"dcp": dcp_meta},
+            tree={"T": "dict", "items": items}, tensors=tensors, files=files,
+            via="torch.distributed.checkpoint")
         fmt.validate(manifest)
-        commit_manifest(storage, manifest, overwrite=self.overwrite)
+        commit_manifest(self.storage, manifest, overwrite=self.options.overwrite)
 
 
 def _key(offset: Any) -> tuple | None:
     return None if offset is None else tuple(offset)
 
 
-def _bytes_of(t: torch.Tensor):
-    n = t.numel() * t.element_size()
-    if n == 0:
-        return b""
-    return torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage(), t.storage_offset() * t.element_size(),
-                                                  (n,), (1,)).numpy()
-
-
 def _tensor_record(fqn: str, md: TensorStorageMetadata, stored: dict) -> fmt.TensorRecord:
     shape = tuple(md.size)
     dtype = md.properties.dtype
-    boxes = sorted((tuple(c.offsets), tuple(c.sizes)) for c in md.chunks if math.prod(c.sizes))
-    parts = [(o, s, stored[(fqn, o)]) for o, s in boxes]
-    chunks = tuple(c for _, _, p in parts for c in p.chunks)
-    whole = len(parts) == 1 and parts[0][1] == shape
-    shards = () if whole or not parts else tuple(
-        fmt.ShardRecord(o, s, len(p.chunks)) for o, s, p in parts)
-    return fmt.TensorRecord(fqn, "torch", str(dtype).removeprefix("torch."), shape,
-                            math.prod(shape) * dtype.itemsize,
-                            fmt.digest_of([c.raw_hash for c in chunks]), chunks, shards)
+    parts = [(tuple(c.offsets), tuple(c.sizes), stored[(fqn, tuple(c.offsets))].chunks)
+             for c in md.chunks if math.prod(c.sizes)]
+    return builder.tensor_record(fqn, "torch", str(dtype).removeprefix("torch."), shape,
+                                 math.prod(shape) * dtype.itemsize, parts)
 
 
 class CkptStoreReader(StorageReader):
@@ -289,7 +268,7 @@ class CkptStoreReader(StorageReader):
             if item.type == LoadItemType.BYTE_IO:
                 i = index[fqn]
                 (arr,) = read_tensors(storage, m, verify=self.verify,
-                                      select=lambda r, want=m.tensors[i]: r is want).values()
+                                      select=functools.partial(operator.is_, m.tensors[i])).values()
                 planner.load_bytes(item, io.BytesIO(arr.tobytes()))
                 continue
             base = tuple(item.storage_index.offset or ())

@@ -14,36 +14,28 @@ ranks never collide; the coordinator's manifest lists every rank's files.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import math
 import os
-import platform
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-from ckptstore import __version__, manifest as fmt
-from ckptstore.api import save as _saver
+from ckptstore import manifest as fmt
 from ckptstore.commit import twophase as pc
-from ckptstore.commit.atomic import commit_manifest
-from ckptstore.distributed.shards import (
-    GlobalLeaf,
-    LocalShard,
-    describe,
-    flatten_global,
-    local_shards,
-)
+from ckptstore.commit.atomic import commit_manifest, manifest_visible
+from ckptstore.distributed.shards import GlobalLeaf, LocalShard, describe, flatten_global, local_shards
 from ckptstore.errors import CheckpointExistsError, DistributedSaveError
-from ckptstore.plan.layout import make_plan
+from ckptstore.manifest import builder
+from ckptstore.pipeline.engine import engine
+from ckptstore.pipeline.handle import SaveHandle, SaveResult
+from ckptstore.pipeline.options import SaveOptions, check_importable
+from ckptstore.pipeline.pipeline import SavePipeline, Staged
 from ckptstore.plan.tree import Leaf
-from ckptstore.staging.arena import Ring
 from ckptstore.storage import Storage, open_storage
 
 
@@ -52,9 +44,21 @@ class RankWrite:
     """What a rank wrote: its boxes, their tensor records (chunks) and its files."""
 
     rank: int
-    shards: tuple  # LocalShard, parallel to tensors
-    tensors: tuple  # fmt.TensorRecord of each box
-    files: tuple  # fmt.FileRecord
+    shards: tuple[LocalShard, ...]
+    tensors: tuple[fmt.TensorRecord, ...]  # one per box, parallel to shards
+    files: tuple[fmt.FileRecord, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Global:
+    """What rank 0 decided and every rank shares: where, which save, what state."""
+
+    where: str
+    save_id: str
+    skeleton: Any
+    glob: tuple[GlobalLeaf, ...]
+    metadata: Any
+    options: SaveOptions
 
 
 def _structure_hash(skeleton: Any, glob: tuple[GlobalLeaf, ...]) -> str:
@@ -63,68 +67,36 @@ def _structure_hash(skeleton: Any, glob: tuple[GlobalLeaf, ...]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = "zstd",
-         blocking: bool = False, metadata: Any = None, zstd_level: int = 1,
-         byte_grouping: bool = True, staging_budget: int | None = None,
-         chunk_size: int = _saver.DEFAULT_CHUNK, shard_size: int = _saver.DEFAULT_SHARD,
-         if_busy: str = "wait", overwrite: bool = False,
-         storage_options: dict | None = None) -> _saver.SaveHandle:
+def save(state: Any, path: str | os.PathLike | Storage, options: SaveOptions, *,
+         metadata: Any = None, blocking: bool = False,
+         storage_options: dict | None = None) -> SaveHandle:
     """Collective save: every rank calls it with its part of the same state.
 
     Same arguments and handle as :func:`ckptstore.save`; the path of rank 0 wins.
     Plain (non-DTensor) tensors and values must be equal on every rank (as in DCP):
     each is written once, by one rank.
     """
-    _saver.check_save_args(compression=compression, if_busy=if_busy, chunk_size=chunk_size,
-                           metadata=metadata)
     if isinstance(path, Storage):  # every rank runs the same script: they refuse alike
-        _saver.check_importable(path)
+        check_importable(path)
     group = pc.coordination_group()
     rank, world = dist.get_rank(), dist.get_world_size()
-    eng = _saver.engine()
-    with eng.lock:
-        prev = eng.last
-        if prev is not None:
-            if not prev.done() and if_busy == "raise":
-                # every rank must stop here alike, or the others wait for this one
-                raise _saver.StagingBusyError(
-                    f"the previous save to {prev.path} is still writing; wait for it")
-            prev.exception()
-            err = prev._take_unobserved_error()
-            if err is not None:
-                raise err
+    eng = engine()
+    # every rank must stop at a busy engine alike, or the others wait for this one
+    with eng.admit(options.if_busy):
         t0 = time.perf_counter()
         skeleton, leaves, dtensors = flatten_global(state)
         glob = describe(leaves, dtensors)
         ident = _structure_hash(skeleton, glob)
-        mine = path.url if isinstance(path, Storage) else os.fspath(path)
-        decided = None
-        if rank == pc.COORDINATOR:
-            try:
-                storage0 = open_storage(path, storage_options)
-                decided = ("ok", mine, secrets.token_hex(6), ident,
-                           storage0.exists(fmt.MANIFEST_NAME) and not overwrite)
-            except Exception as e:  # tell the others before raising, or they wait it out
-                _announce(("error", type(e).__name__, str(e)), group)
-                raise
-        decided = _announce(decided, group)
-        if decided[0] == "error":
-            raise DistributedSaveError(
-                f"rank 0 could not start the save: {decided[1]}: {decided[2]}",
-                ((pc.COORDINATOR, "plan", decided[1], decided[2]),))
-        _, where, save_id, ident0, exists = decided
-        if exists:
-            raise CheckpointExistsError(
-                f"{where} already holds a committed checkpoint; save to a new path or pass "
-                "overwrite=True")
+        where, save_id, ident0 = _agree_on_target(path, rank, ident, options, storage_options,
+                                                  group)
         storage = path if isinstance(path, Storage) else open_storage(where, storage_options)
-        handle = _saver.SaveHandle(where)
-        codec = "raw" if compression == "none" else compression
-        futures: list = []
-        ring = None
+        shared = Global(where, save_id, skeleton, glob, metadata, options)
+        handle = SaveHandle(where)
+        pipe = SavePipeline(eng, storage, options)
+        staged: Staged | None = None
+        shards: tuple[LocalShard, ...] = ()
         failure: pc.Vote | None = None
         own_error: BaseException | None = None
-        plan = None
         try:
             if ident != ident0:
                 raise DistributedSaveError(
@@ -138,85 +110,90 @@ def save(state: Any, path: "str | os.PathLike | Storage", *, compression: str = 
         if failure is None:
             try:
                 boxes = local_shards(glob, leaves, dtensors, rank, world)
+                shards = tuple(s for s, _ in boxes)
                 local = [Leaf(i, (f"{glob[s.leaf].name}@{','.join(map(str, s.offsets))}",), t)
                          for i, (s, t) in enumerate(boxes)]
-                if staging_budget is not None:
-                    shard_size = max(chunk_size, min(shard_size, int(staging_budget) // 2))
-                plan = make_plan(local, chunk_size=chunk_size, shard_size=shard_size,
-                                 compressed=codec != "raw", byte_grouping=byte_grouping,
-                                 save_id=f"{save_id}-r{rank}")
-                capacity = sum(-(-f.nbytes // 4096) * 4096 for f in plan.files)
-                if staging_budget is not None:
-                    capacity = min(capacity, max(int(staging_budget),
-                                                 max((f.nbytes for f in plan.files), default=0)))
-                arena = eng.staging.ensure(max(capacity, 4096))
-                ring = Ring(arena.size)
-                storage.makedirs()
-                eng.writers.start_async()  # writer start-up overlaps staging
-                for fp in plan.files:
-                    futures.append((fp, _saver._stage_and_submit(
-                        eng.writers, storage, arena, ring, fp, plan, local, codec, zstd_level)))
+                staged = pipe.stage(local, f"{save_id}-r{rank}")
             except Exception as e:
-                _saver._cleanup(storage, futures, ring)
-                if isinstance(e, _saver.BrokenProcessPool):
-                    eng.writers.reset()
                 failure, own_error = pc.failed_vote(rank, "stage", e), e
         handle.staged_seconds = time.perf_counter() - t0
-        meta = dict(skeleton=skeleton, metadata=metadata, plan=plan, save_id=save_id,
-                    compression=compression, glob=glob, overwrite=overwrite,
-                    boxes=tuple(s for s, _ in boxes) if failure is None else ())
-        if failure is not None:  # vote now, so every rank raises the same error
-            _run_commit(eng, storage, group, futures, handle, meta, t0, failure, own_error)
-            eng.last = handle
+
+        def finish() -> SaveResult:
+            logical, stored, nfiles = _vote_and_commit(pipe, storage, group, shared, staged,
+                                                       shards, failure, own_error)
+            return SaveResult(storage.url, save_id, logical, stored, nfiles,
+                              handle.staged_seconds, time.perf_counter() - t0)
+
+        # a rank that failed votes now, so every rank raises the same error
+        eng.complete(handle, finish, background=failure is None)
+        if failure is not None:
             handle.wait()
-        threading.Thread(target=_run_commit, args=(eng, storage, group, futures, handle, meta,
-                                                   t0, None, None),
-                         name="ckptstore-dist-commit", daemon=True).start()
-        eng.last = handle
     if blocking:
         handle.wait()
     return handle
 
 
-def _run_commit(eng, storage: Storage, group, futures, handle: _saver.SaveHandle, meta: dict,
-                t0: float, vote: pc.Vote | None, own_error: BaseException | None) -> None:
+def _agree_on_target(path: str | os.PathLike | Storage, rank: int, ident: str,
+                     options: SaveOptions, storage_options: dict | None,
+                     group: Any) -> tuple[str, str, str]:
+    """Rank 0 decides where the save goes and its id, and whether it may (collective)."""
+    mine = path.url if isinstance(path, Storage) else os.fspath(path)
+    decided = None
+    if rank == pc.COORDINATOR:
+        try:
+            storage0 = open_storage(path, storage_options)
+            decided = ("ok", mine, secrets.token_hex(6), ident,
+                       storage0.exists(fmt.MANIFEST_NAME) and not options.overwrite)
+        except Exception as e:  # tell the others before raising, or they wait it out
+            _announce(("error", type(e).__name__, str(e)), group)
+            raise
+    decided = _announce(decided, group)
+    if decided[0] == "error":
+        raise DistributedSaveError(
+            f"rank 0 could not start the save: {decided[1]}: {decided[2]}",
+            ((pc.COORDINATOR, "plan", decided[1], decided[2]),))
+    _, where, save_id, ident0, exists = decided
+    if exists:
+        raise CheckpointExistsError(
+            f"{where} already holds a committed checkpoint; save to a new path or pass "
+            "overwrite=True")
+    return where, save_id, ident0
+
+
+def _vote_and_commit(pipe: SavePipeline, storage: Storage, group: Any, shared: Global,
+                     staged: Staged | None, shards: tuple[LocalShard, ...],
+                     vote: pc.Vote | None, own_error: BaseException | None) -> tuple[int, int, int]:
+    """Phase 1: wait for this rank's files and vote; phase 2 (two-phase commit):
+    rank 0 writes the manifest if every rank succeeded. Returns (logical bytes,
+    stored bytes, files); raises the same DistributedSaveError on every rank."""
     rank = dist.get_rank()
     if vote is None:
+        assert staged is not None
         try:
-            results = {fp.name: f.result() for fp, f in futures}
-            local = _saver._manifest(dict(meta, skeleton=None, metadata=None), results)
-            vote = pc.Vote(rank, True, "write", None,
-                           RankWrite(rank, meta["boxes"], local.tensors, local.files))
+            tensors, files = builder.file_records(pipe.written(staged))
+            vote = pc.Vote(rank, True, "write", None, RankWrite(rank, shards, tensors, files))
         except BaseException as e:
-            if isinstance(e, _saver.BrokenProcessPool):
-                eng.writers.reset()
             vote, own_error = pc.failed_vote(rank, "write", e), e
-    try:
-        decision = pc.decide(group, vote, lambda writes: _commit_manifest(storage, meta, writes))
-    except DistributedSaveError as e:  # outcome unknown: keep the files
-        handle._finish(None, e)
-        return
+    # a DistributedSaveError from decide() means the outcome is unknown: keep the files
+    decision = pc.decide(group, vote, lambda writes: _commit_manifest(storage, shared, writes))
     if not decision.committed:
-        if not decision.keep_files:
-            _saver._cleanup(storage, futures, None)
+        if not decision.keep_files and staged is not None:
+            pipe.discard(staged.files)
         err = pc.error_for(decision, storage.url)
         if own_error is not None:
             err.__cause__ = own_error
-        handle._finish(None, err)
-        return
-    logical, stored, nfiles = decision.result
-    handle._finish(_saver.SaveResult(storage.url, meta["save_id"], logical, stored, nfiles,
-                                     handle.staged_seconds, time.perf_counter() - t0), None)
+        raise err
+    return decision.result
 
 
-def _commit_manifest(storage: Storage, meta: dict, writes: list[RankWrite]) -> tuple:
+def _commit_manifest(storage: Storage, shared: Global, writes: list[RankWrite]) -> tuple:
     """Coordinator: merge every rank's records into one manifest and write it last."""
-    manifest = merge(meta, writes)
+    manifest = merge(shared, writes)
     data = fmt.encode(manifest)
     try:
-        commit_manifest(storage, manifest, overwrite=meta["overwrite"])
+        commit_manifest(storage, manifest, overwrite=shared.options.overwrite)
     except Exception as e:
-        if _saver._manifest_visible(storage, data):  # e.g. the directory fsync failed
+        if manifest_visible(storage, data):  # e.g. the directory fsync failed
             raise pc.MaybeCommitted(str(e)) from e
         raise
     logical = sum(t.nbytes for t in manifest.tensors)
@@ -233,33 +210,20 @@ def _announce(decided: Any, group: Any) -> Any:
             ((None, "collective", type(e).__name__, str(e)),)) from e
 
 
-def merge(meta: dict, writes: list[RankWrite]) -> fmt.Manifest:
+def merge(shared: Global, writes: list[RankWrite]) -> fmt.Manifest:
     """The global manifest: each leaf's boxes in offset order, chunks concatenated."""
-    glob: tuple[GlobalLeaf, ...] = meta["glob"]
-    boxes: dict[int, list[tuple[LocalShard, fmt.TensorRecord]]] = {}
-    files: list = []
+    boxes: dict[int, list[builder.Part]] = {}
+    files: list[fmt.FileRecord] = []
     for w in writes:
         files.extend(w.files)
         for s, rec in zip(w.shards, w.tensors):
-            boxes.setdefault(s.leaf, []).append((s, rec))
-    tensors = []
-    for g in glob:
-        parts = sorted(boxes.get(g.id, []), key=lambda p: p[0].offsets)
-        nbytes = math.prod(g.shape) * g.itemsize
-        whole = len(parts) == 1 and parts[0][0].shape == g.shape
-        chunks = tuple(c for _, rec in parts for c in rec.chunks)
-        shards = () if whole or not parts else tuple(
-            fmt.ShardRecord(s.offsets, s.shape, len(rec.chunks)) for s, rec in parts)
-        tensors.append(fmt.TensorRecord(g.name, g.kind, g.dtype, g.shape, nbytes,
-                                        fmt.digest_of([c.raw_hash for c in chunks]), chunks,
-                                        shards))
-    m = fmt.Manifest(
-        schema_version=fmt.SCHEMA_VERSION,
-        writer={"library": "ckptstore", "version": __version__, "torch": torch.__version__,
-                "python": platform.python_version(), "world_size": len(writes)},
-        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        save_id=meta["save_id"], chunk_size=meta["plan"].chunk_size,
-        compression=meta["compression"], metadata=meta["metadata"], tree=meta["skeleton"],
-        tensors=tuple(tensors), files=tuple(files))
+            boxes.setdefault(s.leaf, []).append((s.offsets, s.shape, rec.chunks))
+    tensors = [builder.tensor_record(g.name, g.kind, g.dtype, g.shape,
+                                     math.prod(g.shape) * g.itemsize, boxes.get(g.id, []))
+               for g in shared.glob]
+    m = builder.assemble(save_id=shared.save_id, chunk_size=shared.options.chunk_size,
+                         compression=shared.options.compression, metadata=shared.metadata,
+                         tree=shared.skeleton, tensors=tensors, files=files,
+                         world_size=len(writes))
     fmt.validate(m)  # shards tile every tensor, no overlaps: checked before committing
     return m

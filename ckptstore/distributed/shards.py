@@ -53,7 +53,7 @@ class GlobalLeaf:
     name: str
     kind: str  # "torch" | "numpy"
     dtype: str
-    shape: tuple
+    shape: tuple[int, ...]
     itemsize: int
     sharded: bool  # a DTensor: each rank holds boxes of it
 
@@ -63,8 +63,8 @@ class LocalShard:
     """A box of a global leaf that this rank writes."""
 
     leaf: int
-    offsets: tuple
-    shape: tuple
+    offsets: tuple[int, ...]
+    shape: tuple[int, ...]
 
 
 def flatten_global(state: Any) -> tuple[Any, list[Leaf], dict[int, Any]]:
@@ -167,3 +167,16 @@ def assign_replicated(plain: list[GlobalLeaf], world: int) -> dict[int, int]:
         owner[g.id] = r
         load[r] += math.prod(g.shape) * g.itemsize
     return owner
+
+
+def wants_distributed_save(state: Any, distributed: bool | None = None) -> bool:
+    """Whether ``ckptstore.save`` must run the collective save.
+
+    ``distributed=None`` (the default) means: when the state holds DTensors. A plain
+    state is saved by the calling rank alone even inside a process group, because the
+    common pattern is ``if rank == 0: save(full_state)``, which a collective would
+    deadlock; pass ``distributed=True`` when every rank calls ``save`` together.
+    """
+    if distributed is not None:
+        return bool(distributed)
+    return holds_dtensor(state)

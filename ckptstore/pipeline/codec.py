@@ -4,12 +4,13 @@ A chunk's raw bytes are split into ``group`` byte planes (plane i holds byte i o
 every element; group 1 means no split). Each plane is compressed on its own and kept
 only if that pays (``MIN_GAIN``); otherwise it is stored raw. For trained float
 weights only the sign/exponent plane compresses, so most planes are stored raw and
-cost no codec time (DESIGN.md §9). This module imports no torch: writer processes
-stay small and start fast.
+cost no codec time (docs/benchmarks.md has the measured plane ratios). This module
+imports no torch: writer processes stay small and start fast.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lz4.block
 import numpy as np
@@ -33,7 +34,7 @@ class Encoded:
     """A chunk as stored: its planes (codec, bytes) and hashes."""
 
     group: int
-    planes: tuple  # ((codec, bytes-like), ...)
+    planes: tuple[tuple[str, Any], ...]  # ((codec, bytes-like), ...)
     hash: str  #: xxh3-128 of the stored bytes (planes concatenated)
     raw_hash: str  #: xxh3-128 of the raw bytes
 
@@ -50,7 +51,7 @@ def _compress(codec: str, data, level: int) -> bytes:
     raise ValueError(f"unknown codec {codec!r}")
 
 
-def _maybe_compress(codec: str, plane, level: int) -> tuple[str, object]:
+def _maybe_compress(codec: str, plane: Any, level: int) -> tuple[str, Any]:
     n = len(plane)
     if codec == "raw" or n < 64:
         return "raw", plane

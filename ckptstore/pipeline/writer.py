@@ -27,18 +27,10 @@ from dataclasses import dataclass
 
 from ckptstore.commit.atomic import AtomicFile
 from ckptstore.pipeline import codec
+from ckptstore.staging.ref import ArenaRef
 from ckptstore.storage.base import Storage
 
 log = logging.getLogger("ckptstore.writer")
-
-
-@dataclass(frozen=True, slots=True)
-class ArenaRef:
-    """How a writer process attaches to the staging arena."""
-
-    path: str
-    size: int
-    token: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +42,7 @@ class PieceJob:
     group: int
     #: raw hashes of this piece's chunks in the base checkpoint (incremental saves):
     #: a chunk whose bytes hash the same is not written again
-    prev: tuple | None = None
+    prev: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +53,7 @@ class FileJob:
     name: str
     header: bytes
     arena: ArenaRef
-    pieces: tuple
+    pieces: tuple[PieceJob, ...]
     chunk_size: int
     codec: str
     level: int
@@ -75,7 +67,7 @@ class ChunkResult:
     length: int
     raw_length: int
     group: int
-    planes: tuple
+    planes: tuple[tuple[str, int], ...]  #: (codec, stored length) of each byte plane
     hash: str
     raw_hash: str
     reused: bool = False  #: identical to the base checkpoint's chunk; not written
@@ -85,7 +77,7 @@ class ChunkResult:
 class FileResult:
     name: str
     size: int
-    chunks: tuple
+    chunks: tuple[ChunkResult, ...]
 
 
 _maps: dict[str, tuple[ArenaRef, mmap.mmap]] = {}
@@ -189,6 +181,20 @@ def _without_main_module():
             spawn.get_preparation_data = orig
 
 
+def spawn_pool(workers: int) -> cf.ProcessPoolExecutor:
+    """A pool of ``workers`` spawned processes that exit with this one, all started
+    now (so the first job does not pay for it) and without re-running the user's
+    ``__main__`` (a training script that lacks an ``if __name__ == "__main__"``
+    guard must not train twice)."""
+    pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                  initializer=_init_worker, initargs=(os.getpid(),))
+    with _without_main_module():
+        futures = [pool.submit(_ping) for _ in range(workers)]
+    for f in futures:
+        f.result()
+    return pool
+
+
 class WriterPool:
     """A lazily started, reusable pool of spawned writer processes."""
 
@@ -200,17 +206,7 @@ class WriterPool:
     def get(self) -> cf.ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                ctx = mp.get_context("spawn")
-                pool = cf.ProcessPoolExecutor(self.workers, mp_context=ctx,
-                                              initializer=_init_worker, initargs=(os.getpid(),))
-                # Start every worker now, so the first save does not pay for it, and
-                # without re-running the user's __main__ (a training script that
-                # lacks an `if __name__ == "__main__"` guard must not train twice).
-                with _without_main_module():
-                    futures = [pool.submit(_ping) for _ in range(self.workers)]
-                for f in futures:
-                    f.result()
-                self._pool = pool
+                self._pool = spawn_pool(self.workers)
             return self._pool
 
     def start_async(self) -> None:

@@ -4,7 +4,7 @@ The arena is an anonymous ``memfd`` mapped by the trainer and by the writer
 processes (they open it through ``/proc/<pid>/fd/<fd>``), so writers read staged
 bytes without another copy and the memory disappears with the processes that map
 it, even after a SIGKILL. It is allocated and touched once (fresh memory costs
-~0.3 s/GB in page faults on this class of machine, DESIGN.md §9) and then reused by
+~0.3 s/GB in page faults on this class of machine) and then reused by
 every save; it only grows. A ring allocator hands out regions; with a
 ``staging_budget`` smaller than the state, regions are recycled as writers finish.
 """
@@ -20,7 +20,7 @@ from collections import deque
 
 import torch
 
-from ckptstore.pipeline.writer import ArenaRef
+from ckptstore.staging.ref import ArenaRef
 
 log = logging.getLogger("ckptstore.staging")
 

@@ -1,0 +1,131 @@
+"""The engine: what one process keeps between saves, with an explicit lifetime.
+
+It owns the writer processes, the staging arena, the plan cache, the CUDA copy
+streams and the save in flight. It is created by the first save, closed by
+:func:`shutdown` (and at interpreter exit); a later save starts a new one.
+"""
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing.util
+import threading
+from collections.abc import Callable, Iterator
+
+from ckptstore.errors import StagingBusyError
+from ckptstore.pipeline.handle import SaveHandle, SaveResult
+from ckptstore.pipeline.writer import WriterPool
+from ckptstore.plan.cache import PlanCache
+from ckptstore.staging.arena import StagingPool
+from ckptstore.staging.copy import SideStreams
+
+log = logging.getLogger("ckptstore")
+
+
+class Engine:
+    """Process-wide save machinery; one save at a time passes :meth:`admit`."""
+
+    def __init__(self) -> None:
+        self.writers = WriterPool()
+        self.staging = StagingPool(pin=True)
+        self.plans = PlanCache()
+        self.streams = SideStreams()
+        self.last: SaveHandle | None = None
+        self.lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def admit(self, if_busy: str) -> Iterator[None]:
+        """Back-pressure: wait for the previous save (or refuse, ``if_busy="raise"``)
+        and raise its error if nobody has seen it; then hold the engine while the
+        caller stages. Staging memory is reused, so saves never overlap here."""
+        with self.lock:
+            prev = self.last
+            if prev is not None:
+                if not prev.done() and if_busy == "raise":
+                    raise StagingBusyError(
+                        f"the previous save to {prev.path} is still writing; wait for it or "
+                        "use if_busy='wait'")
+                prev.exception()
+                err = prev.take_unobserved_error()
+                if err is not None:
+                    raise err
+            yield
+
+    def complete(self, handle: SaveHandle, finish: Callable[[], SaveResult], *,
+                 background: bool = True) -> None:
+        """Run ``finish`` (wait for the writers, commit) and record its outcome on
+        ``handle``: in a commit thread, or here when ``background`` is False. A
+        failure is kept with its own type, raised by ``wait()`` or the next save."""
+        self.last = handle
+
+        def run() -> None:
+            try:
+                result = finish()
+            except BaseException as e:
+                log.error("save to %s failed: %s", handle.path, e)
+                handle.finish(None, e)
+            else:
+                log.debug("committed %s (%d bytes)", handle.path, result.stored_bytes)
+                handle.finish(result, None)
+
+        if background:
+            threading.Thread(target=run, name="ckptstore-commit", daemon=True).start()
+        else:
+            run()
+
+    def close(self) -> None:
+        last = self.last
+        if last is not None:
+            last.exception()
+        self.writers.shutdown()
+        self.staging.close()
+
+
+class _Current:
+    """The engine of this process, if one is running."""
+
+    def __init__(self) -> None:
+        self.engine: Engine | None = None
+        self.lock = threading.Lock()
+        self.hooked = False
+
+    def get(self) -> Engine:
+        with self.lock:
+            if self.engine is None:
+                self.engine = Engine()
+                if not self.hooked:
+                    self.hooked = True
+                    atexit.register(shutdown)
+                    # A multiprocessing child (e.g. a rank started by torch.multiprocessing
+                    # .spawn) exits through os._exit without atexit hooks, after joining its
+                    # children: our writers must be stopped first or that join waits forever.
+                    multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
+            return self.engine
+
+    def take(self) -> Engine | None:
+        with self.lock:
+            e, self.engine = self.engine, None
+            return e
+
+
+_current = _Current()
+
+
+def engine() -> Engine:
+    """This process's engine, started on first use."""
+    return _current.get()
+
+
+def shutdown() -> None:
+    """Wait for the save in flight, stop the writer processes and free staging memory.
+
+    Runs by itself at interpreter exit; call it explicitly where ``atexit`` hooks do
+    not run (e.g. processes started by ``torch.multiprocessing.spawn``). A later
+    ``save()`` starts a new engine."""
+    e = _current.take()
+    if e is not None:
+        try:
+            e.close()
+        except Exception:  # interpreter exit: nothing left to report to
+            log.debug("error while shutting down ckptstore", exc_info=True)

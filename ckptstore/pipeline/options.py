@@ -1,0 +1,84 @@
+"""The options of one save, checked once before anything is staged or written."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from ckptstore.errors import UnsupportedTypeError
+from ckptstore.storage.base import Storage
+
+COMPRESSION = ("zstd", "lz4", "none")
+DEFAULT_CHUNK = 16 << 20
+DEFAULT_SHARD = 64 << 20  # small enough that writers start while later shards stage
+PAGE = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class SaveOptions:
+    """How a save lays out, encodes and commits its bytes (see :func:`ckptstore.save`)."""
+
+    compression: str = "zstd"
+    zstd_level: int = 1
+    byte_grouping: bool = True
+    staging_budget: int | None = None
+    chunk_size: int = DEFAULT_CHUNK
+    shard_size: int = DEFAULT_SHARD
+    if_busy: str = "wait"
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.compression not in COMPRESSION:
+            raise ValueError(f"compression must be one of {COMPRESSION}, not {self.compression!r}")
+        if self.if_busy not in ("wait", "raise"):
+            raise ValueError(f"if_busy must be 'wait' or 'raise', not {self.if_busy!r}")
+        if self.chunk_size <= 0 or self.chunk_size % 64:
+            raise ValueError("chunk_size must be a positive multiple of 64")
+
+    @property
+    def codec(self) -> str:
+        """The chunk codec: ``raw`` for uncompressed (plain safetensors) files."""
+        return "raw" if self.compression == "none" else self.compression
+
+    @property
+    def file_size(self) -> int:
+        """Target file size: with a staging budget, two files in flight fit in it."""
+        if self.staging_budget is None:
+            return self.shard_size
+        return max(self.chunk_size, min(self.shard_size, int(self.staging_budget) // 2))
+
+    def staging_capacity(self, file_sizes: list[int]) -> int:
+        """Staging bytes for files of these sizes: all of them, or the budget (at
+        least the largest file, which must fit whole)."""
+        need = sum(-(-n // PAGE) * PAGE for n in file_sizes)
+        if self.staging_budget is not None:
+            need = min(need, max(int(self.staging_budget), max(file_sizes, default=0)))
+        return max(need, PAGE)
+
+
+def check_metadata(metadata: Any) -> None:
+    """Refuse user metadata that is not plain JSON, before anything is staged."""
+    try:
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise UnsupportedTypeError(f"metadata must be plain JSON: {e}") from None
+
+
+def check_importable(storage: Storage) -> None:
+    """Refuse a Storage (or a Storage it wraps) whose class is defined in ``__main__``:
+    writer processes are spawned without re-running the caller's script, so they
+    could not unpickle it and would die with the cause only on their stderr."""
+    seen: set[int] = set()
+    todo: list[Any] = [storage]
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        cls = type(obj)
+        if cls.__module__ == "__main__":
+            raise UnsupportedTypeError(
+                f"storage class {cls.__qualname__} is defined in __main__; writer processes "
+                "do not run the calling script, so they cannot load it: define it in an "
+                "importable module")
+        todo.extend(v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, Storage))
