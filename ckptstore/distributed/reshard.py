@@ -21,9 +21,9 @@ import torch
 
 from ckptstore import manifest as fmt
 from ckptstore.distributed.shards import is_dtensor
-from ckptstore.errors import CorruptCheckpointError, StrictLoadError
+from ckptstore.errors import CorruptCheckpointError
 from ckptstore.plan.tree import torch_dtype, unflatten
-from ckptstore.read.into import LoadReport, leaves_of
+from ckptstore.read.into import Action, copy_into, leaves_of
 from ckptstore.read.reader import READ_THREADS, read_chunk, read_tensors
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
@@ -99,7 +99,7 @@ class BoxRead:
         start = ks[0][1]
         end = ks[-1][1] + rec.chunks[ks[-1][0]].raw_length
         buf = torch.empty(end - start, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = buf.numpy().data
         for k, p in ks:
             self.jobs.append((rec, k, view[p - start:p - start + rec.chunks[k].raw_length]))
         self._parts.append((h, lo, hi, buf, b0 - start, b1 - start, r1 - r0))
@@ -195,61 +195,39 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
     tree = _refs(manifest)
     if into is None:
         refs = [v[0] for v in leaves_of(tree).values() if isinstance(v[0], Ref)]
-        arrays = _read_whole(storage, manifest, refs, verify)
-        return _substitute(tree, lambda r: arrays[r.index])
+        whole = _read_whole(storage, manifest, refs, verify)
+        return _substitute(tree, lambda r: whole[r.index])
     if isinstance(into, torch.nn.Module):
         into = into.state_dict()
     src = {k: v[0] for k, v in leaves_of(tree).items()}
     dst = leaves_of(into)
-    missing, mismatched, actions = [], [], []
-    for name, (value, parent, key) in dst.items():
-        if name not in src:
-            missing.append(name)
-            continue
-        why = _compare(manifest, src[name], value, cast)
-        if why:
-            mismatched.append((name, why))
-        else:
-            actions.append((name, value, parent, key))
-    unexpected = [k for k in src if k not in dst]
-    report = LoadReport((), tuple(missing), tuple(unexpected), tuple(mismatched))
-    if strict and not report.ok:
-        raise StrictLoadError(f"checkpoint does not match the target: {report.summary()}", report)
-    # plan every read first, so all chunks are fetched in one parallel pass
-    boxes, whole = [], []
-    for name, value, _parent, _key in actions:
-        s = src[name]
-        if isinstance(s, Ref) and is_dtensor(value):
-            (c,) = value.__create_chunk_list__()
-            boxes.append((s.index, tuple(c.offsets), tuple(c.sizes)))
-        elif isinstance(s, Ref):
-            whole.append(s)
-    box_data = dict(zip(range(len(boxes)), read_boxes(storage, manifest, boxes, verify=verify)))
-    arrays = _read_whole(storage, manifest, whole, verify)
-    loaded, b = [], 0
-    with torch.no_grad():
+    boxes: dict[str, Any] = {}
+    arrays: dict[int, Any] = {}
+
+    def prepare(actions: list[Action]) -> None:
+        """Plan every read first, so all chunks are fetched in one parallel pass."""
+        wanted, names, whole = [], [], []
         for name, value, _parent, _key in actions:
             s = src[name]
             if isinstance(s, Ref) and is_dtensor(value):
-                local = value.to_local()
-                data = box_data[b].reshape(local.shape)
-                b += 1
-                local.copy_(data.to(local.dtype) if cast else data)
-            elif isinstance(value, torch.Tensor):
-                data = arrays[s.index] if isinstance(s, Ref) else s
-                data = torch.from_numpy(data) if isinstance(data, np.ndarray) else data
-                value.copy_(data.to(value.dtype) if cast else data)
-            elif isinstance(value, np.ndarray):
-                np.copyto(value, arrays[s.index] if isinstance(s, Ref) else s,
-                          casting="unsafe" if cast else "no")
-            elif isinstance(parent, (dict, list)):
-                parent[key] = arrays[s.index] if isinstance(s, Ref) else _substitute(
-                    s, lambda r: arrays[r.index])
-            elif parent is not None and value != s:
-                mismatched.append((name, "cannot replace a value inside a tuple"))
-                continue
-            loaded.append(name)
-    return LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched))
+                (c,) = value.__create_chunk_list__()
+                wanted.append((s.index, tuple(c.offsets), tuple(c.sizes)))
+                names.append(name)
+            elif isinstance(s, Ref):
+                whole.append(s)
+        boxes.update(zip(names, read_boxes(storage, manifest, wanted, verify=verify)))
+        arrays.update(_read_whole(storage, manifest, whole, verify))
+
+    def resolve(name: str, value: Any) -> tuple[Any, Any]:
+        if name in boxes:  # a DTensor receives its own box into its local shard
+            local = value.to_local()
+            return local, boxes[name].reshape(local.shape)
+        return value, _substitute(src[name], lambda r: arrays[r.index])
+
+    return copy_into(src, dst, strict=strict, cast=cast,
+                     unexpected=[k for k in src if k not in dst],
+                     compare=lambda s, d, c: _compare(manifest, s, d, c),
+                     prepare=prepare, resolve=resolve)
 
 
 def _compare(manifest: fmt.Manifest, src: Any, dst: Any, cast: bool) -> str | None:

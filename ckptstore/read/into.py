@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +26,11 @@ class LoadReport:
     that rename rules changed.
     """
 
-    loaded: tuple = ()
-    missing: tuple = ()  #: in ``into`` but not in the checkpoint
-    unexpected: tuple = ()  #: in the checkpoint but not in ``into``
-    mismatched: tuple = ()  #: (key, why) pairs: shape or dtype differ
-    renamed: tuple = field(default=())  #: (old, new) pairs applied by rename rules
+    loaded: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()  #: in ``into`` but not in the checkpoint
+    unexpected: tuple[str, ...] = ()  #: in the checkpoint but not in ``into``
+    mismatched: tuple[tuple[str, str], ...] = ()  #: (key, why) pairs: shape or dtype differ
+    renamed: tuple[tuple[str, str], ...] = field(default=())  #: (old, new) pairs applied by rename rules
 
     @property
     def ok(self) -> bool:
@@ -80,7 +80,8 @@ def leaves_of(tree: Any, path: tuple = ()) -> dict[str, tuple[Any, Any, Any]]:
     return out
 
 
-def _compare(src: Any, dst: Any, cast: bool) -> str | None:
+def compare_values(src: Any, dst: Any, cast: bool) -> str | None:
+    """Why the loaded value ``src`` cannot go into the target ``dst``, or None."""
     if isinstance(dst, torch.Tensor):
         if not isinstance(src, (torch.Tensor, np.ndarray)):
             return f"checkpoint holds a {type(src).__name__}, not a tensor"
@@ -99,51 +100,53 @@ def _compare(src: Any, dst: Any, cast: bool) -> str | None:
     return None
 
 
-def apply_into(state: Any, into: Any, *, strict: bool = True, cast: bool = False,
-               rename: RenameSpec = None,
-               target_filter: Callable[[str], bool] | None = None) -> LoadReport:
-    """Copy ``state`` into ``into``; nothing is modified if strict checks fail.
+#: (target name, target value, its parent container, its key in the parent)
+Action = tuple[str, Any, Any, Any]
 
-    ``rename`` maps the checkpoint's names onto the target's (see
-    :mod:`ckptstore.rename`). ``target_filter`` limits the load to the target keys it
-    accepts (partial loads): other keys are neither loaded nor reported missing.
-    With ``strict=False`` whatever matches is loaded and a report that is not clean is
-    logged as a warning; shape mismatches are never loaded, dtype differences only
-    with ``cast=True``.
+
+def copy_into(src: Mapping[str, Any], dst: Mapping[str, tuple[Any, Any, Any]], *, strict: bool,
+              cast: bool, unexpected: Sequence[str] = (), renamed: tuple = (),
+              compare: Callable[[Any, Any, bool], str | None] = compare_values,
+              prepare: Callable[[list[Action]], None] | None = None,
+              resolve: Callable[[str, Any], tuple[Any, Any]] | None = None) -> LoadReport:
+    """The one copy-into-target path, for whole and resharded loads.
+
+    ``src`` maps target names to what the checkpoint holds for them (values, or
+    references that ``resolve`` turns into data); ``dst`` is ``leaves_of(target)``.
+    Every target key is matched and checked with ``compare`` first; with ``strict``
+    nothing is modified unless all match. Then ``prepare(actions)`` may fetch
+    everything in one pass, and each value is copied: in place into tensors and
+    arrays (``resolve(name, target)`` may give another destination, e.g. a
+    DTensor's local shard, with the data for it), by assignment into dicts and lists.
     """
-    src_leaves = {k: v[0] for k, v in leaves_of(state).items()}
-    mapping, renamed = rename_names(src_leaves, rename)
-    src = {new: src_leaves[old] for old, new in mapping.items()}
-    dst = leaves_of(into)
-    if target_filter is not None:
-        dst = {k: v for k, v in dst.items() if target_filter(k)}
-    loaded: list = []
-    missing: list = []
-    mismatched: list = []
-    actions = []
+    missing: list[str] = []
+    mismatched: list[tuple[str, str]] = []
+    actions: list[Action] = []
     for name, (value, parent, key) in dst.items():
         if name not in src:
             missing.append(name)
             continue
-        why = _compare(src[name], value, cast)
+        why = compare(src[name], value, cast)
         if why:
             mismatched.append((name, why))
             continue
         actions.append((name, value, parent, key))
-    unexpected = [old for old, new in mapping.items() if new not in dst]
-    report = LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), renamed)
+    report = LoadReport((), tuple(missing), tuple(unexpected), tuple(mismatched), renamed)
     if strict and not report.ok:
         raise StrictLoadError("checkpoint does not match the target (pass strict=False to load "
                               f"what matches, or rename= rules): {report.summary(limit=None)}",
                               report)
+    if prepare is not None:
+        prepare(actions)
+    loaded: list[str] = []
     with torch.no_grad():
         for name, value, parent, key in actions:
-            s = src[name]
-            if isinstance(value, torch.Tensor):
+            target, s = resolve(name, value) if resolve is not None else (value, src[name])
+            if isinstance(target, torch.Tensor):
                 s = torch.from_numpy(s) if isinstance(s, np.ndarray) else s
-                value.copy_(s.to(dtype=value.dtype) if cast else s)
-            elif isinstance(value, np.ndarray):
-                np.copyto(value, s, casting="unsafe" if cast else "no")
+                target.copy_(s.to(dtype=target.dtype) if cast else s)
+            elif isinstance(target, np.ndarray):
+                np.copyto(target, s, casting="unsafe" if cast else "no")
             elif isinstance(parent, (dict, list)):
                 parent[key] = s
             elif parent is not None and value != s:
@@ -154,6 +157,28 @@ def apply_into(state: Any, into: Any, *, strict: bool = True, cast: bool = False
     if not report.ok:
         log.warning("partial load: %s", report.summary())
     return report
+
+
+def apply_into(state: Any, into: Any, *, strict: bool = True, cast: bool = False,
+               rename: RenameSpec = None,
+               target_filter: Callable[[str], bool] | None = None) -> LoadReport:
+    """Copy ``state`` into ``into``; nothing is modified if strict checks fail.
+
+    ``rename`` maps the checkpoint's names onto the target's (see
+    :mod:`ckptstore.plan.keymap`). ``target_filter`` limits the load to the target keys
+    it accepts (partial loads): other keys are neither loaded nor reported missing.
+    With ``strict=False`` whatever matches is loaded and a report that is not clean is
+    logged as a warning; shape mismatches are never loaded, dtype differences only
+    with ``cast=True``.
+    """
+    src_leaves = {k: v[0] for k, v in leaves_of(state).items()}
+    mapping, renamed = rename_names(src_leaves, rename)
+    src = {new: src_leaves[old] for old, new in mapping.items()}
+    dst = leaves_of(into)
+    if target_filter is not None:
+        dst = {k: v for k, v in dst.items() if target_filter(k)}
+    unexpected = [old for old, new in mapping.items() if new not in dst]
+    return copy_into(src, dst, strict=strict, cast=cast, unexpected=unexpected, renamed=renamed)
 
 
 def rename_tree(state: Any, rename: RenameSpec) -> tuple[Any, tuple]:

@@ -30,7 +30,7 @@ class TensorInfo:
     name: str
     kind: str  #: "torch" or "numpy"
     dtype: str
-    shape: tuple
+    shape: tuple[int, ...]
     nbytes: int
     digest: str  #: content hash (xxh3-128 over the chunk hashes; depends on chunk_size)
     index: int  #: position in the manifest's tensor table
@@ -170,11 +170,12 @@ def partial_load(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
         state = ckpt.tree(keys)
         return state if rename is None else rename_tree(state, rename)[0]
     flat = ckpt.flat(keys)  # '.'-joined names are the same flat or nested
-    target_filter = None
-    if keys is not None:
-        pick = key_filter(keys)
+    target_filter: Callable[[str], bool] | None = None
+    pick = key_filter(keys)
+    if pick is not None:
         reached = set(rename_names(flat, rename)[0].values())
         target_filter = lambda name: name in reached or pick(name)  # noqa: E731
+
     return apply_into(flat, into, strict=strict, cast=cast, rename=rename,
                       target_filter=target_filter)
 

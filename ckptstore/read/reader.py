@@ -31,16 +31,16 @@ def empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
         if rec.nbytes == 0:
             return out, memoryview(bytearray(0))
         raw = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage(), 0, (rec.nbytes,), (1,))
-        return out, memoryview(raw.numpy())
+        return out, raw.numpy().data
     dt = safe_numpy_dtype(rec.dtype)
     if math.prod(rec.shape) * dt.itemsize != rec.nbytes:
         raise CorruptCheckpointError(f"array {rec.name!r}: {rec.nbytes} bytes do not fit "
                                      f"shape {list(rec.shape)} of {rec.dtype}")
     arr = np.empty(rec.shape, dtype=dt)
-    return arr, memoryview(arr.reshape(-1).view(np.uint8))
+    return arr, arr.reshape(-1).view(np.uint8).data
 
 
-def read_chunk(storage: Storage, rec: fmt.TensorRecord, index: int, out: memoryview,
+def read_chunk(storage: Storage, rec: fmt.TensorRecord, index: int, out: memoryview | Mapped,
                verify: bool) -> None:
     """Read chunk ``index`` of ``rec`` into ``out`` (its raw bytes), verifying hashes
     (:mod:`ckptstore.verify.checks`). An ``out`` of type :class:`Mapped` already
@@ -73,7 +73,7 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
     storage = linked(storage, manifest.files)  # incremental saves name older steps' files
     wanted = [(i, r) for i, r in enumerate(manifest.tensors) if select is None or select(r)]
     outs: dict[int, Any] = {}
-    jobs = []
+    jobs: list[tuple[fmt.TensorRecord, int, memoryview | None]] = []
     if verify:
         check_files(storage, manifest, {c.file for _, r in wanted for c in r.chunks})
     maps = _FileMaps(storage, manifest) if mmap else None
@@ -90,15 +90,15 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
         for k, c in enumerate(rec.chunks):
             jobs.append((rec, k, raw[pos:pos + c.raw_length]))
             pos += c.raw_length
-    if maps is not None:
-        jobs = [(rec, k, maps.chunk_view(rec, k) if view is None else view)
-                for rec, k, view in jobs]
-    if threads <= 1 or len(jobs) <= 1:
-        for rec, k, view in jobs:
-            read_chunk(storage, rec, k, view, verify)
+    # a mapped tensor's chunks (view None) are verified in place, in the mapped file
+    ready: list[tuple[fmt.TensorRecord, int, memoryview | Mapped]] = [
+        (rec, k, view if view is not None else _mapped(maps, rec, k)) for rec, k, view in jobs]
+    if threads <= 1 or len(ready) <= 1:
+        for rec, k, out in ready:
+            read_chunk(storage, rec, k, out, verify)
         return outs
-    with cf.ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="ckptstore-read") as ex:
-        futs = [ex.submit(read_chunk, storage, rec, k, view, verify) for rec, k, view in jobs]
+    with cf.ThreadPoolExecutor(min(threads, len(ready)), thread_name_prefix="ckptstore-read") as ex:
+        futs = [ex.submit(read_chunk, storage, rec, k, out, verify) for rec, k, out in ready]
         for f in futs:
             f.result()
     return outs
@@ -151,3 +151,8 @@ class _FileMaps:
     def chunk_view(self, rec: fmt.TensorRecord, index: int) -> Mapped:
         c = rec.chunks[index]
         return Mapped(memoryview(self.maps[c.file])[c.offset:c.offset + c.length])
+
+
+def _mapped(maps: _FileMaps | None, rec: fmt.TensorRecord, index: int) -> Mapped:
+    assert maps is not None  # chunks without an output buffer belong to mapped tensors
+    return maps.chunk_view(rec, index)
