@@ -22,7 +22,7 @@ import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from ckptstore.errors import UnsafeCheckpointError
+from ckptstore.errors import UnsafeCheckpointError, UnsupportedOperationError
 from ckptstore.storage.capabilities import ObjectInfo, plain_class, remake
 
 
@@ -168,22 +168,23 @@ class Storage(ABC):
     def _rmdir(self, name: str) -> None:  # object stores have no directories
         return None
 
+    def at(self, url: str) -> "Storage":
+        """A storage of the same backend and options rooted at ``url`` (used by
+        :meth:`sibling` and :meth:`parent`; wrappers override those instead)."""
+        raise UnsupportedOperationError(f"{type(self).__name__} cannot open another root")
+
     def sibling(self, name: str) -> "Storage":
         """The storage rooted at directory ``name`` next to this one (same parent);
         incremental checkpoints read files that an older sibling step holds."""
-        from ckptstore.storage import open_storage  # backends with options override this
-
         check_name(name)
         if "/" in name:
             raise UnsafeCheckpointError(f"sibling name {name!r} must be one path component")
-        return open_storage(posixpath.join(posixpath.dirname(self.url.rstrip("/")), name))
+        return self.at(posixpath.join(posixpath.dirname(self.url.rstrip("/")), name))
 
     def parent(self) -> "Storage":
         """The storage rooted at the directory holding this one (where its siblings
         are); an overwrite looks there for steps that still read its files."""
-        from ckptstore.storage import open_storage  # backends with options override this
-
-        return open_storage(posixpath.dirname(self.url.rstrip("/")) or "/")
+        return self.at(posixpath.dirname(self.url.rstrip("/")) or "/")
 
 
 class _LinkedObjectInfo:

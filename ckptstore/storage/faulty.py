@@ -1,7 +1,7 @@
 """Fault injection over the Storage interface: count, journal, fail or kill at any call.
 
 :class:`FaultyStorage` wraps another storage and is driven by data, not code
-(DESIGN.md §6.7)::
+(a table of data, not hand-written copies)::
 
     FaultyStorage(inner, fail={"fsync": 3})            # the 3rd fsync raises EIO
     FaultyStorage(inner, fail={"write": "*"}, errno=errno.ENOSPC)

@@ -21,7 +21,7 @@ import io
 import posixpath
 from typing import Any
 
-from ckptstore.errors import StorageError, UnsafeCheckpointError, UnsupportedOperationError
+from ckptstore.errors import StorageError, UnsupportedOperationError
 from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
 from ckptstore.storage.capabilities import IncompleteUpload
 from ckptstore.storage.retry import retrying
@@ -121,14 +121,8 @@ class FsspecStorage(Storage):
     def child(self, name: str) -> "FsspecStorage":
         return FsspecStorage(f"{self._url}/{check_name(name)}", self.options)
 
-    def sibling(self, name: str) -> "FsspecStorage":
-        check_name(name)
-        if "/" in name:
-            raise UnsafeCheckpointError(f"sibling name {name!r} must be one path component")
-        return FsspecStorage(posixpath.join(posixpath.dirname(self._url), name), self.options)
-
-    def parent(self) -> "FsspecStorage":
-        return FsspecStorage(posixpath.dirname(self._url), self.options)
+    def at(self, url: str) -> "FsspecStorage":
+        return FsspecStorage(url, self.options)
 
     def _call(self, what: str, fn, *args, **kwargs):
         return retrying(lambda: fn(*args, **kwargs), f"{what} on {self._url}")

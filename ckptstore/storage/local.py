@@ -81,6 +81,9 @@ class LocalStorage(Storage):
     def child(self, name: str) -> "LocalStorage":
         return LocalStorage(self._file(name))
 
+    def at(self, url: str) -> "LocalStorage":
+        return LocalStorage(url)
+
     def makedirs(self) -> None:
         missing = []
         p = self.root

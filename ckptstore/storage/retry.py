@@ -1,7 +1,7 @@
 """Bounded exponential backoff for object-store calls, and the table that decides
 which backend errors are transient.
 
-The table is data (DESIGN §6.7): status codes and exception types that mean "try
+The table is data: status codes and exception types that mean "try
 again" (5xx, 429/503 throttling, connection resets, timeouts). Everything else is
 permanent and raised at once. A fault that outlasts the schedule is raised as
 :class:`TransientStorageError` with the last error as its cause.
