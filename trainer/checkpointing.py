@@ -1,7 +1,7 @@
 """The trainer's only contact with the checkpoint engine.
 
 Builds the state tree (model, optimizer, scheduler, scaler, per-rank RNG, data position, step,
-config) and restores it. The training loop calls only ``save``, ``wait_staged``, ``wait`` and
+config) and restores it. The training loop calls only ``save``, ``wait`` and
 ``maybe_resume``. Everything that changes training dynamics is in the tree; nothing is pickled
 into it (RNG states are tensors, arrays and tuples of ints).
 
@@ -65,7 +65,8 @@ def make_backend(cfg: TrainConfig) -> Backend:
     """The real engine: ``ckptstore.Checkpointer`` on the run's local dir (+ optional remote)."""
     import ckptstore  # imported late: the trainer's other parts do not need the engine
 
-    # keep_best also narrows the remote tier's retention, so only ask for it when there is a val loss
+    # keep_best ranks steps by val_loss: ask for it only when the run measures one (on a remote
+    # tier with retention of its own it also protects the best steps; it never narrows one)
     keep_best = ("val_loss", "min", cfg.keep_best) if cfg.keep_best and cfg.val_every else None
     return ckptstore.Checkpointer(cfg.ckpt_dir, cfg.remote, keep_last=cfg.keep_last,
                                   keep_every=cfg.keep_every, keep_best=keep_best,
@@ -154,12 +155,6 @@ class TrainCheckpointer:
         if self.backend is not None:
             self._handle = self.backend.save(step, state, metrics=metrics)
             log.info("checkpoint %d: snapshot taken%s", step, f" (metrics {metrics})" if metrics else "")
-
-    def wait_staged(self) -> None:
-        """Block until the pending snapshot no longer reads live tensors (before optimizer.step)."""
-        wait_staged = getattr(self._handle, "wait_staged", None)
-        if wait_staged is not None:
-            wait_staged()
 
     def wait(self) -> None:
         """Block until every save so far is durable (and re-raise a background failure)."""

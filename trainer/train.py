@@ -1,11 +1,10 @@
 """The training loop: FSDP2 (or a single process), AMP, remat, AdamW + warmup/cosine,
 gradient accumulation and clipping, and the checkpoint policy.
 
-Checkpoint timing (torchtitan's idea): when step k decides to save, the snapshot is taken right
-after the *next* step's backward pass (weights and optimizer still hold step k's values; RNG and
-data position were captured before that step began), and the loop waits for staging only just
-before ``optimizer.step()``, so the engine's copy overlaps with compute. The last step and an
-emergency save (SIGTERM/SIGUSR1) save immediately and wait until the checkpoint is durable.
+Checkpoint timing: when step k decides to save, the snapshot is taken at once, at the end of
+step k (weights, optimizer, RNG and data position all as of that step); ``ckptstore.save``
+returns once its copy is staged and writes in the background while training goes on. The last
+step and an emergency save (SIGTERM/SIGUSR1) also wait until the checkpoint is durable.
 """
 
 from __future__ import annotations
@@ -182,9 +181,8 @@ def evaluate(parts: Parts, ctx: DistContext) -> float:
     return _mean(total / parts.cfg.val_batches, ctx)
 
 
-def train_step(parts: Parts, ctx: DistContext, ckpt: TrainCheckpointer,
-               pending: dict[str, Any] | None) -> tuple[float, float]:
-    """One optimizer step (with accumulation); takes a pending snapshot after the backward."""
+def train_step(parts: Parts, ctx: DistContext) -> tuple[float, float]:
+    """One optimizer step (with accumulation, clipping and the AMP scaler)."""
     cfg, model, opt, scaler = parts.cfg, parts.model, parts.optimizer, parts.scaler
     loss_sum = torch.zeros((), device=ctx.device)
     for micro in range(cfg.grad_accum):
@@ -196,14 +194,11 @@ def train_step(parts: Parts, ctx: DistContext, ckpt: TrainCheckpointer,
         loss = loss / cfg.grad_accum
         scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    if pending is not None:  # snapshot of step k: weights and optimizer are untouched since then
-        ckpt.save(pending["step"], pending["metrics"], volatile=pending["volatile"])
     scaler.unscale_(opt)
     if cfg.grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    ckpt.wait_staged()  # the engine must be done reading the live tensors before they change
     scaler.step(opt)
     scaler.update()
     opt.zero_grad(set_to_none=True)
@@ -248,20 +243,14 @@ def _run(cfg: TrainConfig, ctx: DistContext, backend_factory: Callable[[TrainCon
     records: list[dict[str, Any]] = []
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model_dims()["seq_len"]
     peak = PeakMemory(ctx.device)
-    pending: dict[str, Any] | None = None  # a save decided at the end of the previous step
     last_save = time.monotonic()
     best_val = math.inf
     try:
         while step < cfg.steps:
             step += 1
-            if pending is not None:  # RNG + data position as of the end of the pending step
-                pending["volatile"] = ckpt.volatile()
             peak.reset()
             t0 = time.perf_counter()
-            loss, grad_norm = train_step(parts, ctx, ckpt, pending)
-            if pending is not None:
-                metrics.event("checkpoint", step=pending["step"], reason=pending["reason"])
-                last_save, pending = time.monotonic(), None
+            loss, grad_norm = train_step(parts, ctx)
             dt = time.perf_counter() - t0
             record = {"step": step, "loss": loss, "lr": parts.scheduler.get_last_lr()[0],
                       "grad_norm": grad_norm, "ms": dt * 1e3, "tok_per_s": tokens_per_step / dt,
@@ -293,7 +282,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, backend_factory: Callable[[TrainCon
                     metrics.event("emergency", step=step, signal=stop.signum)
                     break
             elif reason is not None:
-                pending = {"step": step, "metrics": val_metrics, "reason": reason, "volatile": None}
+                ckpt.save(step, val_metrics)  # returns once staged; written in the background
+                metrics.event("checkpoint", step=step, reason=reason)
+                last_save = time.monotonic()
     except BaseException as exc:  # this rank alone: no collective the other ranks may never join
         ckpt.abort(exc)
         raise
