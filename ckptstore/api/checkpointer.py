@@ -43,6 +43,7 @@ from ckptstore.errors import (
     SchemaVersionError,
     StorageError,
 )
+from ckptstore.pipeline.handle import SaveHandle
 from ckptstore.runs.layout import step_name
 from ckptstore.runs.retention import Best, Policy
 from ckptstore.runs.tiers import Tier, candidates, retain, retire_damaged, step_metadata, unpromoted
@@ -109,7 +110,7 @@ class Checkpointer:
         self.incremental = incremental and compression != "none"
         self.save_options = dict(save_options or {})
         self.loaded_step: int | None = None
-        self._last = None  # the newest SaveHandle
+        self._last: SaveHandle | None = None  # the newest save
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._queue: queue.Queue = queue.Queue()
@@ -219,7 +220,9 @@ class Checkpointer:
         for s, tname in cands:
             tier = tiers[tname]
             where = tier.root.child(step_name(s))
-            out, outcome, err = None, None, None
+            out: Any = None
+            outcome: tuple[str, ...] | None = None
+            err: Exception | None = None
             try:
                 out = load(where, into=into, strict=strict, verify=verify, cast=cast)
             except SchemaVersionError as e:
@@ -360,7 +363,7 @@ class Checkpointer:
                 self._promoter = spawn_pool(1)
         return self._promoter
 
-    def _retain(self, tier: Tier, protected: set[int] = frozenset()) -> None:
+    def _retain(self, tier: Tier, protected: frozenset[int] | set[int] = frozenset()) -> None:
         retain(tier, protected)  # a method: tests count the rounds per rank
 
     # -- agreement between ranks ---------------------------------------------

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 from ckptstore.errors import CheckpointNotFoundError, CkptError
 
-#: name -> (add_arguments(parser), run(args) -> exit code)
-COMMANDS: dict[str, tuple[Callable, Callable]] = {}
+#: name -> (one-line summary, run(args) -> exit code); ``run.arguments(parser)`` adds flags
+COMMANDS: dict[str, tuple[str, Callable]] = {}
 
 
 def command(name: str, summary: str):

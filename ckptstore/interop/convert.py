@@ -296,9 +296,9 @@ def _nest(flat: dict[str, Any], planner_data: Any) -> Any:
 class DiffReport:
     """Keys added in B, removed from A, changed between them; ``same`` counts the rest."""
 
-    added: tuple = ()
-    removed: tuple = ()
-    changed: tuple = ()  #: (name, why) pairs
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    changed: tuple[tuple[str, str], ...] = ()  #: (name, why) pairs
     same: int = 0
 
     @property

@@ -31,13 +31,13 @@ def validate(m: Manifest) -> None:
         total = 0
         for i, c in enumerate(t.chunks):
             where = f"tensor {t.name!r} chunk {i}"
-            f = files.get(c.file)
-            if f is None:
+            holder = files.get(c.file)
+            if holder is None:
                 raise CorruptCheckpointError(f"{where} names file {c.file!r} that is not listed")
-            if c.offset < f.header_length or c.offset + c.length > f.size:
+            if c.offset < holder.header_length or c.offset + c.length > holder.size:
                 raise UnsafeCheckpointError(
                     f"{where}: bytes [{c.offset}, {c.offset + c.length}) lie outside the data "
-                    f"of {c.file!r} (size {f.size})")
+                    f"of {c.file!r} (size {holder.size})")
             if c.raw_length > max(m.chunk_size, 1) or c.group < 1 or c.raw_length % c.group:
                 raise UnsafeCheckpointError(f"{where}: raw length {c.raw_length} / group {c.group} invalid")
             if len(c.planes) != c.group or sum(p[1] for p in c.planes) != c.length:

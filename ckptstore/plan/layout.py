@@ -37,7 +37,7 @@ class TensorPlan:
     name: str
     kind: str  # "torch" | "numpy"
     dtype: str  # torch dtype name or numpy dtype string
-    shape: tuple
+    shape: tuple[int, ...]
     nbytes: int
     itemsize: int
     group: int  # byte-grouping width used when compressing
@@ -60,15 +60,15 @@ class Piece:
 class FilePlan:
     name: str
     format: str  # "safetensors" | "chunks"
-    pieces: tuple
+    pieces: tuple[Piece, ...]
     nbytes: int  # raw data bytes (staging region size)
     header: bytes  # safetensors header (length prefix included) or b""
 
 
 @dataclass(frozen=True, slots=True)
 class SavePlan:
-    tensors: tuple
-    files: tuple
+    tensors: tuple[TensorPlan, ...]
+    files: tuple[FilePlan, ...]
     chunk_size: int
 
     @property

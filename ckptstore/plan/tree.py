@@ -37,7 +37,7 @@ class Leaf:
     """One array found in the tree: a torch tensor or a numpy array."""
 
     id: int
-    path: tuple
+    path: tuple[Any, ...]  #: the keys and indices from the root (any JSON-able key)
     value: Any  # torch.Tensor | np.ndarray
 
 
@@ -99,7 +99,7 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
                                            "convert it with .to_dense() first")
             if arr.is_quantized:
                 raise UnsupportedTypeError(f"quantized tensor at {_fmt(path)} is not supported")
-            key = ("t", arr.untyped_storage().data_ptr() if arr.numel() else id(arr),
+            key: tuple[Any, ...] = ("t", arr.untyped_storage().data_ptr() if arr.numel() else id(arr),
                    arr.storage_offset(), tuple(arr.shape), arr.stride(), arr.dtype, str(arr.device))
         else:
             key = ("n", arr.__array_interface__["data"][0] if arr.size else id(arr),

@@ -82,8 +82,8 @@ def select_keep(steps: dict[int, dict | None], policy: Policy,
         keep.update(s for s in order if s % policy.keep_every == 0)
     best = policy.keep_best
     if best is not None:
-        scored = [(s, _metric(steps[s], best.metric)) for s in order]
-        scored = [(s, v) for s, v in scored if v is not None]
+        metric = [(s, _metric(steps[s], best.metric)) for s in order]
+        scored = [(s, v) for s, v in metric if v is not None]
         # ties go to the newer step: it holds the same quality and more training
         scored.sort(key=lambda sv: (sv[1] if best.mode == "min" else -sv[1], -sv[0]))
         keep.update(s for s, _ in scored[:best.n])

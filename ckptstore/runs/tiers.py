@@ -71,7 +71,8 @@ def unpromoted(local: Tier, remote: Tier) -> set[int]:
     on_local, on_remote = local.committed(), remote.committed()
     p = remote.policy
     only_every = bool(p.keep_every) and p.keep_last is None and p.keep_best is None
-    cands = {s: local.metrics(s) for s in on_local if not only_every or s % p.keep_every == 0}
+    every = p.keep_every or 1
+    cands = {s: local.metrics(s) for s in on_local if not only_every or s % every == 0}
     cands.update({s: remote.metrics(s) for s in on_remote})
     return select_keep(cands, p) - set(on_remote)
 

@@ -199,7 +199,7 @@ class LinkedView(Storage):
     checkpoints (``FileRecord.base``): each such name is read from that sibling.
     It implements the read-side capability protocols its storage implements."""
 
-    _MIXINS = {ObjectInfo: _LinkedObjectInfo}
+    _MIXINS: dict[type, type] = {ObjectInfo: _LinkedObjectInfo}
 
     def __new__(cls, storage: Storage, bases: dict[str, str]) -> "LinkedView":
         return remake(cls, storage, cls._MIXINS)

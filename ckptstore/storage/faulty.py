@@ -63,7 +63,7 @@ class Ledger:
         return fd
 
     def tick(self, op: str, name: str, counted: bool, *, mutating: bool,
-             record: dict | None = None, data: bytes | None = None) -> tuple[int, int]:
+             record: dict | None = None, data: bytes | memoryview | None = None) -> tuple[int, int]:
         """Count one call; returns (n-th call of ``op`` that matches, mutating index).
 
         ``counted`` says whether the call matches the fault filter (``where``);
@@ -92,7 +92,7 @@ class Ledger:
         finally:
             os.close(fd)  # closing drops the flock
 
-    def _append(self, rec: dict, data: bytes | None) -> None:
+    def _append(self, rec: dict, data: bytes | memoryview | None) -> None:
         head = json.dumps(rec).encode()
         body = b"" if data is None else bytes(data)
         with open(self.path + ".journal", "ab") as j:
@@ -117,7 +117,7 @@ class Ledger:
 
     def journal(self) -> list[tuple[dict, bytes]]:
         """Every journaled call in order: (record, bytes written or b"")."""
-        out = []
+        out: list[tuple[dict, bytes]] = []
         try:
             with open(self.path + ".journal", "rb") as j:
                 blob = j.read()
@@ -200,7 +200,7 @@ class FaultyStorage(Storage):
         record: journal the bytes of every write too (for power-loss replay).
     """
 
-    _MIXINS = {ObjectInfo: _FaultyObjectInfo, MultipartGC: _FaultyMultipartGC}
+    _MIXINS: dict[type, type] = {ObjectInfo: _FaultyObjectInfo, MultipartGC: _FaultyMultipartGC}
 
     def __new__(cls, inner: Storage, *args: Any, **kwargs: Any) -> "FaultyStorage":
         return remake(cls, inner, cls._MIXINS)
@@ -241,7 +241,7 @@ class FaultyStorage(Storage):
         return f"FaultyStorage({self.inner!r}, fail={self.fail!r}, kill_at={self.kill_at})"
 
     # -- the one place every call goes through ------------------------------
-    def _call(self, op: str, name: str, fn, *, data: bytes | None = None, extra=None):
+    def _call(self, op: str, name: str, fn, *, data: bytes | memoryview | None = None, extra=None):
         base = name.rpartition("/")[2]
         counted = op in self.fail and (self.where is None or fnmatch.fnmatch(base, self.where))
         mutating = op in MUTATING

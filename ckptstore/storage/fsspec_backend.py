@@ -79,7 +79,7 @@ class FsspecStorage(Storage):
         return {"url": self._url, "options": self.options}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["url"], state["options"])
+        FsspecStorage.__init__(self, state["url"], state["options"])
 
     def __repr__(self) -> str:
         return f"FsspecStorage({self._url!r})"
