@@ -1,7 +1,7 @@
 """Timing primitives: summary statistics, a memory sampler and the size parser.
 
 Every figure the benchmark reports is a median with its min-max over repeats
-(DESIGN.md section 8: the machine is shared and noisy, so a lone time means little).
+(the machine is shared and noisy, so a lone time means little).
 """
 from __future__ import annotations
 
