@@ -59,7 +59,7 @@ def _save_and_restore(rank: int, tmp: str) -> None:
         parts = build_parts(cfg, ctx)
         ckpt = TrainCheckpointer(parts)
         for _ in range(STEP):
-            train_step(parts, ctx, ckpt, None)
+            train_step(parts, ctx)
         ckpt.save(STEP)
         ckpt.wait()
         full = StateDictOptions(full_state_dict=True, cpu_offload=True)
