@@ -1,16 +1,23 @@
-"""CLI subcommands ``export``, ``import`` and ``diff`` (see :mod:`ckptstore.interop_io`)."""
+"""CLI subcommands ``export``, ``import`` and ``diff`` (see :mod:`ckptstore.interop.convert`)."""
 from __future__ import annotations
 
 import argparse
 
-from ckptstore.cli.main import command, emit, storage_options
+from ckptstore.cli.base import command, common_options, emit, storage_options
 
 
-def _storage_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE")
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="checkpoint directory or URL")
+    p.add_argument("out", help="output .safetensors file")
+    p.add_argument("--keys", action="append", default=[], metavar="NAME_OR_PREFIX",
+                   help="export only these names or prefixes (repeatable), e.g. model.")
+    p.add_argument("--strip-prefix", default=None, metavar="PREFIX",
+                   help="remove PREFIX from the written names (e.g. model.); others are skipped")
+    common_options(p)
 
 
-@command("export", "write a checkpoint's tensors (weights only) to a plain .safetensors file")
+@command("export", "write a checkpoint's tensors (weights only) to a plain .safetensors file",
+         _export_args)
 def _export(args) -> int:
     from ckptstore.interop.convert import export_safetensors
 
@@ -21,21 +28,16 @@ def _export(args) -> int:
     return 0
 
 
-def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("path", help="checkpoint directory or URL")
-    p.add_argument("out", help="output .safetensors file")
-    p.add_argument("--keys", action="append", default=[], metavar="NAME_OR_PREFIX",
-                   help="export only these names or prefixes (repeatable), e.g. model.")
-    p.add_argument("--strip-prefix", default=None, metavar="PREFIX",
-                   help="remove PREFIX from the written names (e.g. model.); others are skipped")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _storage_option(p)
+def _import_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("file", help=".safetensors file, torch.save file (weights_only) or DCP directory")
+    p.add_argument("dest", help="new checkpoint directory or URL")
+    p.add_argument("--compression", default="zstd", choices=["none", "zstd", "lz4"])
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DEST")
+    common_options(p)
 
 
-_export.arguments = _export_args  # type: ignore[attr-defined]
-
-
-@command("import", "convert a .safetensors file, a torch.save file or a DCP directory")
+@command("import", "convert a .safetensors file, a torch.save file or a DCP directory",
+         _import_args)
 def _import(args) -> int:
     from ckptstore.interop.convert import import_checkpoint
 
@@ -45,19 +47,14 @@ def _import(args) -> int:
     return 0
 
 
-def _import_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("file", help=".safetensors file, torch.save file (weights_only) or DCP directory")
-    p.add_argument("dest", help="new checkpoint directory or URL")
-    p.add_argument("--compression", default="zstd", choices=["none", "zstd", "lz4"])
-    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DEST")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    _storage_option(p)
+def _diff_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("a", help="checkpoint A")
+    p.add_argument("b", help="checkpoint B")
+    common_options(p)
 
 
-_import.arguments = _import_args  # type: ignore[attr-defined]
-
-
-@command("diff", "list keys added, removed and changed between checkpoints A and B")
+@command("diff", "list keys added, removed and changed between checkpoints A and B",
+         _diff_args)
 def _diff(args) -> int:
     from ckptstore.interop.convert import diff
 
@@ -70,11 +67,3 @@ def _diff(args) -> int:
     return 0 if report.identical else 1
 
 
-def _diff_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("a", help="checkpoint A")
-    p.add_argument("b", help="checkpoint B")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
-    _storage_option(p)
-
-
-_diff.arguments = _diff_args  # type: ignore[attr-defined]

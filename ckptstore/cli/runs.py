@@ -9,16 +9,10 @@ import argparse
 from dataclasses import asdict
 
 from ckptstore import manifest as fmt
-from ckptstore.cli.main import command, emit, progress_bar, storage_options
+from ckptstore.cli.base import command, common_options, emit, progress_bar, storage_options
 from ckptstore.runs.gc import DEFAULT_GRACE, gc
 from ckptstore.runs.listing import list_steps
 from ckptstore.storage import Storage, open_storage
-
-
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="fsspec storage option (repeatable)")
 
 
 def _human(n: float) -> str:
@@ -31,10 +25,11 @@ def _human(n: float) -> str:
 
 def _ls_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="run directory or URL (holds step-NNNNNNNNNNNN directories)")
-    _common(p)
+    common_options(p)
 
 
-@command("ls", "list the steps of a run: committed or not, bytes added, ratio, age")
+@command("ls", "list the steps of a run: committed or not, bytes added, ratio, age",
+         _ls_args)
 def _ls(args) -> int:
     root = open_storage(args.url, storage_options(args))
     steps = list_steps(root)
@@ -55,15 +50,17 @@ def _ls(args) -> int:
 
 # -- gc ---------------------------------------------------------------------
 
+
 def _gc_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="run directory or URL")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                    help=f"leave anything younger than this many seconds (default {DEFAULT_GRACE:.0f})")
-    _common(p)
+    common_options(p)
 
 
-@command("gc", "remove temp files, uncommitted steps and incomplete uploads of a run")
+@command("gc", "remove temp files, uncommitted steps and incomplete uploads of a run",
+         _gc_args)
 def _gc(args) -> int:
     root = open_storage(args.url, storage_options(args))
     removed = gc(root, grace=args.grace, dry_run=args.dry_run)
@@ -75,15 +72,17 @@ def _gc(args) -> int:
 
 # -- promote ----------------------------------------------------------------
 
+
 def _promote_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="run directory/URL, or one step directory/URL")
     p.add_argument("dst", help="run directory/URL to copy committed steps into")
     p.add_argument("--dst-option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option for DST (repeatable)")
-    _common(p)
+    common_options(p)
 
 
-@command("promote", "copy committed checkpoints to another tier (data first, manifest last)")
+@command("promote", "copy committed checkpoints to another tier (data first, manifest last)",
+         _promote_args)
 def _promote(args) -> int:
     from ckptstore.runs.promote import promote_step
 
@@ -116,6 +115,3 @@ def _parent(s: Storage, name: str) -> Storage:
     return s.parent()
 
 
-_ls.arguments = _ls_args  # type: ignore[attr-defined]
-_gc.arguments = _gc_args  # type: ignore[attr-defined]
-_promote.arguments = _promote_args  # type: ignore[attr-defined]
