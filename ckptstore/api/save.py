@@ -99,7 +99,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
         pipe = SavePipeline(eng, storage, opts)
         prev = _base_manifest(storage, base) if base and opts.codec != "raw" else None
         plan = pipe.plan(leaves, save_id, cached=True)
-        staged = pipe.stage(leaves, save_id, cached_plan=True,
+        staged = pipe.stage(leaves, plan,
                             prev=_prev_hashes(plan, prev) if prev is not None else None)
         handle.staged_seconds = time.perf_counter() - t0
 

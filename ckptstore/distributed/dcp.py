@@ -137,7 +137,8 @@ class CkptStoreWriter(StorageWriter):
         pipe = SavePipeline(eng, self.storage, self.options)
         # held until the files are written: the next save reuses the staging memory
         with eng.admit("wait"):
-            staged = pipe.stage(leaves, f"{self.save_id}-{plan.storage_data or 'r0'}")
+            rank_id = f"{self.save_id}-{plan.storage_data or 'r0'}"
+            staged = pipe.stage(leaves, pipe.plan(leaves, rank_id))
             try:
                 tensors, files = builder.file_records(pipe.written(staged))
             except BaseException:

@@ -113,7 +113,7 @@ def save(state: Any, path: str | os.PathLike | Storage, options: SaveOptions, *,
                 shards = tuple(s for s, _ in boxes)
                 local = [Leaf(i, (f"{glob[s.leaf].name}@{','.join(map(str, s.offsets))}",), t)
                          for i, (s, t) in enumerate(boxes)]
-                staged = pipe.stage(local, f"{save_id}-r{rank}")
+                staged = pipe.stage(local, pipe.plan(local, f"{save_id}-r{rank}"))
             except Exception as e:
                 failure, own_error = pc.failed_vote(rank, "stage", e), e
         handle.staged_seconds = time.perf_counter() - t0

@@ -3,12 +3,13 @@
 Call order (every caller holds ``engine.admit(...)`` around ``stage``)::
 
     pipe = SavePipeline(engine, storage, options)
-    staged = pipe.stage(leaves, save_id)     # plan -> per file: ring region -> copy
+    plan = pipe.plan(leaves, save_id)        # where every byte goes (cached layout)
+    staged = pipe.stage(leaves, plan)        # per file: ring region -> copy
                                              #   -> submit to a writer process
                                              # (the training stall ends here)
     written = pipe.written(staged)           # wait for every file job (any thread)
     ... build the manifest (manifest.builder) and commit it (commit/) ...
-    pipe.discard(staged)                     # on failure only: remove written files
+    pipe.discard(staged.files)               # on failure only: remove written files
 
 Between the stages travel frozen records: :class:`Staged` (the plan and one future
 per file) and :class:`Written` (the plan and each file's chunk records). A writer
@@ -79,14 +80,13 @@ class SavePipeline:
             return self.engine.plans.plan(leaves, save_id=save_id, **params)
         return make_plan(leaves, save_id=save_id, **params)
 
-    def stage(self, leaves: list[Leaf], save_id: str, *, prev: PrevHashes | None = None,
-              cached_plan: bool = False) -> Staged:
-        """Plan, copy every file into staging and submit it to a writer. On failure
-        nothing is left behind (running jobs end, their files are removed)."""
+    def stage(self, leaves: list[Leaf], plan: SavePlan, *,
+              prev: PrevHashes | None = None) -> Staged:
+        """Copy every file of ``plan`` into staging and submit it to a writer. On
+        failure nothing is left behind (running jobs end, their files are removed)."""
         t0 = time.perf_counter()
         eng = self.engine
         eng.writers.start_async()  # the first save overlaps writer start-up with staging
-        plan = self.plan(leaves, save_id, cached=cached_plan)
         arena = eng.staging.ensure(self.options.staging_capacity([f.nbytes for f in plan.files]))
         ring = Ring(arena.size)
         self.storage.makedirs()
