@@ -204,3 +204,25 @@ def test_resaving_a_damaged_step_after_fallback(tmp_path, frozen):
         assert ckptstore.fsck(tmp_path / step_name(2)).ok
         with pytest.raises(ckptstore.CheckpointExistsError):  # intact: never replaced
             ck.save(2, _state(2, frozen))
+
+
+def test_gc_removes_what_any_killed_writer_left(tmp_path, frozen):
+    """Data files of a step that never committed go, whichever save wrote them: one
+    process (shard-NNNNN-<id>), a rank of a distributed or DCP save (shard-NNNNN-<id>-rN)
+    or an unfinished temp file; the committed step keeps all of its files."""
+    from ckptstore.runs.gc import gc
+    from ckptstore.storage import LocalStorage
+
+    with ckptstore.Checkpointer(tmp_path) as ck:
+        ck.save(1, _state(1, frozen))
+    kept = sorted(os.listdir(tmp_path / step_name(1)))
+    torn = tmp_path / step_name(2)
+    os.makedirs(torn)
+    left = ["shard-00000-0123456789ab.chunks", "shard-00001-0123456789ab-r1.safetensors",
+            "shard-00000-0123456789ab-r12.chunks", ".tmp-shard-00000-0123456789ab.chunks.1.ab"]
+    for name in left:
+        (torn / name).write_bytes(b"partial")
+    removed = gc(LocalStorage(str(tmp_path)), grace=0)
+    assert sorted(r.rpartition("/")[2] for r in removed) == sorted(left)
+    assert not torn.exists()
+    assert sorted(os.listdir(tmp_path / step_name(1))) == kept
