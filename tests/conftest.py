@@ -53,3 +53,15 @@ def small_state():
     opt.step()
     return {"model": model.state_dict(), "optim": opt.state_dict(), "step": 7,
             "rng": torch.get_rng_state(), "bf16": torch.randn(300, 7).to(torch.bfloat16)}
+
+
+def step_state(step: int, frozen: torch.Tensor) -> dict:
+    """A training-like state for step ``step``: one tensor that never changes (so
+    incremental saves reference it) and one that does."""
+    g = torch.Generator().manual_seed(step)
+    return {"frozen": frozen, "w": torch.randn(64, 16, generator=g), "step": step}
+
+
+@pytest.fixture
+def frozen() -> torch.Tensor:
+    return torch.randn(256, 64, generator=torch.Generator().manual_seed(99))

@@ -11,17 +11,7 @@ import ckptstore
 from ckptstore import manifest as fmt
 from ckptstore.api.checkpointer import CheckpointFallbackWarning
 from ckptstore.runs.layout import step_name
-from conftest import assert_same_tree
-
-
-def _state(step: int, frozen: torch.Tensor) -> dict:
-    g = torch.Generator().manual_seed(step)
-    return {"frozen": frozen, "w": torch.randn(64, 16, generator=g), "step": step}
-
-
-@pytest.fixture
-def frozen():
-    return torch.randn(256, 64, generator=torch.Generator().manual_seed(99))
+from conftest import assert_same_tree, step_state
 
 
 def _manifest(d, step: int) -> dict:
@@ -42,13 +32,13 @@ def _flip_shard_byte(root, step: int, mask: int):
 def test_save_latest_load_and_keep_last(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path, keep_last=2) as ck:
         for s in (100, 200, 300, 400):
-            ck.save(s, _state(s, frozen))
+            ck.save(s, step_state(s, frozen))
         ck.wait()
         assert ck.steps() == [300, 400]
         assert ck.latest() == 400
-        assert_same_tree(ck.load(), _state(400, frozen))
+        assert_same_tree(ck.load(), step_state(400, frozen))
         assert ck.loaded_step == 400
-        assert_same_tree(ck.load(300), _state(300, frozen))
+        assert_same_tree(ck.load(300), step_state(300, frozen))
     names = sorted(os.listdir(tmp_path))
     assert names[-2:] == [step_name(300), step_name(400)]
     assert names == sorted(names, key=lambda n: int(n.split("-")[1]))
@@ -59,7 +49,7 @@ def test_keep_every_and_keep_best(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path, keep_last=1, keep_every=4,
                                 keep_best=("loss", "min", 1)) as ck:
         for s, loss in losses.items():
-            ck.save(s, _state(s, frozen), metrics={"loss": loss})
+            ck.save(s, step_state(s, frozen), metrics={"loss": loss})
         ck.wait()
         assert ck.steps() == [2, 4, 6]
         assert ck.metadata(2) == {"step": 2, "metrics": {"loss": 1.0}}
@@ -67,9 +57,9 @@ def test_keep_every_and_keep_best(tmp_path, frozen):
 
 def test_incremental_references_unchanged_tensor(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path, keep_last=1) as ck:
-        first = ck.save(1, _state(1, frozen)).wait()
-        second = ck.save(2, _state(2, frozen)).wait()
-        third = ck.save(3, _state(3, frozen)).wait()
+        first = ck.save(1, step_state(1, frozen)).wait()
+        second = ck.save(2, step_state(2, frozen)).wait()
+        third = ck.save(3, step_state(3, frozen)).wait()
         ck.wait()
         assert second.stored_bytes < first.stored_bytes / 5
         assert third.stored_bytes < first.stored_bytes / 5
@@ -79,23 +69,23 @@ def test_incremental_references_unchanged_tensor(tmp_path, frozen):
         # step 1 is no longer a checkpoint, but the file step 3 needs is still there
         assert not os.path.exists(tmp_path / step_name(1) / fmt.MANIFEST_NAME)
         assert not os.path.exists(tmp_path / step_name(2))
-        assert_same_tree(ck.load(3), _state(3, frozen))
+        assert_same_tree(ck.load(3), step_state(3, frozen))
     report = ckptstore.fsck(ckptstore.storage.open_storage(tmp_path / step_name(3)))
     assert report.ok, report.damage
 
 
 def test_incremental_off(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path, incremental=False) as ck:
-        a = ck.save(1, _state(1, frozen)).wait()
-        b = ck.save(2, _state(2, frozen)).wait()
+        a = ck.save(1, step_state(1, frozen)).wait()
+        b = ck.save(2, step_state(2, frozen)).wait()
     assert b.stored_bytes > a.stored_bytes / 2
     assert all("base" not in f for f in _manifest(tmp_path, 2)["files"])
 
 
 def test_base_outside_parent_is_refused(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path) as ck:
-        ck.save(1, _state(1, frozen))
-        ck.save(2, _state(2, frozen))
+        ck.save(1, step_state(1, frozen))
+        ck.save(2, step_state(2, frozen))
     path = tmp_path / step_name(2) / fmt.MANIFEST_NAME
     data = path.read_bytes()
     assert b'"base":"step-000000000001"' in data
@@ -109,13 +99,13 @@ def test_base_outside_parent_is_refused(tmp_path, frozen):
 def test_corrupt_latest_falls_back_to_older(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path, keep_last=3, incremental=False) as ck:
         for s in (1, 2):
-            ck.save(s, _state(s, frozen))
+            ck.save(s, step_state(s, frozen))
         ck.wait()
         p = _flip_shard_byte(tmp_path, 2, 0x40)
         with pytest.warns(CheckpointFallbackWarning, match="step 2"):
             out = ck.load()
         assert ck.loaded_step == 1
-        assert_same_tree(out, _state(1, frozen))
+        assert_same_tree(out, step_state(1, frozen))
         os.truncate(p, 10)
         with pytest.warns(CheckpointFallbackWarning, match="bytes"):
             assert ck.latest() == 1
@@ -123,7 +113,7 @@ def test_corrupt_latest_falls_back_to_older(tmp_path, frozen):
 
 def test_uncommitted_step_is_not_latest(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path) as ck:
-        ck.save(1, _state(1, frozen))
+        ck.save(1, step_state(1, frozen))
         ck.wait()
         os.makedirs(tmp_path / step_name(2))
         (tmp_path / step_name(2) / "shard-00000-abc.chunks").write_bytes(b"partial")
@@ -161,7 +151,7 @@ def test_local_directory_as_remote_tier(tmp_path, frozen):
     with ckptstore.Checkpointer(tmp_path / "local", f"file://{remote}", keep_last=1,
                                 remote_keep_last=2) as ck:
         for s in (1, 2, 3):
-            ck.save(s, _state(s, frozen))
+            ck.save(s, step_state(s, frozen))
         ck.wait()
     assert sorted(os.listdir(remote))[-2:] == [step_name(2), step_name(3)]
     assert not (remote / step_name(1) / fmt.MANIFEST_NAME).exists()
@@ -170,7 +160,7 @@ def test_local_directory_as_remote_tier(tmp_path, frozen):
     for s in (2, 3):
         report = ckptstore.fsck(remote / step_name(s))
         assert report.ok, report.damage
-        assert_same_tree(ckptstore.load(remote / step_name(s)), _state(s, frozen))
+        assert_same_tree(ckptstore.load(remote / step_name(s)), step_state(s, frozen))
 
 
 def test_keep_best_does_not_narrow_a_remote_that_keeps_everything(tmp_path, frozen):
@@ -180,7 +170,7 @@ def test_keep_best_does_not_narrow_a_remote_that_keeps_everything(tmp_path, froz
     with ckptstore.Checkpointer(tmp_path / "local", f"file://{remote}", keep_last=1,
                                 keep_best=("loss", "min", 1)) as ck:
         for s, loss in ((1, 3.0), (2, 1.0), (3, 2.0), (4, 4.0)):
-            ck.save(s, _state(s, frozen), metrics={"loss": loss})
+            ck.save(s, step_state(s, frozen), metrics={"loss": loss})
         ck.wait()
     on_remote = [s for s in (1, 2, 3, 4) if (remote / step_name(s) / fmt.MANIFEST_NAME).exists()]
     assert on_remote == [1, 2, 3, 4]
@@ -193,17 +183,17 @@ def test_resaving_a_damaged_step_after_fallback(tmp_path, frozen):
     """A run that fell back past a damaged step reaches that step again and saves it."""
     with ckptstore.Checkpointer(tmp_path, keep_last=5, incremental=False) as ck:
         for s in (1, 2):
-            ck.save(s, _state(s, frozen))
+            ck.save(s, step_state(s, frozen))
         ck.wait()
         _flip_shard_byte(tmp_path, 2, 0x01)  # a flip only chunk hashes see
         with pytest.warns(CheckpointFallbackWarning):
             ck.load()
         assert ck.loaded_step == 1
-        ck.save(2, _state(2, frozen)).wait()  # the resumed run saves step 2 again
-        assert_same_tree(ck.load(2), _state(2, frozen))
+        ck.save(2, step_state(2, frozen)).wait()  # the resumed run saves step 2 again
+        assert_same_tree(ck.load(2), step_state(2, frozen))
         assert ckptstore.fsck(tmp_path / step_name(2)).ok
         with pytest.raises(ckptstore.CheckpointExistsError):  # intact: never replaced
-            ck.save(2, _state(2, frozen))
+            ck.save(2, step_state(2, frozen))
 
 
 def test_gc_removes_what_any_killed_writer_left(tmp_path, frozen):
@@ -214,7 +204,7 @@ def test_gc_removes_what_any_killed_writer_left(tmp_path, frozen):
     from ckptstore.storage import LocalStorage
 
     with ckptstore.Checkpointer(tmp_path) as ck:
-        ck.save(1, _state(1, frozen))
+        ck.save(1, step_state(1, frozen))
     kept = sorted(os.listdir(tmp_path / step_name(1)))
     torn = tmp_path / step_name(2)
     os.makedirs(torn)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_tree
+from conftest import assert_same_tree, step_state
 
 import ckptstore
 from ckptstore import manifest as fmt
@@ -29,16 +29,6 @@ CHUNK_KEYS = ["file", "offset", "length", "raw_length", "group", "planes", "hash
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:012d}"
-
-
-def _state(step: int, frozen: torch.Tensor) -> dict:
-    g = torch.Generator().manual_seed(step)
-    return {"frozen": frozen, "w": torch.randn(64, 16, generator=g), "step": step}
-
-
-@pytest.fixture
-def frozen():
-    return torch.randn(256, 64, generator=torch.Generator().manual_seed(7))
 
 
 def make_legacy(path: Path) -> bytes:
@@ -86,7 +76,7 @@ def newer_library(monkeypatch):
 
 
 def test_legacy_layout_needs_the_migration(tmp_path, frozen, newer_library):
-    ckptstore.save(_state(1, frozen), tmp_path / "c", blocking=True)
+    ckptstore.save(step_state(1, frozen), tmp_path / "c", blocking=True)
     data = make_legacy(tmp_path / "c")
     with pytest.raises(ckptstore.CorruptCheckpointError):
         fmt.decode(data, migrate=lambda obj: obj)  # the v2 parser cannot read v1 as it is
@@ -96,7 +86,7 @@ def test_legacy_layout_needs_the_migration(tmp_path, frozen, newer_library):
 def _legacy_run(root: Path, frozen: torch.Tensor, losses: dict) -> None:
     with ckptstore.Checkpointer(root, keep_last=None) as ck:
         for s, loss in losses.items():
-            ck.save(s, _state(s, frozen), metrics={"loss": loss})
+            ck.save(s, step_state(s, frozen), metrics={"loss": loss})
     for s in losses:
         make_legacy(step_dir(root, s))
 
@@ -106,31 +96,31 @@ def test_latest_and_metadata_migrate(tmp_path, frozen, newer_library):
     with ckptstore.Checkpointer(tmp_path, keep_last=None) as ck:
         assert ck.latest() == 2
         assert ck.metadata(1) == {"step": 1, "metrics": {"loss": 5.0}}
-        assert_same_tree(ck.load(), _state(2, frozen))
+        assert_same_tree(ck.load(), step_state(2, frozen))
         assert ck.loaded_step == 2
 
 
 def test_retention_reads_metrics_through_the_migration(tmp_path, frozen, newer_library):
     _legacy_run(tmp_path, frozen, {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0})
     with ckptstore.Checkpointer(tmp_path, keep_last=1, keep_best=("loss", "min", 1)) as ck:
-        ck.save(5, _state(5, frozen), metrics={"loss": 6.0})
+        ck.save(5, step_state(5, frozen), metrics={"loss": 6.0})
         ck.wait()
         assert ck.steps() == [2, 5]  # the best step is kept, the others dropped
-        assert_same_tree(ck.load(2), _state(2, frozen))
+        assert_same_tree(ck.load(2), step_state(2, frozen))
 
 
 def test_fsck_and_load_migrate(tmp_path, frozen, newer_library):
-    ckptstore.save(_state(1, frozen), tmp_path / "c", blocking=True)
+    ckptstore.save(step_state(1, frozen), tmp_path / "c", blocking=True)
     make_legacy(tmp_path / "c")
     report = ckptstore.fsck(tmp_path / "c", deep=True)
     assert report.ok, report.damage
-    assert_same_tree(ckptstore.load(tmp_path / "c"), _state(1, frozen))
+    assert_same_tree(ckptstore.load(tmp_path / "c"), step_state(1, frozen))
     assert newer_library  # the step ran
 
 
 def test_ls_lists_migrated_steps(tmp_path, frozen, newer_library, capsys):
     for s in (1, 2):
-        ckptstore.save(_state(s, frozen), step_dir(tmp_path, s), blocking=True)
+        ckptstore.save(step_state(s, frozen), step_dir(tmp_path, s), blocking=True)
         make_legacy(step_dir(tmp_path, s))
     capsys.readouterr()
     assert cli(["ls", str(tmp_path), "--json"]) == 0
@@ -143,33 +133,33 @@ def test_ls_lists_migrated_steps(tmp_path, frozen, newer_library, capsys):
 def test_gc_keeps_files_a_migrated_step_references(tmp_path, frozen, newer_library):
     with ckptstore.Checkpointer(tmp_path, keep_last=None) as ck:
         for s in (1, 2):
-            ck.save(s, _state(s, frozen))
+            ck.save(s, step_state(s, frozen))
     bases = {f["base"] for f in json.loads((step_dir(tmp_path, 2) / fmt.MANIFEST_NAME).read_text())
              ["files"] if "base" in f}
     assert bases == {step_dir(tmp_path, 1).name}  # step 2 reads step 1's file
     make_legacy(step_dir(tmp_path, 2))
     os.remove(step_dir(tmp_path, 1) / fmt.MANIFEST_NAME)  # step 1 is retired
     assert cli(["gc", str(tmp_path), "--grace", "0"]) == 0
-    assert_same_tree(ckptstore.load(step_dir(tmp_path, 2)), _state(2, frozen))
+    assert_same_tree(ckptstore.load(step_dir(tmp_path, 2)), step_state(2, frozen))
 
 
 def test_promotion_decides_on_the_migrated_manifest_and_copies_the_bytes(
         tmp_path, frozen, newer_library):
     src, dst = tmp_path / "local", tmp_path / "remote"
-    ckptstore.save(_state(1, frozen), step_dir(src, 1), blocking=True)
+    ckptstore.save(step_state(1, frozen), step_dir(src, 1), blocking=True)
     legacy = make_legacy(step_dir(src, 1))
     assert cli(["promote", str(src), str(dst)]) == 0
     assert (step_dir(dst, 1) / fmt.MANIFEST_NAME).read_bytes() == legacy  # copied unchanged
     assert cli(["promote", str(src), str(dst)]) == 0  # already there: same save_id
-    assert_same_tree(ckptstore.load(step_dir(dst, 1)), _state(1, frozen))
+    assert_same_tree(ckptstore.load(step_dir(dst, 1)), step_state(1, frozen))
     assert ckptstore.fsck(step_dir(dst, 1)).ok
 
 
 def test_overwrite_removes_the_files_of_a_migrated_manifest(tmp_path, frozen, newer_library):
     where = tmp_path / "c"
-    ckptstore.save(_state(1, frozen), where, blocking=True)
+    ckptstore.save(step_state(1, frozen), where, blocking=True)
     make_legacy(where)
     old = {p.name for p in where.iterdir()} - {fmt.MANIFEST_NAME}
-    ckptstore.save(_state(2, frozen), where, overwrite=True, blocking=True)
+    ckptstore.save(step_state(2, frozen), where, overwrite=True, blocking=True)
     assert not old & {p.name for p in where.iterdir()}
-    assert_same_tree(ckptstore.load(where), _state(2, frozen))
+    assert_same_tree(ckptstore.load(where), step_state(2, frozen))

@@ -510,14 +510,19 @@ def put(storage: Storage, name: str, data: bytes) -> None:
 
 # -- the backends ------------------------------------------------------------------
 
+def _local_step(tmp_path) -> LocalStorage:
+    """A local step directory inside a run directory (siblings have a parent)."""
+    s = LocalStorage(tmp_path / "run" / "step")
+    s.makedirs()
+    return s
+
+
 class TestLocal(StorageTests):
     maps_files = True
 
     @pytest.fixture
     def store(self, tmp_path):
-        s = LocalStorage(tmp_path / "run" / "step")
-        s.makedirs()
-        return s
+        return _local_step(tmp_path)
 
 
 class _FsspecRace:
@@ -605,9 +610,7 @@ class TestLinkedView(StorageTests):
 
     @pytest.fixture
     def writer(self, tmp_path):
-        s = LocalStorage(tmp_path / "run" / "step")
-        s.makedirs()
-        return s
+        return _local_step(tmp_path)
 
     @pytest.fixture
     def store(self, writer):
