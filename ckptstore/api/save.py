@@ -112,7 +112,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
                     save_id=save_id, chunk_size=written.plan.chunk_size, compression=compression,
                     metadata=metadata, tree=skeleton, tensors=tensors, files=files)
                 data = fmt.encode(manifest)  # kept to tell, on error, whether it landed anyway
-                commit_manifest(storage, manifest, overwrite=overwrite)
+                commit_manifest(storage, manifest, overwrite=overwrite, data=data)
             except BaseException:
                 if not manifest_visible(storage, data):  # else removing shards would tear it
                     pipe.discard(staged.files)

@@ -150,8 +150,10 @@ def _quietly(fn) -> None:
         pass
 
 
-def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False) -> bytes:
-    """Write ``manifest`` last: this is the commit. Returns the bytes written.
+def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False,
+                    data: bytes | None = None) -> bytes:
+    """Write ``manifest`` last: this is the commit. Returns the bytes written:
+    ``data`` when the caller already encoded it (to tell later whether it landed).
 
     Create-only unless ``overwrite``: a manifest already in place (another writer of
     the same path won) raises CheckpointExistsError and this save is discarded. With
@@ -162,7 +164,8 @@ def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False) -> b
     from ckptstore import manifest as fmt
     from ckptstore.errors import CheckpointExistsError
 
-    data = fmt.encode(manifest)
+    if data is None:
+        data = fmt.encode(manifest)
     old = None
     if overwrite and storage.exists(fmt.MANIFEST_NAME):
         try:

@@ -191,7 +191,7 @@ def _commit_manifest(storage: Storage, shared: Global, writes: list[RankWrite]) 
     manifest = merge(shared, writes)
     data = fmt.encode(manifest)
     try:
-        commit_manifest(storage, manifest, overwrite=shared.options.overwrite)
+        commit_manifest(storage, manifest, overwrite=shared.options.overwrite, data=data)
     except Exception as e:
         if manifest_visible(storage, data):  # e.g. the directory fsync failed
             raise pc.MaybeCommitted(str(e)) from e

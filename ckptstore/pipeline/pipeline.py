@@ -18,7 +18,6 @@ process that dies surfaces as :class:`WriterDiedError`; the pool is then replace
 from __future__ import annotations
 
 import concurrent.futures as cf
-import time
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,6 @@ class Staged:
 
     plan: SavePlan
     files: tuple[StagedFile, ...]
-    seconds: float  #: time spent planning and copying (the stall)
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +82,6 @@ class SavePipeline:
               prev: PrevHashes | None = None) -> Staged:
         """Copy every file of ``plan`` into staging and submit it to a writer. On
         failure nothing is left behind (running jobs end, their files are removed)."""
-        t0 = time.perf_counter()
         eng = self.engine
         eng.writers.start_async()  # the first save overlaps writer start-up with staging
         arena = eng.staging.ensure(self.options.staging_capacity([f.nbytes for f in plan.files]))
@@ -101,7 +98,7 @@ class SavePipeline:
                 raise WriterDiedError(
                     f"a writer process died while staging {self.storage.url}") from e
             raise
-        return Staged(plan, tuple(files), time.perf_counter() - t0)
+        return Staged(plan, tuple(files))
 
     def _submit(self, arena: Arena, ring: Ring, fp: FilePlan, plan: SavePlan,
                 leaves: list[Leaf], prev: PrevHashes | None) -> cf.Future:
