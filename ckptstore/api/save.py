@@ -45,12 +45,19 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
          chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD,
          if_busy: str = "wait", overwrite: bool = False,
          storage_options: dict | None = None, base: str | None = None,
-         distributed: bool | None = None) -> SaveHandle:
+         distributed: bool | None = None, overlap: bool = False) -> SaveHandle:
     """Snapshot ``state`` and write it to ``path`` in the background.
 
     Returns once every tensor is copied into staging memory; training may then
     mutate the tensors. ``handle.wait()`` blocks until the checkpoint is durable and
     committed (the manifest, written last, is the commit).
+
+    With ``overlap=True``, ``save()`` returns as soon as the device-to-host copies
+    of CUDA tensors are queued (host memory is still copied before it returns): the
+    current CUDA stream of each device is made to wait for the copies, so the next
+    kernel queued on it (e.g. the optimizer step) cannot overwrite a parameter
+    before it was copied. Changing the tensors any other way (another stream, a
+    host write) must wait for ``handle.wait_staged()``.
 
     Args:
         state: nested dict/list/tuple of tensors, numpy arrays and plain values.
@@ -75,6 +82,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
         distributed: collective save by every rank of the process group (each writes
             its own shards, rank 0 commits; see docs/distributed.md). Default: when
             ``state`` holds DTensors.
+        overlap: return once device copies are queued, not completed (see above).
     """
     opts = SaveOptions(compression, zstd_level, byte_grouping, staging_budget, chunk_size,
                        shard_size, if_busy, overwrite)
@@ -83,7 +91,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
         if base is not None:
             raise ValueError("incremental saves (base=...) are not supported for distributed saves")
         return distributed_save(state, path, opts, metadata=metadata, blocking=blocking,
-                                storage_options=storage_options)
+                                storage_options=storage_options, overlap=overlap)
     storage = open_storage(path, storage_options)
     check_importable(storage)
     eng = engine()
@@ -99,8 +107,10 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
         pipe = SavePipeline(eng, storage, opts)
         prev = _base_manifest(storage, base) if base and opts.codec != "raw" else None
         plan = pipe.plan(leaves, save_id, cached=True)
-        staged = pipe.stage(leaves, plan,
+        staged = pipe.stage(leaves, plan, overlap=overlap,
                             prev=_prev_hashes(plan, prev) if prev is not None else None)
+        if overlap:
+            handle.copies_pending(staged.wait_copied)
         handle.staged_seconds = time.perf_counter() - t0
 
         def finish() -> SaveResult:

@@ -69,7 +69,7 @@ def _structure_hash(skeleton: Any, glob: tuple[GlobalLeaf, ...]) -> str:
 
 def save(state: Any, path: str | os.PathLike | Storage, options: SaveOptions, *,
          metadata: Any = None, blocking: bool = False,
-         storage_options: dict | None = None) -> SaveHandle:
+         storage_options: dict | None = None, overlap: bool = False) -> SaveHandle:
     """Collective save: every rank calls it with its part of the same state.
 
     Same arguments and handle as :func:`ckptstore.save`; the path of rank 0 wins.
@@ -113,7 +113,10 @@ def save(state: Any, path: str | os.PathLike | Storage, options: SaveOptions, *,
                 shards = tuple(s for s, _ in boxes)
                 local = [Leaf(i, (f"{glob[s.leaf].name}@{','.join(map(str, s.offsets))}",), t)
                          for i, (s, t) in enumerate(boxes)]
-                staged = pipe.stage(local, pipe.plan(local, f"{save_id}-r{rank}"))
+                staged = pipe.stage(local, pipe.plan(local, f"{save_id}-r{rank}"),
+                                    overlap=overlap)
+                if overlap:
+                    handle.copies_pending(staged.wait_copied)
             except Exception as e:
                 failure, own_error = pc.failed_vote(rank, "stage", e), e
         handle.staged_seconds = time.perf_counter() - t0

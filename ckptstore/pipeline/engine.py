@@ -1,7 +1,7 @@
 """The engine: what one process keeps between saves, with an explicit lifetime.
 
-It owns the writer processes, the staging arena, the plan cache, the CUDA copy
-streams and the save in flight. It is created by the first save, closed by
+It owns the writer processes, the staging arena, the plan cache, the copy step
+(CUDA side streams) and the save in flight. It is created by the first save, closed by
 :func:`shutdown` (and at interpreter exit); a later save starts a new one.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ckptstore.pipeline.handle import SaveHandle, SaveResult
 from ckptstore.pipeline.writer import WriterPool
 from ckptstore.plan.cache import PlanCache
 from ckptstore.staging.arena import StagingPool
-from ckptstore.staging.copy import SideStreams
+from ckptstore.staging.copy import Copier, DeviceCopier
 
 log = logging.getLogger("ckptstore")
 
@@ -30,7 +30,7 @@ class Engine:
         self.writers = WriterPool()
         self.staging = StagingPool(pin=True)
         self.plans = PlanCache()
-        self.streams = SideStreams()
+        self.copier: Copier = DeviceCopier()
         self.last: SaveHandle | None = None
         self.lock = threading.Lock()
 

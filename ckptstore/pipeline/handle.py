@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ckptstore.errors import CkptTimeoutError
@@ -27,6 +28,7 @@ class SaveHandle:
     def __init__(self, path: str) -> None:
         self.path = path
         self._done = threading.Event()
+        self._wait_copied: Callable[[], None] | None = None
         self._result: SaveResult | None = None
         self._error: BaseException | None = None
         self._observed = False
@@ -37,8 +39,20 @@ class SaveHandle:
         return self._done.is_set()
 
     def wait_staged(self) -> None:
-        """Return once the state is copied out (``save`` already guarantees this)."""
-        return None
+        """Block until every tensor of the state is copied into staging memory; from
+        then on the state may be changed by any means, from any thread or stream.
+
+        A default ``save()`` returns only after this point, so this returns at once.
+        With ``save(..., overlap=True)`` device-to-host copies may still be running
+        when ``save()`` returns: later work on the current CUDA stream is ordered after
+        them, other streams and host writes into device memory are not."""
+        if self._wait_copied is not None:
+            self._wait_copied()
+
+    def copies_pending(self, wait_copied: Callable[[], None]) -> None:
+        """Record how to wait for this save's copies (called by the pipeline when
+        ``save()`` returns before they completed)."""
+        self._wait_copied = wait_copied
 
     def wait(self, timeout: float | None = None) -> SaveResult:
         """Block until durable and committed; raise the background error if any."""

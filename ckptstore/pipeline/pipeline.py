@@ -4,8 +4,9 @@ Call order (every caller holds ``engine.admit(...)`` around ``stage``)::
 
     pipe = SavePipeline(engine, storage, options)
     plan = pipe.plan(leaves, save_id)        # where every byte goes (cached layout)
-    staged = pipe.stage(leaves, plan)        # per file: ring region -> copy
-                                             #   -> submit to a writer process
+    staged = pipe.stage(leaves, plan)        # per file: ring region -> copy; a
+                                             #   handoff thread submits it to a writer
+                                             #   once its copies completed
                                              # (the training stall ends here)
     written = pipe.written(staged)           # wait for every file job (any thread)
     ... build the manifest (manifest.builder) and commit it (commit/) ...
@@ -24,12 +25,12 @@ from typing import Any
 
 from ckptstore.errors import WriterDiedError
 from ckptstore.pipeline.engine import Engine
+from ckptstore.pipeline.handoff import Handoff
 from ckptstore.pipeline.options import SaveOptions
 from ckptstore.pipeline.writer import FileJob, FileResult, PieceJob, write_file
 from ckptstore.plan.layout import FilePlan, SavePlan, make_plan
 from ckptstore.plan.tree import Leaf
 from ckptstore.staging.arena import Arena, Ring
-from ckptstore.staging.copy import stage_file
 from ckptstore.storage.base import Storage
 
 #: {tensor id: raw hashes of that tensor's chunks in the base checkpoint}
@@ -50,6 +51,11 @@ class Staged:
 
     plan: SavePlan
     files: tuple[StagedFile, ...]
+    handoff: Handoff  #: the copies, and the thread that hands files to writers
+
+    def wait_copied(self) -> None:
+        """Block until every copy of this save completed."""
+        self.handoff.wait_copied()
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,31 +85,54 @@ class SavePipeline:
         return make_plan(leaves, save_id=save_id, **params)
 
     def stage(self, leaves: list[Leaf], plan: SavePlan, *,
-              prev: PrevHashes | None = None) -> Staged:
-        """Copy every file of ``plan`` into staging and submit it to a writer. On
-        failure nothing is left behind (running jobs end, their files are removed)."""
+              prev: PrevHashes | None = None, overlap: bool = False) -> Staged:
+        """Copy every file of ``plan`` into staging; each goes to a writer once its
+        copies completed (:mod:`ckptstore.pipeline.handoff`).
+
+        Returns once every copy completed, or with ``overlap`` once every copy is
+        issued and fenced (device copies may still run; the producer's later work is
+        ordered after them). On failure nothing is left behind (running jobs end,
+        their files are removed)."""
         eng = self.engine
         eng.writers.start_async()  # the first save overlaps writer start-up with staging
         arena = eng.staging.ensure(self.options.staging_capacity([f.nbytes for f in plan.files]))
         ring = Ring(arena.size)
         self.storage.makedirs()
+        handoff = Handoff(eng.copier.session(leaves))
         files: list[StagedFile] = []
         try:
-            for fp in plan.files:
-                files.append(StagedFile(fp, self._submit(arena, ring, fp, plan, leaves, prev)))
+            try:
+                for fp in plan.files:
+                    files.append(StagedFile(fp, self._issue(handoff, arena, ring, fp, plan, prev)))
+            finally:
+                handoff.close()  # writers released: every copy is issued (or we failed)
+            if overlap:
+                for b in handoff.batches:
+                    b.fence()
+            else:
+                handoff.wait_copied()
         except BaseException as e:
+            try:  # the next save reuses the arena: no copy of this one may still run
+                handoff.wait_copied()
+            except BaseException:
+                pass
             self.discard(files)
             if isinstance(e, BrokenProcessPool):
                 eng.writers.reset()
                 raise WriterDiedError(
                     f"a writer process died while staging {self.storage.url}") from e
             raise
-        return Staged(plan, tuple(files))
+        return Staged(plan, tuple(files), handoff)
 
-    def _submit(self, arena: Arena, ring: Ring, fp: FilePlan, plan: SavePlan,
-                leaves: list[Leaf], prev: PrevHashes | None) -> cf.Future:
-        offset, region = ring.alloc(fp.nbytes)
-        stage_file(arena, offset, fp, leaves, self.engine.streams)
+    def _issue(self, handoff: Handoff, arena: Arena, ring: Ring, fp: FilePlan, plan: SavePlan,
+               prev: PrevHashes | None) -> cf.Future:
+        # a full ring needs finished files: let the writers start before waiting for one
+        offset, region = ring.alloc(fp.nbytes, before_wait=handoff.release)
+        try:
+            batch = handoff.session.copy(arena, offset, fp)
+        except BaseException:
+            ring.free(region)
+            raise
         chunk = plan.chunk_size
         pieces = tuple(PieceJob(p.tensor, p.first_chunk, offset + p.offset, p.length,
                                 plan.tensors[p.tensor].group,
@@ -112,9 +141,9 @@ class SavePipeline:
         o = self.options
         job = FileJob(self.storage, fp.name, fp.header, arena.ref, pieces, chunk, o.codec,
                       o.zstd_level)
-        fut = self.engine.writers.get().submit(write_file, job)  # waits for a pool starting
-        fut.add_done_callback(lambda _f: ring.free(region))
-        return fut
+        writers = self.engine.writers
+        return handoff.put(batch, lambda: writers.get().submit(write_file, job),
+                           lambda: ring.free(region))
 
     def written(self, staged: Staged) -> Written:
         """Wait for every file job; a dead writer becomes :class:`WriterDiedError`."""

@@ -17,6 +17,7 @@ import secrets
 import tempfile
 import threading
 from collections import deque
+from collections.abc import Callable
 
 import torch
 
@@ -90,12 +91,19 @@ class Ring:
         self.live: deque[list] = deque()  # [start, end, freed]
         self.cv = threading.Condition()
 
-    def alloc(self, n: int) -> tuple[int, list]:
+    def alloc(self, n: int, before_wait: Callable[[], None] | None = None) -> tuple[int, list]:
+        """A region of ``n`` bytes; ``before_wait`` runs (unlocked) before blocking."""
         n = _round_up(max(n, 1))
         if n > self.capacity:
             raise ValueError(f"region of {n} bytes exceeds the staging capacity {self.capacity}")
         with self.cv:
             start = self.head if self.head + n <= self.capacity else 0
+            if before_wait is not None and not self._free_for(start, n):
+                self.cv.release()
+                try:
+                    before_wait()
+                finally:
+                    self.cv.acquire()
             while not self._free_for(start, n):
                 self.cv.wait()
                 self._drop_freed()

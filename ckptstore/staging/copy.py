@@ -1,13 +1,29 @@
-"""Copy a planned file's pieces into its staging region.
+"""The copy step: every piece of a planned file into its staging region.
 
-Host memory is copied with one ``memmove`` per piece on the calling thread (GIL
-released); CUDA tensors are copied device-to-host on a side stream per device that
-first waits for the work already queued on the current stream.
+The pipeline sees only this small interface, so that its ordering can be tested
+without a GPU by a double that completes copies later on another thread::
+
+    session = copier.session(leaves)          # one per save
+    batch = session.copy(arena, offset, fp)   # issue one file's copies
+    batch.wait()      # block (never spin) until every byte of the file is staged
+    batch.fence()     # order the producer's later work after these copies
+    session.close()   # once every batch completed: drop the temporaries
+
+:class:`DeviceCopier` is the real one. Host memory is copied with one ``memmove``
+per piece on the calling thread, so a host-only batch is complete when ``copy``
+returns. CUDA tensors are copied device-to-host on a side stream per device that
+first waits for the work already queued on the current stream; temporaries made
+for non-contiguous tensors are made on that side stream (after the wait), and
+every source is ``record_stream``-ed so the caching allocator cannot hand its
+memory to other work before the copy read it. One CUDA event per device and file
+is recorded after its copies: ``wait`` synchronises on the events, ``fence`` makes
+the current stream wait for them (a later kernel that overwrites a parameter then
+runs after the copy).
 """
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +31,92 @@ import torch
 from ckptstore.plan.layout import FilePlan
 from ckptstore.plan.tree import Leaf
 from ckptstore.staging.arena import Arena
+
+
+class CopyBatch(Protocol):
+    """The copies of one file, issued and perhaps still running."""
+
+    def done(self) -> bool: ...
+
+    def wait(self) -> None: ...
+
+    def fence(self) -> None: ...
+
+
+class CopySession(Protocol):
+    """The copies of one save."""
+
+    def copy(self, arena: Arena, offset: int, fp: FilePlan) -> CopyBatch: ...
+
+    def close(self) -> None: ...
+
+
+class Copier(Protocol):
+    def session(self, leaves: list[Leaf]) -> CopySession: ...
+
+
+class Completed:
+    """A batch whose copies all finished before ``copy`` returned."""
+
+    def done(self) -> bool:
+        return True
+
+    def wait(self) -> None:
+        return None
+
+    def fence(self) -> None:
+        return None
+
+
+COMPLETED = Completed()
+
+
+class CudaBatch:
+    """One event per device, recorded on its side stream after the file's copies."""
+
+    def __init__(self, events: list[tuple[torch.device, Any]]) -> None:
+        self.events = events
+
+    def done(self) -> bool:
+        return all(ev.query() for _, ev in self.events)
+
+    def wait(self) -> None:
+        for _, ev in self.events:  # cudaEventSynchronize: blocks the thread, no spinning
+            ev.synchronize()
+
+    def fence(self) -> None:
+        for dev, ev in self.events:
+            torch.cuda.current_stream(dev).wait_event(ev)
+
+
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """The raw bytes of a contiguous tensor as a 1-D uint8 tensor (no copy)."""
+    n = t.numel() * t.element_size()
+    out = torch.empty(0, dtype=torch.uint8, device=t.device)
+    return out.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (n,), (1,))
+
+
+def logical(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with lazy conjugate/negative bits applied: its memory then holds the
+    values it shows (a conj or neg view's raw memory does not)."""
+    t = t.detach()
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
+    return t
+
+
+def host_object(value: Any) -> tuple[Any, int]:
+    """A C-contiguous host object holding ``value``'s bytes, and its address (the
+    object must stay referenced while the address is used)."""
+    if isinstance(value, torch.Tensor):
+        t = logical(value)
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return t, t.data_ptr()
+    a = np.ascontiguousarray(value)
+    return a, a.ctypes.data
 
 
 class SideStreams:
@@ -30,51 +132,84 @@ class SideStreams:
         return self._streams[device]
 
 
-def byte_view(t: torch.Tensor) -> torch.Tensor:
-    """The raw bytes of a contiguous tensor as a 1-D uint8 tensor (no copy)."""
-    n = t.numel() * t.element_size()
-    out = torch.empty(0, dtype=torch.uint8, device=t.device)
-    return out.set_(t.untyped_storage(), t.storage_offset() * t.element_size(), (n,), (1,))
+class DeviceCopier:
+    """Host copies by ``memmove``; CUDA copies on side streams, tracked by events."""
+
+    def __init__(self) -> None:
+        self.streams = SideStreams()
+
+    def session(self, leaves: list[Leaf]) -> "DeviceSession":
+        return DeviceSession(self.streams, leaves)
 
 
-def host_object(value: Any) -> tuple[Any, int]:
-    """A C-contiguous host object holding ``value``'s bytes, and its address (the
-    object must stay referenced while the address is used)."""
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        if not t.is_contiguous():
-            t = t.contiguous()
-        return t, t.data_ptr()
-    a = np.ascontiguousarray(value)
-    return a, a.ctypes.data
+class DeviceSession:
+    def __init__(self, streams: SideStreams, leaves: list[Leaf]) -> None:
+        self.streams, self.leaves = streams, leaves
+        self.sides: dict[torch.device, Any] = {}  # devices whose side stream waited already
+        # The source of the tensor being copied, kept while its pieces (consecutive in
+        # plan order, possibly over several files) are copied: a tensor made contiguous
+        # once, not once per piece, and only one such temporary alive at a time.
+        self.device_src: tuple[int, torch.Tensor] | None = None
+        self.host_src: tuple[int, Any, int] | None = None
 
+    def _side(self, dev: torch.device) -> Any:
+        side = self.sides.get(dev)
+        if side is None:  # copies (and temporaries) ordered after the queued compute
+            side = self.streams.get(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            self.sides[dev] = side
+        return side
 
-def stage_file(arena: Arena, offset: int, fp: FilePlan, leaves: list[Leaf],
-               streams: SideStreams) -> None:
-    """Copy every piece of ``fp`` to ``arena`` at ``offset`` + the piece's offset."""
-    side = None
-    base = arena.tensor.data_ptr()
-    for p in fp.pieces:
-        if not p.length:
-            continue
-        value = leaves[p.tensor].value
-        at = offset + p.offset
-        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-            t = value.detach()
-            src = byte_view(t if t.is_contiguous() else t.contiguous())[p.start:p.start + p.length]
-            dst = arena.tensor[at:at + p.length]
-            if src.is_cuda:
-                if side is None:  # D2H copies on a side stream, ordered after pending compute
-                    side = streams.get(src.device)
-                    side.wait_stream(torch.cuda.current_stream(src.device))
+    def _device_source(self, tid: int, value: torch.Tensor, side: Any) -> torch.Tensor:
+        if self.device_src is None or self.device_src[0] != tid:
+            value.record_stream(side)  # its memory is not reused before the side stream read it
+            with torch.cuda.stream(side):  # temporaries (conj/neg resolved, contiguous) are
+                # made on the side stream, after its wait, and freeing them is ordered
+                # after the copies queued there
+                t = logical(value)
+                src = byte_view(t if t.is_contiguous() else t.contiguous())
+            self.device_src = (tid, src)
+        return self.device_src[1]
+
+    def _host_source(self, tid: int, value: Any) -> int:
+        if self.host_src is None or self.host_src[0] != tid:
+            self.host_src = None  # free the previous temporary first
+            obj, addr = host_object(value)
+            self.host_src = (tid, obj, addr)
+        return self.host_src[2]
+
+    def copy(self, arena: Arena, offset: int, fp: FilePlan) -> CopyBatch:
+        used: dict[torch.device, Any] = {}
+        base = arena.tensor.data_ptr()
+        for p in fp.pieces:
+            if not p.length:
+                continue
+            value = self.leaves[p.tensor].value
+            at = offset + p.offset
+            if isinstance(value, torch.Tensor) and value.is_cuda:
+                dev = value.device
+                side = used[dev] = self._side(dev)
+                src = self._device_source(p.tensor, value, side)
                 with torch.cuda.stream(side):
-                    dst.copy_(src, non_blocking=arena.pinned)
+                    arena.tensor[at:at + p.length].copy_(src[p.start:p.start + p.length],
+                                                         non_blocking=arena.pinned)
+            elif isinstance(value, torch.Tensor) and value.device.type != "cpu":
+                # other accelerators: a synchronous copy through torch
+                src = byte_view(logical(value).contiguous())[p.start:p.start + p.length]
+                arena.tensor[at:at + p.length].copy_(src)
             else:
-                dst.copy_(src)
-        else:
-            # Host memory: one memcpy, on this thread, with the GIL released. torch's
-            # copy_ fans out to OpenMP threads, which on a busy machine (training,
-            # writers) made the stall 4-12x slower than a plain memcpy.
-            src_obj, src_ptr = host_object(value)
-            ctypes.memmove(base + at, src_ptr + p.start, p.length)
-            del src_obj
+                # Host memory: one memcpy on this thread with the GIL released. torch's
+                # copy_ fans out to OpenMP threads, which on a busy machine (training,
+                # writers) made the stall 4-12x slower than a plain memcpy.
+                ctypes.memmove(base + at, self._host_source(p.tensor, value) + p.start, p.length)
+        if not used:
+            return COMPLETED
+        events = []
+        for dev, side in used.items():
+            ev = torch.cuda.Event()
+            ev.record(side)
+            events.append((dev, ev))
+        return CudaBatch(events)
+
+    def close(self) -> None:
+        self.device_src = self.host_src = None
