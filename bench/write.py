@@ -127,6 +127,8 @@ def ratios(series: dict[str, Series], opt: Options) -> dict[str, Any]:
         r: dict[str, Any] = {}
         if cp:
             r["stall/memcpy"] = paired_ratio(s.field("stall"), cp.field("total"))
+            if s.field("copied"):
+                r["copied/memcpy"] = paired_ratio(s.field("copied"), cp.field("total"))
         if disk:  # throughput ratio = time ratio inverted
             r["durable/disk_write"] = paired_ratio(disk.field("total"), s.field("total"))
         for pn, ps in peers.items():
