@@ -22,6 +22,9 @@ class Mode:
     zstd_level: int | None = None
     byte_grouping: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    #: set the writer processes' nice value before each save (None: the engine's
+    #: default, CKPTSTORE_WRITER_NICE); lowering it back needs CAP_SYS_NICE
+    writer_nice: int | None = None
 
     def kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"compression": self.compression, **self.extra}
@@ -35,6 +38,7 @@ class Mode:
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("none", "none"),
     Mode("none+overlap", "none", extra={"overlap": True}),
+    Mode("none+nice0", "none", writer_nice=0),
     Mode("lz4", "lz4", byte_grouping=False),
     Mode("lz4+bg", "lz4", byte_grouping=True),
     Mode("zstd-1", "zstd", 1, byte_grouping=False),
@@ -72,6 +76,8 @@ def save(tree: dict[str, Any], dest: Path, mode: Mode, staging_budget: int | Non
     import ckptstore
 
     kw = mode.kwargs()
+    if mode.writer_nice is not None:
+        set_writer_nice(mode.writer_nice)
     if staging_budget:
         kw["staging_budget"] = staging_budget
     t0 = time.perf_counter()
@@ -86,6 +92,22 @@ def save(tree: dict[str, Any], dest: Path, mode: Mode, staging_budget: int | Non
         if isinstance(v, (int, float)):
             out[f"engine_{attr}"] = float(v)
     return out
+
+
+def set_writer_nice(nice: int) -> None:
+    """Give the running writer processes (their main threads) this nice value."""
+    import os
+
+    from ckptstore.pipeline.engine import engine
+
+    pool = engine().writers
+    pool.get()
+    for pid in pool.pids():
+        try:
+            os.setpriority(os.PRIO_PROCESS, pid, nice)
+        except OSError as e:
+            raise SystemExit(f"cannot set the writers' nice value to {nice}: {e} "
+                             "(lowering it needs CAP_SYS_NICE)") from None
 
 
 def load(path: Path, verify: bool) -> tuple[float, Any]:

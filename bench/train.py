@@ -84,6 +84,8 @@ def segment(tr: Trainer, steps: int, every: int, work: Path | None, mode: engine
             import ckptstore
             dest = fresh(work / f"step-{k % 2}")
             k += 1
+            if mode.writer_nice is not None:
+                engine.set_writer_nice(mode.writer_nice)
             t1 = time.perf_counter()
             handle = ckptstore.save(tr.state(), str(dest), **mode.kwargs())
             stalls.append(time.perf_counter() - t1)
@@ -100,9 +102,10 @@ def segment(tr: Trainer, steps: int, every: int, work: Path | None, mode: engine
 
 
 def run(opt: Options) -> list[dict[str, Any]]:
-    """Every dtype x size: baseline and checkpointed segments, interleaved."""
+    """Every dtype x size: a baseline and a checkpointed segment per mode, interleaved
+    (rotated order per repeat), so every mode meets the same noise."""
     device = "cuda" if opt.gpu else "cpu"
-    mode = engine.parse_modes(opt.modes)[0] if opt.modes != "all" else engine.MODES["none"]
+    modes = engine.parse_modes(opt.modes) if opt.modes != "all" else [engine.MODES["none"]]
     why = engine.engine_available()
     results = []
     for dtype in opt.dtypes:
@@ -114,29 +117,34 @@ def run(opt: Options) -> list[dict[str, Any]]:
             work = Path(opt.dir) / f"train-{os.getpid()}"
             work.mkdir(parents=True, exist_ok=True)
             if why is None:  # warm-up save: staging buffers allocated once
-                segment(tr, opt.every, opt.every, work, mode)
-            base: list[float] = []
-            ckpt: list[float] = []
-            segs: list[dict[str, Any]] = []
+                for mode in modes:
+                    segment(tr, opt.every, opt.every, work, mode)
+            names = ["base"] + ([m.name for m in modes] if why is None else [])
+            by_name = {m.name: m for m in modes}
+            means: dict[str, list[float]] = {n: [] for n in names}
+            segs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
             for r in range(opt.repeat):
-                order = ["base", "ckpt"] if r % 2 == 0 else ["ckpt", "base"]
-                for which in order:
-                    if which == "ckpt" and why is not None:
-                        continue
-                    seg = segment(tr, opt.steps, opt.every, work if which == "ckpt" else None, mode)
-                    seg["which"] = which
-                    segs.append(seg)
-                    (base if which == "base" else ckpt).append(seg["mean_step"])
+                k = r % len(names)
+                for which in names[k:] + names[:k]:
+                    mode = by_name.get(which, modes[0])
+                    seg = segment(tr, opt.steps, opt.every, None if which == "base" else work, mode)
+                    seg["which"] = "base" if which == "base" else "ckpt"
+                    seg["mode"] = None if which == "base" else which
+                    segs[which].append(seg)
+                    means[which].append(seg["mean_step"])
                     log.info("train %s r%d %s mean step %.4f s", dtype, r, which, seg["mean_step"])
             fresh(work)
-            res: dict[str, Any] = {
-                "size": tr.nbytes(), "requested_size": size, "dtype": dtype, "device": device,
-                "config": repr(cfg), "steps": opt.steps, "every": opt.every, "mode": mode.name,
-                "engine_unavailable": why, "segments": segs,
-                "mean_step_base": Stat.of(base).to_dict(),
-                "mean_step_ckpt": Stat.of(ckpt).to_dict() if ckpt else None,
-            }
-            ratio = paired_ratio(ckpt, base) if ckpt else None
-            res["overhead"] = ({k: (v - 1.0 if k != "n" else v) for k, v in ratio.items()} if ratio else None)
-            results.append(res)
+            for mode in modes:
+                ckpt = means.get(mode.name)
+                res: dict[str, Any] = {
+                    "size": tr.nbytes(), "requested_size": size, "dtype": dtype, "device": device,
+                    "config": repr(cfg), "steps": opt.steps, "every": opt.every, "mode": mode.name,
+                    "engine_unavailable": why, "segments": segs["base"] + segs.get(mode.name, []),
+                    "mean_step_base": Stat.of(means["base"]).to_dict(),
+                    "mean_step_ckpt": Stat.of(ckpt).to_dict() if ckpt else None,
+                }
+                ratio = paired_ratio(ckpt, means["base"]) if ckpt else None
+                res["overhead"] = ({k: (v - 1.0 if k != "n" else v) for k, v in ratio.items()}
+                                   if ratio else None)
+                results.append(res)
     return results

@@ -144,3 +144,33 @@ def test_truncated_shard_without_verification_raises_not_crashes(tmp_path):
     os.truncate(shard, shard.stat().st_size // 2)  # a map of it would SIGBUS on access
     with pytest.raises(ckptstore.CorruptCheckpointError):
         ckptstore.load(tmp_path / "c", verify=False)
+
+
+@pytest.mark.parametrize("env,expect", [(None, 10), ("0", 0), ("5", 5), ("40", 19)])
+def test_writer_processes_run_at_the_configured_lower_priority(tmp_path, monkeypatch, env, expect):
+    from ckptstore.pipeline import engine as saver
+    ckptstore.shutdown()
+    if env is None:
+        monkeypatch.delenv("CKPTSTORE_WRITER_NICE", raising=False)
+    else:
+        monkeypatch.setenv("CKPTSTORE_WRITER_NICE", env)
+    try:
+        ckptstore.save({"x": torch.ones(4)}, tmp_path / "c").wait()
+        want = min(os.getpriority(os.PRIO_PROCESS, 0) + expect, 19)
+        pids = saver.engine().writers.pids()
+        deadline = time.monotonic() + 30  # a writer sets its priority once it has started
+        while time.monotonic() < deadline:
+            seen = [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids]  # main threads
+            if seen == [want] * len(pids):
+                break
+            time.sleep(0.1)
+        assert seen == [want] * len(pids)
+    finally:
+        ckptstore.shutdown()
+
+
+def test_a_malformed_writer_nice_is_a_clear_error(monkeypatch):
+    from ckptstore.pipeline.writer import writer_nice
+    monkeypatch.setenv("CKPTSTORE_WRITER_NICE", "low")
+    with pytest.raises(ValueError, match="CKPTSTORE_WRITER_NICE"):
+        writer_nice()

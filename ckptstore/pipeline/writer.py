@@ -145,7 +145,24 @@ def _watch_parent(ppid: int) -> None:
             os._exit(1)
 
 
-def _init_worker(ppid: int) -> None:
+def writer_nice() -> int:
+    """How much lower than the trainer's the writers' CPU priority is
+    (``CKPTSTORE_WRITER_NICE``, 0-19; default 10): on a machine whose cores the
+    training step keeps busy, background writes then take idle CPU first."""
+    env = os.environ.get("CKPTSTORE_WRITER_NICE", "")
+    try:
+        value = int(env) if env.strip() else 10
+    except ValueError:
+        raise ValueError(f"CKPTSTORE_WRITER_NICE must be an integer 0-19, not {env!r}") from None
+    return min(max(value, 0), 19)
+
+
+def _init_worker(ppid: int, nice: int = 0) -> None:
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:  # not permitted here: run at the parent's priority
+            pass
     threading.Thread(target=_watch_parent, args=(ppid,), daemon=True,
                      name="ckptstore-parent-watch").start()
 
@@ -187,7 +204,7 @@ def spawn_pool(workers: int) -> cf.ProcessPoolExecutor:
     ``__main__`` (a training script that lacks an ``if __name__ == "__main__"``
     guard must not train twice)."""
     pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                  initializer=_init_worker, initargs=(os.getpid(),))
+                                  initializer=_init_worker, initargs=(os.getpid(), writer_nice()))
     with _without_main_module():
         futures = [pool.submit(_ping) for _ in range(workers)]
     for f in futures:

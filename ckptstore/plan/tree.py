@@ -53,6 +53,10 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
     def visit(obj: Any, path: tuple, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise UnsupportedTypeError(f"state nests deeper than {MAX_DEPTH} levels at {_fmt(path)}")
+        if isinstance(obj, torch.Tensor):  # first: the common leaf of large states
+            return {"T": "tensor", "id": leaf(obj, path)}
+        if type(obj) is str:
+            return obj
         if isinstance(obj, np.generic):  # before float/int: np.float64 subclasses float
             arr = np.asarray(obj)
             if arr.dtype.hasobject:
@@ -64,8 +68,6 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
             return int(obj)
         if isinstance(obj, float):
             return {"T": "float", "v": repr(float(obj))}
-        if isinstance(obj, torch.Tensor):
-            return {"T": "tensor", "id": leaf(obj, path)}
         if isinstance(obj, np.ndarray):
             if obj.dtype.hasobject or obj.dtype.fields is not None:
                 raise UnsupportedTypeError(
@@ -100,7 +102,7 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
             if arr.is_quantized:
                 raise UnsupportedTypeError(f"quantized tensor at {_fmt(path)} is not supported")
             key: tuple[Any, ...] = ("t", arr.untyped_storage().data_ptr() if arr.numel() else id(arr),
-                   arr.storage_offset(), tuple(arr.shape), arr.stride(), arr.dtype, str(arr.device))
+                   arr.storage_offset(), arr.shape, arr.stride(), arr.dtype, arr.device)
         else:
             key = ("n", arr.__array_interface__["data"][0] if arr.size else id(arr),
                    arr.shape, arr.strides, arr.dtype.str)
