@@ -87,6 +87,9 @@ class FakeDeviceCopier:
     def session(self, leaves: list[Leaf]) -> "FakeSession":
         return FakeSession(self, leaves)
 
+    def close(self) -> None:
+        return None
+
 
 class FakeSession:
     def __init__(self, dev: FakeDeviceCopier, leaves: list[Leaf]) -> None:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import ckptstore
 from ckptstore.pipeline.engine import engine, shutdown
@@ -193,3 +194,43 @@ def test_a_non_contiguous_tensor_over_many_files_is_made_contiguous_once(tmp_pat
     out = ckptstore.load(tmp_path / "n")
     assert torch.equal(out["t"], t) and torch.equal(out["o"], other)
     assert len(calls) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(sizes=st.lists(st.integers(0, 1 << 22), min_size=1, max_size=12), k=st.integers(1, 5))
+def test_host_copy_jobs_split_over_threads_cover_every_byte_once(sizes, k):
+    from ckptstore.staging.copy import _split
+    jobs, d, s = [], 1 << 40, 1 << 20
+    for n in sizes:
+        jobs.append((d, s, n))
+        d, s = d + n + 4096, s + n + 8192
+    total = sum(sizes)
+    parts = _split(jobs, total, k)
+    assert 1 <= len(parts) <= k
+    flat = [j for part in parts for j in part if j[2]]
+    # the same (dst, src) byte ranges in the same order, only cut
+    merged: list[list[int]] = []
+    for dd, ss, n in flat:
+        if merged and merged[-1][0] + merged[-1][2] == dd and merged[-1][1] + merged[-1][2] == ss:
+            merged[-1][2] += n
+        else:
+            merged.append([dd, ss, n])
+    assert merged == [list(j) for j in jobs if j[2]]
+    if total >= 4096 * k * 4:
+        share = total / k
+        assert all(sum(n for *_, n in part) <= share + 4096 for part in parts[:-1])
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_host_copies_over_several_threads_save_the_same_bytes(tmp_path, monkeypatch, threads):
+    monkeypatch.setenv("CKPTSTORE_COPY_THREADS", threads)
+    shutdown()
+    try:
+        g = torch.Generator().manual_seed(11)
+        state = {"big": torch.randn(3_000_001, generator=g), "t": torch.randn(2000, 1500, generator=g).t(),
+                 "small": [torch.randn(17, generator=g) for _ in range(50)]}
+        ckptstore.save(state, tmp_path / "p", compression="none").wait()
+        assert engine().copier.host.threads == int(threads)
+        assert_same_tree(ckptstore.load(tmp_path / "p"), state)
+    finally:
+        shutdown()

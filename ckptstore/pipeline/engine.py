@@ -79,6 +79,7 @@ class Engine:
         if last is not None:
             last.exception()
         self.writers.shutdown()
+        self.copier.close()
         self.staging.close()
 
 

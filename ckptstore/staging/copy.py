@@ -12,17 +12,20 @@ without a GPU by a double that completes copies later on another thread::
 :class:`DeviceCopier` is the real one. Host memory is copied with one ``memmove``
 per piece on the calling thread, so a host-only batch is complete when ``copy``
 returns. CUDA tensors are copied device-to-host on a side stream per device that
-first waits for the work already queued on the current stream; temporaries made
-for non-contiguous tensors are made on that side stream (after the wait), and
-every source is ``record_stream``-ed so the caching allocator cannot hand its
-memory to other work before the copy read it. One CUDA event per device and file
+first waits for the work already queued on the current stream; temporaries
+(contiguous copies, resolved conj/neg views) are made on that side stream after
+the wait, so freeing them is ordered after the copies, and every source tensor is
+referenced until ``close`` (after its copies landed), so the caching allocator
+cannot hand its memory to other work while a copy reads it. One CUDA event per device and file
 is recorded after its copies: ``wait`` synchronises on the events, ``fence`` makes
 the current stream wait for them (a later kernel that overwrites a parameter then
 runs after the copy).
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ctypes
+import os
 from typing import Any, Protocol
 
 import numpy as np
@@ -53,6 +56,8 @@ class CopySession(Protocol):
 
 class Copier(Protocol):
     def session(self, leaves: list[Leaf]) -> CopySession: ...
+
+    def close(self) -> None: ...
 
 
 class Completed:
@@ -132,25 +137,100 @@ class SideStreams:
         return self._streams[device]
 
 
+#: below this many bytes a file's host copies run on the calling thread alone
+PARALLEL_MIN = 8 << 20
+
+
+def copy_threads() -> int:
+    """Threads that copy host memory (``CKPTSTORE_COPY_THREADS``; default
+    min(4, CPUs)): one core's memcpy does not reach the memory bandwidth."""
+    env = os.environ.get("CKPTSTORE_COPY_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"CKPTSTORE_COPY_THREADS must be a positive integer, not {env!r}") from None
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class HostCopies:
+    """``memmove`` jobs split by bytes over the calling thread and helper threads
+    (the GIL is released during each ``memmove``)."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool: cf.ThreadPoolExecutor | None = None
+
+    def run(self, jobs: list[tuple[int, int, int]]) -> None:
+        """Run every (dst, src, n) job; returns when all are done."""
+        total = sum(n for _, _, n in jobs)
+        if self.threads < 2 or total < PARALLEL_MIN:
+            for d, src, n in jobs:
+                ctypes.memmove(d, src, n)
+            return
+        if self._pool is None:
+            self._pool = cf.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ckptstore-copy")
+        parts = _split(jobs, total, self.threads)
+        futures = [self._pool.submit(_memmove_all, part) for part in parts[1:]]
+        _memmove_all(parts[0])
+        for f in futures:
+            f.result()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def _memmove_all(jobs: list[tuple[int, int, int]]) -> None:
+    for d, src, n in jobs:
+        ctypes.memmove(d, src, n)
+
+
+def _split(jobs: list[tuple[int, int, int]], total: int, k: int) -> list[list[tuple[int, int, int]]]:
+    """``jobs`` cut into ``k`` lists of about ``total / k`` bytes each (a job may be
+    cut in two; cuts fall on 4 KiB boundaries)."""
+    share = -(-total // k)
+    parts: list[list[tuple[int, int, int]]] = [[]]
+    room = share
+    for d, src, n in jobs:
+        while n:
+            if room <= 0 and len(parts) < k:
+                parts.append([])
+                room = share
+            take = n if len(parts) == k else min(n, max(room, 0))
+            if take < n:
+                take = min(n, -(-take // 4096) * 4096)
+            parts[-1].append((d, src, take))
+            d, src, n, room = d + take, src + take, n - take, room - take
+    return parts
+
+
 class DeviceCopier:
-    """Host copies by ``memmove``; CUDA copies on side streams, tracked by events."""
+    """Host copies by ``memmove`` (split over threads); CUDA copies on side
+    streams, tracked by events."""
 
     def __init__(self) -> None:
         self.streams = SideStreams()
+        self.host = HostCopies(copy_threads())
 
     def session(self, leaves: list[Leaf]) -> "DeviceSession":
-        return DeviceSession(self.streams, leaves)
+        return DeviceSession(self.streams, self.host, leaves)
+
+    def close(self) -> None:
+        self.host.close()
 
 
 class DeviceSession:
-    def __init__(self, streams: SideStreams, leaves: list[Leaf]) -> None:
-        self.streams, self.leaves = streams, leaves
+    def __init__(self, streams: SideStreams, host: HostCopies, leaves: list[Leaf]) -> None:
+        self.streams, self.host, self.leaves = streams, host, leaves
         self.sides: dict[torch.device, Any] = {}  # devices whose side stream waited already
         # The source of the tensor being copied, kept while its pieces (consecutive in
         # plan order, possibly over several files) are copied: a tensor made contiguous
         # once, not once per piece, and only one such temporary alive at a time.
         self.device_src: tuple[int, torch.Tensor] | None = None
         self.host_src: tuple[int, Any, int] | None = None
+        self.keep: list[torch.Tensor] = []  # CUDA sources, until their copies landed
 
     def _side(self, dev: torch.device) -> Any:
         side = self.sides.get(dev)
@@ -162,7 +242,10 @@ class DeviceSession:
 
     def _device_source(self, tid: int, value: torch.Tensor, side: Any) -> torch.Tensor:
         if self.device_src is None or self.device_src[0] != tid:
-            value.record_stream(side)  # its memory is not reused before the side stream read it
+            # held until close() (after every copy of the save landed): the caching
+            # allocator cannot give its memory to other work while the copy reads it,
+            # even if the caller drops the tensor right after save() returns
+            self.keep.append(value)
             with torch.cuda.stream(side):  # temporaries (conj/neg resolved, contiguous) are
                 # made on the side stream, after its wait, and freeing them is ordered
                 # after the copies queued there
@@ -171,16 +254,18 @@ class DeviceSession:
             self.device_src = (tid, src)
         return self.device_src[1]
 
-    def _host_source(self, tid: int, value: Any) -> int:
+    def _host_source(self, tid: int, value: Any) -> tuple[Any, int]:
         if self.host_src is None or self.host_src[0] != tid:
             self.host_src = None  # free the previous temporary first
             obj, addr = host_object(value)
             self.host_src = (tid, obj, addr)
-        return self.host_src[2]
+        return self.host_src[1], self.host_src[2]
 
     def copy(self, arena: Arena, offset: int, fp: FilePlan) -> CopyBatch:
         used: dict[torch.device, Any] = {}
         base = arena.tensor.data_ptr()
+        jobs: list[tuple[int, int, int]] = []
+        hold: list[Any] = []
         for p in fp.pieces:
             if not p.length:
                 continue
@@ -198,10 +283,15 @@ class DeviceSession:
                 src = byte_view(logical(value).contiguous())[p.start:p.start + p.length]
                 arena.tensor[at:at + p.length].copy_(src)
             else:
-                # Host memory: one memcpy on this thread with the GIL released. torch's
-                # copy_ fans out to OpenMP threads, which on a busy machine (training,
-                # writers) made the stall 4-12x slower than a plain memcpy.
-                ctypes.memmove(base + at, self._host_source(p.tensor, value) + p.start, p.length)
+                # Host memory: memcpy jobs, run below with the GIL released. (torch's
+                # copy_ fans out to OpenMP threads, which on a busy machine made the
+                # stall 4-12x slower than a plain memcpy.)
+                obj, addr = self._host_source(p.tensor, value)
+                hold.append(obj)  # alive until the jobs ran
+                jobs.append((base + at, addr + p.start, p.length))
+        if jobs:
+            self.host.run(jobs)
+        del hold
         if not used:
             return COMPLETED
         events = []
@@ -212,4 +302,6 @@ class DeviceSession:
         return CudaBatch(events)
 
     def close(self) -> None:
+        """Called once every batch of the session completed."""
         self.device_src = self.host_src = None
+        self.keep.clear()

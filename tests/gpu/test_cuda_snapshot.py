@@ -106,3 +106,19 @@ def test_tensors_on_several_devices(tmp_path, overlap):
     out = ckptstore.load(tmp_path / "md")
     for k, v in expect.items():
         assert torch.equal(out[k], v), k
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_tensors_dropped_right_after_save_and_memory_reused(tmp_path, overlap):
+    state = {"a": torch.randn(8192, 8192, device="cuda").t(),  # a temporary is made for it
+             "b": torch.randn(1 << 26, device="cuda")}
+    expect = {k: v.cpu() for k, v in state.items()}
+    _long_kernel()
+    h = ckptstore.save(state, tmp_path / "r", overlap=overlap, compression="none")
+    del state
+    churn = [torch.full((1 << 26,), 7.0, device="cuda") for _ in range(4)]  # reuses freed blocks
+    h.wait()
+    out = ckptstore.load(tmp_path / "r")
+    for k, v in expect.items():
+        assert torch.equal(out[k], v), k
+    del churn
