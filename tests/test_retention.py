@@ -124,3 +124,79 @@ def test_random_runs_never_lose_a_kept_checkpoint(tmp_path_factory, plan, keep_l
         if saved:
             assert ck.latest() == max(saved)
     ck.close()
+
+
+def _committed_steps_all_load(root) -> list[int]:
+    bad = []
+    for d in sorted(os.listdir(root)):
+        where = LocalStorage(root / d)
+        if not where.exists("manifest.json"):
+            continue
+        try:
+            ckptstore.load(where)
+        except Exception:  # noqa: BLE001 - any failure to load is the finding
+            bad.append(d)
+    return bad
+
+
+@pytest.mark.parametrize("kill_at", range(0, 16))
+def test_a_kill_at_any_point_of_a_multi_step_round_tears_no_committed_step(tmp_path, kill_at):
+    """Five incremental steps sharing files dropped in one round, killed after
+    ``kill_at`` deletions: every step whose manifest is still there must load."""
+    root = tmp_path / "run"
+    frozen = torch.arange(1 << 16, dtype=torch.float32)
+    ck = ckptstore.Checkpointer(root)  # keeps everything
+    def state(step: int) -> dict:  # "slow" changes at steps 1, 3 and 6 only
+        slow = 1.0 if step < 3 else (3.0 if step < 6 else 6.0)
+        return {"frozen": frozen, "slow": torch.full((4096,), slow),
+                "w": torch.full((64,), float(step))}
+    for step in range(1, 6):
+        ck.save(step, state(step))
+        ck.wait()
+    ck.close()
+    budget = [kill_at]
+    ck = ckptstore.Checkpointer(CrashingStorage(root, budget), keep_last=1)
+    ck.save(6, state(6))
+    try:
+        ck.wait()
+    except Crash:
+        pass
+    ck.close()
+    assert _committed_steps_all_load(root) == []
+    budget[0] = 10 ** 9
+    ck = ckptstore.Checkpointer(CrashingStorage(root, budget), keep_last=1)
+    ck.save(7, state(7))  # the next round finishes
+    ck.wait()
+    ck.close()
+    assert _committed_steps_all_load(root) == []
+    assert ckptstore.load(LocalStorage(root / step_name(7)))["w"][0].item() == 7.0
+
+
+def test_a_step_written_by_a_newer_ckptstore_is_never_deleted(tmp_path, monkeypatch):
+    """A reader that cannot read a newer schema must skip the step, say why, and
+    never retire, drop or gc it (it used to delete it as 'damaged')."""
+    import warnings
+
+    from ckptstore.manifest import records
+    from ckptstore.runs.gc import gc
+
+    root = tmp_path / "run"
+    with ckptstore.Checkpointer(root) as ck:
+        ck.save(1, {"w": torch.full((64,), 1.0)}).wait()
+        monkeypatch.setattr(records, "SCHEMA_VERSION", records.SCHEMA_VERSION + 1)
+        ck.save(2, {"w": torch.full((64,), 2.0)}).wait()  # "a newer ckptstore on another node"
+    monkeypatch.setattr(records, "SCHEMA_VERSION", records.SCHEMA_VERSION - 1)
+    newer = (root / step_name(2) / "manifest.json").read_bytes()
+    with ckptstore.Checkpointer(root, keep_last=1) as ck:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ck.latest() == 1
+        assert any("step 2" in str(w.message) and "schema version" in str(w.message) for w in caught)
+        with pytest.raises(ckptstore.CheckpointExistsError, match="newer"):
+            ck.save(2, {"w": torch.full((64,), 20.0)}).wait()
+        ck.save(3, {"w": torch.full((64,), 3.0)}).wait()  # retention round: keep_last=1
+        ck.wait()
+    assert (root / step_name(2) / "manifest.json").read_bytes() == newer
+    gc(LocalStorage(root), grace=0)
+    assert (root / step_name(2) / "manifest.json").read_bytes() == newer
+    assert [f for f in os.listdir(root / step_name(2)) if f.startswith("shard-")]

@@ -8,6 +8,7 @@ write.
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 
@@ -21,6 +22,8 @@ from ckptstore.storage.capabilities import MultipartGC
 
 #: names of files a save writes into a checkpoint directory:
 #: shard-NNNNN-<save id>[-r<rank>].<format> (single-process, distributed, DCP) and temp files
+log = logging.getLogger("ckptstore.gc")
+
 DATA_RE = re.compile(r"^(shard-\d{5}-[0-9a-f]+(-r\d+)?\.(chunks|safetensors)|\.tmp-.*)$")
 DEFAULT_GRACE = 3600.0
 
@@ -39,12 +42,21 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
         except (OSError, ValueError):
             manifests[e] = None  # type: ignore[assignment]  # damaged: leave it alone
     refs = referenced_files(root, {k: v for k, v in manifests.items() if v is not None})
+    # a manifest this version cannot read (damaged, or written by a newer ckptstore)
+    # may reference files anywhere in the run: then only temp files go
+    unknown = sorted(k for k, v in manifests.items() if v is None)
+    if unknown:
+        log.warning("gc of %s keeps every data file: the manifests of %s cannot be read "
+                    "here (damaged or newer), so what they reference is unknown",
+                    root.url, ", ".join(unknown))
     removed: list[str] = []
     for e in dirs:
         d = root.child(e)
         committed = e in manifests
         for f in d.listdir():
             if not DATA_RE.match(f) or (e, f) in refs or (committed and not is_temp_name(f)):
+                continue
+            if unknown and not is_temp_name(f):
                 continue
             age = age_of(d, f, now)
             if age is None or age < grace:

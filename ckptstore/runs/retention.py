@@ -3,10 +3,12 @@
 Selection is a pure function of the committed steps, their metrics and the policy,
 so it can be property-tested without any I/O. Deletion is ordered for crash safety:
 
-1. the step's manifest is removed first (the step stops being a checkpoint);
-2. then its files that no remaining committed manifest references (incremental
-   saves reference files of older steps; those files stay where they are);
-3. then the directory, once empty.
+1. the manifests of *every* step the round drops are removed first, durably (the
+   steps stop being checkpoints; a dropped step may reference files of another
+   dropped step, so no data goes while any of them is still committed);
+2. then their files that no kept manifest references (incremental saves
+   reference files of older steps; those files stay where they are);
+3. then each directory, once empty.
 
 A crash between any two of these leaves every kept checkpoint whole; what is left
 over is an uncommitted directory that ``ckptstore gc`` removes.
@@ -108,12 +110,17 @@ def referenced_files(root: Storage, manifests: dict[str, fmt.Manifest]) -> set[t
     return out
 
 
-def drop_step(root: Storage, dirname: str, keep_refs: set[tuple[str, str]]) -> None:
-    """Remove step directory ``dirname`` below ``root``: manifest first, then every
-    file no kept manifest references, then the directory if it is empty."""
+def uncommit(root: Storage, dirname: str) -> None:
+    """Remove step ``dirname``'s manifest, durably: it is no longer a checkpoint."""
     d = root.child(dirname)
     d.remove(fmt.MANIFEST_NAME)
     d.fsync_dir()  # the un-commit must be durable before any data goes
+
+
+def remove_unreferenced(root: Storage, dirname: str, keep_refs: set[tuple[str, str]]) -> None:
+    """Remove every file of un-committed step ``dirname`` that no kept manifest
+    references, then the directory if it is empty."""
+    d = root.child(dirname)
     left = False
     for entry in d.listdir():
         if (dirname, entry) in keep_refs:
@@ -129,3 +136,13 @@ def drop_step(root: Storage, dirname: str, keep_refs: set[tuple[str, str]]) -> N
         root.fsync_dir()
     log.info("retention removed %s/%s%s", root.url, dirname,
              " (files still referenced by newer steps were kept)" if left else "")
+
+
+def drop_steps(root: Storage, dirnames: list[str], keep_refs: set[tuple[str, str]]) -> None:
+    """Drop the steps of one retention round. Every manifest goes first, then the
+    data: a step dropped later in the round may reference files of one dropped
+    earlier, and must never be left committed without them."""
+    for name in dirnames:
+        uncommit(root, name)
+    for name in dirnames:
+        remove_unreferenced(root, name, keep_refs)

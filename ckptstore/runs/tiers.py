@@ -11,9 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from ckptstore import manifest as fmt
-from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError
+from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, SchemaVersionError
 from ckptstore.runs.layout import committed_steps, read_step, step_name
-from ckptstore.runs.retention import Policy, drop_step, referenced_files, select_keep
+from ckptstore.runs.retention import Policy, drop_steps, referenced_files, select_keep
 from ckptstore.storage import Storage
 from ckptstore.verify.checks import check_quick
 from ckptstore.verify.fsck import fsck
@@ -101,9 +101,17 @@ def retain(tier: Tier, protected: Iterable[int] = frozenset()) -> None:
         except (OSError, ValueError) as e:  # unreadable: keep it, and all it may need
             log.warning("retention on %s skipped: step %d unreadable: %s", tier.root.url, s, e)
             return
+    for s in drop:  # never delete what this version cannot read
+        try:
+            read_step(tier.root, s)
+        except SchemaVersionError as e:
+            log.warning("retention on %s skipped: step %d was written by a newer ckptstore "
+                        "and is kept (%s)", tier.root.url, s, e)
+            return
+        except (OSError, ValueError):
+            pass  # damaged: dropping it loses nothing
     refs = referenced_files(tier.root, manifests)
-    for s in drop:
-        drop_step(tier.root, step_name(s), refs)
+    drop_steps(tier.root, [step_name(s) for s in drop], refs)
 
 
 def retire_damaged(root: Storage, step: int) -> None:
@@ -116,6 +124,10 @@ def retire_damaged(root: Storage, step: int) -> None:
     try:
         report = fsck(where)
         problem = None if report.ok else "; ".join(str(d) for d in report.damage[:5])
+    except SchemaVersionError as e:  # newer, not damaged: never retired
+        raise CheckpointExistsError(
+            f"step {step} at {where.url} was written by a newer ckptstore and is kept ({e}); "
+            "upgrade ckptstore, or save another step") from None
     except (CorruptCheckpointError, OSError, ValueError) as e:
         problem = f"{type(e).__name__}: {e}"
     if problem is None:
