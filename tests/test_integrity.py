@@ -330,3 +330,32 @@ def test_storage_class_defined_in_main_is_refused_with_its_cause(tmp_path):
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("refused:")]
     assert len(lines) == 2 and all("Mine" in ln and "__main__" in ln for ln in lines), out.stdout
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+@pytest.mark.parametrize("dtype", ["qint8", "quint8", "qint32", "quint4x2", "bits8", "int4"])
+def test_a_manifest_claiming_a_dtype_unsafe_to_rebuild_is_refused_by_load_and_fsck(
+        tmp_path, dtype, compression):
+    """Such a manifest used to pass validation and crash the interpreter on load."""
+    src = tmp_path / "q"
+    ckptstore.save({"x": torch.arange(64, dtype=torch.int8)}, src, compression=compression).wait()
+    obj = json.loads((src / "manifest.json").read_bytes())
+    obj.pop("manifest_checksum")
+    for t in obj["tensors"]:
+        t["dtype"] = dtype
+    _write_manifest(src, obj)
+    for fn in (ckptstore.load, lambda p: dict(ckptstore.open(p))):
+        with pytest.raises(ckptstore.UnsafeCheckpointError, match=dtype):
+            fn(src)
+    report = ckptstore.fsck(src)
+    assert not report.ok
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.quantize_per_tensor(torch.randn(8), 0.1, 0, torch.qint8),
+    lambda: torch.zeros(4, dtype=torch.uint8).view(torch.bits8),
+])
+def test_saving_a_dtype_a_checkpoint_cannot_hold_is_a_typed_error(tmp_path, make):
+    with pytest.raises(ckptstore.UnsupportedTypeError, match="dtype|quantized"):
+        ckptstore.save({"x": make()}, tmp_path / "u")
+    assert not (tmp_path / "u" / "manifest.json").exists()

@@ -22,6 +22,15 @@ SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_SIZE = 1 << 50  #: no file, tensor or chunk is larger than a petabyte
 
+#: torch dtypes a tensor may have in a checkpoint: those rebuilt safely from their
+#: bytes. Quantized (qint8, quint4x2, ...), bit-container (bits8, ...) and sub-byte
+#: shell dtypes (int4, uint2, ...) are refused on save and rejected by validation.
+TORCH_DTYPES = frozenset({
+    "bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+    "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
+    "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+})
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkRecord:

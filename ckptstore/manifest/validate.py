@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
-from ckptstore.manifest.records import MANIFEST_NAME, MAX_SIZE, Manifest, TensorRecord
+from ckptstore.manifest.records import MANIFEST_NAME, MAX_SIZE, TORCH_DTYPES, Manifest, TensorRecord
 from ckptstore.pipeline.codec import CODECS
 
 
@@ -24,6 +24,10 @@ def validate(m: Manifest) -> None:
     for t in m.tensors:
         if t.kind not in ("torch", "numpy"):
             raise CorruptCheckpointError(f"tensor {t.name!r} has unknown kind {t.kind!r}")
+        if t.kind == "torch" and t.dtype not in TORCH_DTYPES:
+            raise UnsafeCheckpointError(
+                f"tensor {t.name!r} has dtype {t.dtype!r}, which cannot be rebuilt safely from "
+                "bytes (allowed: " + ", ".join(sorted(TORCH_DTYPES)) + ")")
         if len(t.shape) > 64:
             raise UnsafeCheckpointError(f"tensor {t.name!r} has {len(t.shape)} dimensions")
         if math.prod(t.shape) > MAX_SIZE:

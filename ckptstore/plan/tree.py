@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedTypeError
+from ckptstore.manifest.records import TORCH_DTYPES
 
 MAX_DEPTH = 128
 _NP_DTYPE_RE = re.compile(r"^[<>|=]?[biufcmMSU]\d{1,3}(\[[a-zA-Z]{1,3}\])?$")
@@ -99,8 +100,11 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
             if arr.is_sparse or arr.layout != torch.strided:
                 raise UnsupportedTypeError(f"tensor at {_fmt(path)} has layout {arr.layout}; "
                                            "convert it with .to_dense() first")
-            if arr.is_quantized:
-                raise UnsupportedTypeError(f"quantized tensor at {_fmt(path)} is not supported")
+            if arr.is_quantized or str(arr.dtype).removeprefix("torch.") not in TORCH_DTYPES:
+                raise UnsupportedTypeError(
+                    f"tensor at {_fmt(path)} has dtype {arr.dtype}, which a checkpoint cannot "
+                    "hold safely (quantized, bit-container and sub-byte dtypes); convert it, "
+                    "e.g. with .int_repr() or .view(torch.uint8)")
             key: tuple[Any, ...] = ("t", arr.untyped_storage().data_ptr() if arr.numel() else id(arr),
                    arr.storage_offset(), arr.shape, arr.stride(), arr.dtype, arr.device)
         else:
