@@ -43,10 +43,9 @@ Because intactness is computed from each copy's own chunk references, the model 
 accepts what the engine does today when a new copy is built on damaged bytes: an
 incremental save whose base chunk is already damaged reuses it (the new step is damaged
 from birth, and its promotion then fails on every later save), and a promotion keeps a
-reference to a remote file it finds at the right size without checking its bytes. That
-is an engine bug, pinned separately by the strict xfail
-``test_a_save_after_damage_to_its_base_loads``; once it is fixed the model needs no
-change (the new copy then simply holds its own intact chunk).
+reference to a remote file it finds at the right size without checking its bytes. The
+first was an engine bug, fixed (writers check a base chunk's stored bytes before
+reusing it) and pinned by ``test_a_save_after_damage_to_its_base_loads``.
 """
 from __future__ import annotations
 
@@ -506,10 +505,6 @@ def _flip_frozen_chunk(run: str, step: int) -> None:
         fh.write(bytes([b[0] ^ 0x5A]))
 
 
-@pytest.mark.xfail(strict=True, raises=ckptstore.CorruptCheckpointError, reason=(
-    "engine bug found by the model: an incremental save reuses the base's chunk records by "
-    "raw hash without checking the base's stored bytes, so a damaged chunk in an older step "
-    "is inherited by every later step; wait() succeeds but the new step does not load"))
 def test_a_save_after_damage_to_its_base_loads(tmp_path):
     """Found by CheckpointerModel (rules: save, damage, save): a save that ``wait()``
     accepted must load bit-identical even if its incremental base was damaged."""

@@ -174,3 +174,23 @@ def test_a_malformed_writer_nice_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("CKPTSTORE_WRITER_NICE", "low")
     with pytest.raises(ValueError, match="CKPTSTORE_WRITER_NICE"):
         writer_nice()
+
+
+def test_a_writer_that_died_while_idle_costs_no_save(tmp_path):
+    """The OOM killer or an operator killed an idle writer: the next save must not
+    fail (it used to raise WriterDiedError although nothing of it was lost)."""
+    from ckptstore.pipeline import engine as saver
+    ckptstore.shutdown()
+    try:
+        ckptstore.save({"x": torch.ones(4)}, tmp_path / "a").wait()
+        pool = saver.engine().writers.get()
+        os.kill(saver.engine().writers.pids()[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while not pool._broken and time.monotonic() < deadline:  # the executor noticed
+            time.sleep(0.05)
+        assert pool._broken
+        x = torch.arange(1000.0)
+        ckptstore.save({"x": x}, tmp_path / "b").wait()
+        assert torch.equal(ckptstore.load(tmp_path / "b")["x"], x)
+    finally:
+        ckptstore.shutdown()

@@ -30,7 +30,8 @@ from ckptstore.manifest.io import read_manifest
 from ckptstore.pipeline.engine import engine, shutdown
 from ckptstore.pipeline.handle import SaveHandle, SaveResult
 from ckptstore.pipeline.options import DEFAULT_CHUNK, DEFAULT_SHARD, SaveOptions, check_importable, check_metadata
-from ckptstore.pipeline.pipeline import PrevHashes, SavePipeline
+from ckptstore.pipeline.pipeline import PrevChunks, SavePipeline
+from ckptstore.pipeline.writer import BaseChunk
 from ckptstore.plan.layout import SavePlan
 from ckptstore.plan.tree import flatten
 from ckptstore.storage import Storage, open_storage
@@ -108,7 +109,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
         prev = _base_manifest(storage, base) if base and opts.codec != "raw" else None
         plan = pipe.plan(leaves, save_id, cached=True)
         staged = pipe.stage(leaves, plan, overlap=overlap,
-                            prev=_prev_hashes(plan, prev) if prev is not None else None)
+                            prev=_prev_chunks(plan, prev, storage, base) if prev is not None else None)
         if overlap:
             handle.copies_pending(staged.wait_copied)
         handle.staged_seconds = time.perf_counter() - t0
@@ -144,16 +145,26 @@ def _base_manifest(storage: Storage, base: str) -> fmt.Manifest | None:
         log.warning("incremental base %s unusable, saving in full: %s", base, e)
         return None
 
-def _prev_hashes(plan: SavePlan, prev: fmt.Manifest) -> PrevHashes:
-    """{tensor id: raw hashes of the same tensor's chunks in ``prev``} for tensors
-    with the same name, kind, dtype and shape (and the same chunk size)."""
-    if prev.chunk_size != plan.chunk_size:
+def _prev_chunks(plan: SavePlan, prev: fmt.Manifest, storage: Storage, base: str | None) -> PrevChunks:
+    """{tensor id: the same tensor's chunks in ``prev``, with the directory of each
+    chunk's file} for tensors with the same name, kind, dtype and shape (and the
+    same chunk size). Writers reuse a chunk only if its base copy is intact."""
+    if prev.chunk_size != plan.chunk_size or base is None:
         return {}
     by_name = {t.name: t for t in prev.tensors}
+    files = {f.name: f for f in prev.files}
+    dirs: dict[str, Storage] = {}
+
+    def where(file: str) -> Storage:
+        d = files[file].base or base
+        if d not in dirs:
+            dirs[d] = storage.sibling(d)
+        return dirs[d]
+
     out = {}
     for t in plan.tensors:
         r = by_name.get(t.name)
         if (r is not None and r.kind == t.kind and r.dtype == t.dtype
                 and tuple(r.shape) == tuple(t.shape) and len(r.chunks) == t.nchunks):
-            out[t.id] = tuple(c.raw_hash for c in r.chunks)
+            out[t.id] = tuple(BaseChunk(c, where(c.file)) for c in r.chunks)
     return out

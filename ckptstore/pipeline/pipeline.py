@@ -27,14 +27,14 @@ from ckptstore.errors import WriterDiedError
 from ckptstore.pipeline.engine import Engine
 from ckptstore.pipeline.handoff import Handoff
 from ckptstore.pipeline.options import SaveOptions
-from ckptstore.pipeline.writer import FileJob, FileResult, PieceJob, write_file
+from ckptstore.pipeline.writer import BaseChunk, FileJob, FileResult, PieceJob, write_file
 from ckptstore.plan.layout import FilePlan, SavePlan, make_plan
 from ckptstore.plan.tree import Leaf
 from ckptstore.staging.arena import Arena, Ring
 from ckptstore.storage.base import Storage
 
-#: {tensor id: raw hashes of that tensor's chunks in the base checkpoint}
-PrevHashes = dict[int, tuple[str, ...]]
+#: {tensor id: that tensor's chunks in the base checkpoint}
+PrevChunks = dict[int, tuple[BaseChunk, ...]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,7 +85,7 @@ class SavePipeline:
         return make_plan(leaves, save_id=save_id, **params)
 
     def stage(self, leaves: list[Leaf], plan: SavePlan, *,
-              prev: PrevHashes | None = None, overlap: bool = False) -> Staged:
+              prev: PrevChunks | None = None, overlap: bool = False) -> Staged:
         """Copy every file of ``plan`` into staging; each goes to a writer once its
         copies completed (:mod:`ckptstore.pipeline.handoff`).
 
@@ -125,7 +125,7 @@ class SavePipeline:
         return Staged(plan, tuple(files), handoff)
 
     def _issue(self, handoff: Handoff, arena: Arena, ring: Ring, fp: FilePlan, plan: SavePlan,
-               prev: PrevHashes | None) -> cf.Future:
+               prev: PrevChunks | None) -> cf.Future:
         # a full ring needs finished files: let the writers start before waiting for one
         offset, region = ring.alloc(fp.nbytes, before_wait=handoff.release)
         try:
@@ -142,7 +142,7 @@ class SavePipeline:
         job = FileJob(self.storage, fp.name, fp.header, arena.ref, pieces, chunk, o.codec,
                       o.zstd_level)
         writers = self.engine.writers
-        return handoff.put(batch, lambda: writers.get().submit(write_file, job),
+        return handoff.put(batch, lambda: writers.submit(write_file, job),
                            lambda: ring.free(region))
 
     def written(self, staged: Staged) -> Written:
@@ -170,6 +170,6 @@ class SavePipeline:
                 pass
 
 
-def _piece_prev(prev: PrevHashes | None, tensor: int, first: int, n: int) -> tuple | None:
-    hashes = (prev or {}).get(tensor)
-    return None if hashes is None else hashes[first:first + n]
+def _piece_prev(prev: PrevChunks | None, tensor: int, first: int, n: int) -> tuple | None:
+    chunks = (prev or {}).get(tensor)
+    return None if chunks is None else chunks[first:first + n]

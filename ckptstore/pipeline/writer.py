@@ -23,14 +23,29 @@ import multiprocessing as mp
 import os
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any
 
 from ckptstore.commit.atomic import AtomicFile
+from ckptstore.manifest.records import ChunkRecord
 from ckptstore.pipeline import codec
 from ckptstore.staging.ref import ArenaRef
 from ckptstore.storage.base import Storage
+from ckptstore.verify.checks import stored_problem
 
 log = logging.getLogger("ckptstore.writer")
+
+
+@dataclass(frozen=True, slots=True)
+class BaseChunk:
+    """A chunk of the base checkpoint of an incremental save, and the directory
+    holding its file: reused only if its raw hash matches *and* its stored bytes
+    are intact (a damaged base chunk is written again, never inherited)."""
+
+    record: ChunkRecord
+    where: Storage
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,9 +55,9 @@ class PieceJob:
     arena_offset: int
     length: int
     group: int
-    #: raw hashes of this piece's chunks in the base checkpoint (incremental saves):
-    #: a chunk whose bytes hash the same is not written again
-    prev: tuple[str, ...] | None = None
+    #: this piece's chunks in the base checkpoint (incremental saves): a chunk
+    #: whose bytes hash the same, and whose base copy is intact, is not written again
+    prev: tuple[BaseChunk, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +132,7 @@ def write_file(job: FileJob) -> FileResult:
                 raw = staged[start:start + job.chunk_size]
                 if piece.prev is not None and i < len(piece.prev) and job.codec != "raw":
                     h = codec.hash_bytes(raw)
-                    if h == piece.prev[i]:
+                    if h == piece.prev[i].record.raw_hash and _intact(piece.prev[i]):
                         results.append(ChunkResult(piece.tensor, piece.first_chunk + i, 0, 0,
                                                    len(raw), piece.group, (), "", h, True))
                         continue
@@ -132,6 +147,21 @@ def write_file(job: FileJob) -> FileResult:
             del staged
     del arena
     return FileResult(job.name, pos, tuple(results))
+
+
+def _intact(b: BaseChunk) -> bool:
+    """The base's stored copy of the chunk is there and matches its hash."""
+    c = b.record
+    try:
+        data = b.where.read(c.file, c.offset, c.length)
+    except (OSError, ValueError) as e:
+        log.warning("incremental base chunk %s@%d unreadable (%s): writing it again",
+                    c.file, c.offset, e)
+        return False
+    if stored_problem(data, c) is not None:
+        log.warning("incremental base chunk %s@%d is damaged: writing it again", c.file, c.offset)
+        return False
+    return True
 
 
 def _ping() -> int:
@@ -225,6 +255,22 @@ class WriterPool:
             if self._pool is None:
                 self._pool = spawn_pool(self.workers)
             return self._pool
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future:
+        """Submit a job. A pool found broken at submission (a writer died while idle:
+        the OOM killer, an operator's kill) is replaced and the job submitted again;
+        nothing of any save was lost. A writer that dies while running a job still
+        fails that job (``BrokenProcessPool``)."""
+        pool = self.get()
+        try:
+            return pool.submit(fn, *args)
+        except BrokenProcessPool:
+            log.warning("a writer process had died while idle; starting new writers")
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            return self.get().submit(fn, *args)
 
     def start_async(self) -> None:
         """Start the writers in the background (e.g. while the first save stages)."""
