@@ -36,6 +36,9 @@ def main(spec: dict) -> int:
                 time.sleep(0.005)
         ckptstore.save(state, storage, compression=spec["mode"],
                        blocking=True, overwrite=spec.get("overwrite", False), **SMALL)
+    except ckptstore.StorageError as e:  # an I/O error, typed: still an OSError with errno
+        print(json.dumps({"error": type(e).__name__, "errno": e.errno, "message": str(e)}))
+        return 4
     except ckptstore.CkptError as e:
         print(json.dumps({"error": type(e).__name__, "message": str(e)}))
         return 3

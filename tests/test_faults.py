@@ -8,6 +8,7 @@ import stat
 import threading
 
 import pytest
+import torch
 
 import ckptstore
 from ckptstore.errors import CheckpointNotFoundError, CkptError, CorruptCheckpointError
@@ -105,7 +106,9 @@ def test_fsync_eio_aborts_without_retry(tmp_path, ledger):
                       ledger=ledger)
     with pytest.raises(OSError) as e:
         ckptstore.save(make_state(2), s, compression="zstd", blocking=True, **SMALL)
-    assert e.value.errno == errno.EIO and not isinstance(e.value, CkptError)
+    # typed (a StorageError is still the OSError, with its errno), never retried
+    assert e.value.errno == errno.EIO and isinstance(e.value, ckptstore.StorageError)
+    assert not isinstance(e.value, ckptstore.TransientStorageError)
     journal = [r for r, _ in ledger.journal()]
     note = next(r for r in journal if r["op"] == "note")
     later = [r["op"] for r in ops_of(ledger.journal())
@@ -193,3 +196,15 @@ def test_fsck_names_bad_tree_and_dtype(tmp_path):
             ckptstore.load(target)
         report = ckptstore.fsck(str(target))
         assert not report.ok and any(d.file == "manifest.json" for d in report.damage)
+
+
+@pytest.mark.parametrize("op", ["write", "fsync"])
+def test_enospc_during_a_save_is_a_typed_error_that_keeps_its_errno(tmp_path, op):
+    s = FaultyStorage(LocalStorage(tmp_path / "c"), fail={op: "*"}, errno=errno.ENOSPC)
+    h = ckptstore.save({"x": torch.arange(1000.0)}, s, compression="none")
+    with pytest.raises(ckptstore.StorageError) as e:
+        h.wait()
+    assert isinstance(e.value, OSError) and e.value.errno == errno.ENOSPC
+    assert "free space" in str(e.value)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    ckptstore.save({"x": torch.ones(3)}, tmp_path / "d").wait()  # raised once, then gone

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import logging
 import multiprocessing.util
 import threading
 from collections.abc import Callable, Iterator
 
-from ckptstore.errors import StagingBusyError
+from ckptstore.errors import StagingBusyError, StorageError
 from ckptstore.pipeline.handle import SaveHandle, SaveResult
 from ckptstore.pipeline.writer import WriterPool
 from ckptstore.plan.cache import PlanCache
@@ -63,6 +64,7 @@ class Engine:
             try:
                 result = finish()
             except BaseException as e:
+                e = typed_os_error(e, handle.path)
                 log.error("save to %s failed: %s", handle.path, e)
                 handle.finish(None, e)
             else:
@@ -81,6 +83,21 @@ class Engine:
         self.writers.shutdown()
         self.copier.close()
         self.staging.close()
+
+
+def typed_os_error(e: BaseException, path: str) -> BaseException:
+    """A plain ``OSError`` of a save (ENOSPC, EIO, EDQUOT, ...) as a
+    :class:`StorageError`: still an ``OSError`` with its errno, and a CkptError
+    that says what to do next. Anything else is returned unchanged."""
+    if type(e) is not OSError:
+        return e
+    hint = ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = ("; free space (or raise the quota) and save again: committed checkpoints "
+                "are intact and nothing of this save was committed")
+    out = StorageError(e.errno, f"saving to {path} failed: {e.strerror or e}{hint}", e.filename)
+    out.__cause__ = e
+    return out.with_traceback(e.__traceback__)
 
 
 class _Current:
