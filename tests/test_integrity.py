@@ -359,3 +359,35 @@ def test_saving_a_dtype_a_checkpoint_cannot_hold_is_a_typed_error(tmp_path, make
     with pytest.raises(ckptstore.UnsupportedTypeError, match="dtype|quantized"):
         ckptstore.save({"x": make()}, tmp_path / "u")
     assert not (tmp_path / "u" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("make,what", [
+    (lambda: torch.empty(4, 4, device="meta"), "meta"),
+    (lambda: torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]), "nested"),
+    (lambda: torch.ones(4, 4).to_sparse(), "layout"),
+])
+def test_tensors_without_plain_bytes_are_refused_with_a_typed_error(tmp_path, make, what):
+    with pytest.raises(ckptstore.UnsupportedTypeError, match=what):
+        ckptstore.save({"x": make()}, tmp_path / "m")
+    assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+def test_an_int_too_long_for_json_is_refused_on_save_and_in_a_manifest(tmp_path):
+    with pytest.raises(ckptstore.UnsupportedTypeError, match="digits"):
+        ckptstore.save({"n": 10 ** 5000}, tmp_path / "i")
+    src = tmp_path / "j"
+    ckptstore.save({"n": 7, "x": torch.ones(2)}, src).wait()
+    raw = (src / "manifest.json").read_bytes()
+    obj = json.loads(raw)
+    obj.pop("manifest_checksum")
+    _write_manifest(src, obj)
+    body = (src / "manifest.json").read_bytes()
+    # a re-sealed manifest whose tree holds a 5,000-digit integer
+    big = body.replace(b'"tree":{"T":"dict","items":[["n",7]', b'"tree":{"T":"dict","items":[["n",' + b"9" * 5000 + b"]", 1)
+    assert big != body
+    cut = big.rfind(b',"manifest_checksum":"')
+    big = big[:cut] + b',"manifest_checksum":"' + fmt.hash_bytes(big[:cut]).encode() + b'"}\n'
+    (src / "manifest.json").write_bytes(big)
+    with pytest.raises(ckptstore.CorruptCheckpointError):
+        ckptstore.load(src)
+    assert not ckptstore.fsck(src).ok

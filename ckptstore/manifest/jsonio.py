@@ -77,6 +77,8 @@ def parse_json(data: bytes) -> dict:
         raise UnsafeCheckpointError("manifest JSON nests too deeply") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CorruptCheckpointError(f"manifest is not valid JSON: {e}") from None
+    except ValueError as e:  # e.g. an integer over Python's digit limit
+        raise UnsafeCheckpointError(f"manifest holds a value this reader refuses: {e}") from None
     if not isinstance(obj, dict):
         raise CorruptCheckpointError("manifest is not a JSON object")
     return obj

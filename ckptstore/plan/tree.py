@@ -42,6 +42,12 @@ class Leaf:
     value: Any  # torch.Tensor | np.ndarray
 
 
+#: ints beyond this are refused: Python's int<->str conversion (and so JSON) stops at
+#: 4,300 digits by default
+MAX_INT_DIGITS = 4000
+MAX_INT_BITS = int(MAX_INT_DIGITS * 3.3219280948873626)
+
+
 def flatten(state: Any) -> tuple[Any, list[Leaf]]:
     """Return the typed-JSON skeleton of ``state`` and its array leaves.
 
@@ -66,6 +72,10 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int) and not isinstance(obj, bool):
+            if obj.bit_length() > MAX_INT_BITS:  # JSON could not write it (nor read it back)
+                raise UnsupportedTypeError(
+                    f"int at {_fmt(path)} has more than {MAX_INT_DIGITS} digits; store it as "
+                    "a string, bytes or a tensor")
             return int(obj)
         if isinstance(obj, float):
             return {"T": "float", "v": repr(float(obj))}
@@ -97,6 +107,11 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
 
     def leaf(arr: Any, path: tuple) -> int:
         if isinstance(arr, torch.Tensor):
+            if arr.is_nested or arr.is_meta:
+                raise UnsupportedTypeError(
+                    f"tensor at {_fmt(path)} is a {'nested' if arr.is_nested else 'meta'} tensor, "
+                    "which has no bytes to save; materialise it first (e.g. .to_padded_tensor(0) "
+                    "or a real device)")
             if arr.is_sparse or arr.layout != torch.strided:
                 raise UnsupportedTypeError(f"tensor at {_fmt(path)} has layout {arr.layout}; "
                                            "convert it with .to_dense() first")
