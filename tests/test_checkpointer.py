@@ -216,3 +216,20 @@ def test_gc_removes_what_any_killed_writer_left(tmp_path, frozen):
     assert sorted(r.rpartition("/")[2] for r in removed) == sorted(left)
     assert not torn.exists()
     assert sorted(os.listdir(tmp_path / step_name(1))) == kept
+
+
+def test_a_base_reached_through_a_symlink_outside_the_run_is_refused(tmp_path, frozen):
+    run, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    with ckptstore.Checkpointer(run) as ck:
+        ck.save(1, step_state(1, frozen)).wait()
+        ck.save(2, step_state(2, frozen)).wait()
+    assert {f.get("base") for f in _manifest(run, 2)["files"]} == {None, step_name(1)}
+    os.rename(run / step_name(1), elsewhere)  # the base now lives outside the run ...
+    os.symlink(elsewhere, run / step_name(1))  # ... reached through a symlink
+    with pytest.raises(ckptstore.UnsafeCheckpointError, match="outside"):
+        ckptstore.load(run / step_name(2))
+    assert not ckptstore.fsck(run / step_name(2)).ok
+    os.unlink(run / step_name(1))  # a symlink that stays inside the run is followed
+    os.rename(elsewhere, run / "moved")
+    os.symlink(run / "moved", run / step_name(1))
+    assert_same_tree(ckptstore.load(run / step_name(2)), step_state(2, frozen))

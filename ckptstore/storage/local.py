@@ -84,6 +84,19 @@ class LocalStorage(Storage):
     def at(self, url: str) -> "LocalStorage":
         return LocalStorage(url)
 
+    def sibling(self, name: str) -> "LocalStorage":
+        """Like :meth:`Storage.sibling`, refusing a sibling that resolves (through a
+        symlink) outside the directory holding this one: a manifest's base name
+        must never lead a read out of its run."""
+        out = super().sibling(name)
+        assert isinstance(out, LocalStorage)
+        here = os.path.realpath(os.path.dirname(self.root))
+        if os.path.dirname(os.path.realpath(out.root)) != here:
+            raise UnsafeCheckpointError(
+                f"sibling checkpoint {name!r} of {self.root} resolves to "
+                f"{os.path.realpath(out.root)}, outside {here}: refusing to follow it")
+        return out
+
     def makedirs(self) -> None:
         missing = []
         p = self.root

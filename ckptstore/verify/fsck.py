@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from ckptstore import manifest as fmt
-from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError
+from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
 from ckptstore.storage import Storage, open_storage
 from ckptstore.verify.checks import Damage, Verifier
 
@@ -46,7 +46,10 @@ def fsck(path: "str | os.PathLike | Storage", *, deep: bool = False,
     except CorruptCheckpointError as e:
         return FsckReport(storage.url, False, 0, 0, 0, 0,
                           (Damage(fmt.MANIFEST_NAME, None, None, f"manifest is damaged: {e}"),))
-    damage = [*v.structure(), *v.files(), *v.chunks(deep=deep, progress=progress)]
+    try:
+        damage = [*v.structure(), *v.files(), *v.chunks(deep=deep, progress=progress)]
+    except UnsafeCheckpointError as e:  # e.g. a base that resolves outside the run
+        damage = [Damage(fmt.MANIFEST_NAME, None, None, f"unsafe to read: {e}")]
     m = v.manifest
     return FsckReport(v.storage.url, not damage, len(m.tensors), v.chunks_checked, len(m.files),
                       v.bytes_checked, tuple(damage))
