@@ -204,7 +204,9 @@ class Checkpointer:
         Copies are tried local first; a copy that fails verification is reported
         with a :class:`CheckpointFallbackWarning` and the next one is tried: the
         other tier's copy of the same step, then (for ``"latest"``) older steps.
-        ``self.loaded_step`` tells which step was loaded.
+        ``self.loaded_step`` tells which step was loaded. Tensors are copied into
+        memory of their own, never maps of the run's files (retention and ``gc`` may
+        remove or rewrite those).
 
         Collective: rank 0 lists the copies to try; each rank reads what it needs
         (its own boxes when ``into`` holds DTensors), and a copy is used only if it
@@ -224,7 +226,7 @@ class Checkpointer:
             outcome: tuple[str, ...] | None = None
             err: Exception | None = None
             try:
-                out = load(where, into=into, strict=strict, verify=verify, cast=cast)
+                out = load(where, into=into, strict=strict, verify=verify, cast=cast, mmap=False)
             except SchemaVersionError as e:
                 if not self.collective:
                     raise

@@ -14,7 +14,7 @@ from ckptstore.storage import Storage, open_storage
 
 def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool = True,
          verify: bool = True, cast: bool = False, rename: Any = None, keys: Any = None,
-         storage_options: dict | None = None) -> Any:
+         storage_options: dict | None = None, mmap: bool = True) -> Any:
     """Load a committed checkpoint.
 
     Without ``into``, returns the saved tree with CPU tensors (numpy arrays stay
@@ -31,6 +31,13 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     maps the checkpoint's '.'-joined names onto new ones. ``keys`` (names, prefixes
     or a predicate over the checkpoint's names) loads only those leaves and reads
     only their chunks. Both are described in docs/compat.md.
+
+    ``mmap`` (default True): uncompressed tensors of a local checkpoint come back as
+    copy-on-write maps of their shard file (no copy; every chunk still verified).
+    Such a tensor reads the file for as long as it lives: if the file is truncated it
+    dies with SIGBUS, and a file rewritten in place changes it. ``mmap=False`` copies
+    every tensor into memory of its own (``Checkpointer.load`` does this by default,
+    as retention may remove the files of a run).
     """
     storage = open_storage(path, storage_options)
     manifest = read_manifest(storage)
@@ -48,8 +55,8 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
         from ckptstore.read.lazy import partial_load
 
         return partial_load(storage, manifest, into=into, strict=strict, verify=verify,
-                            cast=cast, rename=rename, keys=keys)
-    arrays = read_tensors(storage, manifest, verify=verify)
+                            cast=cast, rename=rename, keys=keys, mmap=mmap)
+    arrays = read_tensors(storage, manifest, verify=verify, mmap=mmap)
     state = unflatten(manifest.tree, lambda kind, i: _leaf(manifest, arrays, kind, i))
     if into is None:
         return state

@@ -67,7 +67,8 @@ class LazyCheckpoint(Mapping):
     verifies that one tensor's chunks. Non-array values are in :meth:`tree`.
     """
 
-    def __init__(self, storage: Storage, manifest: fmt.Manifest, *, verify: bool = True) -> None:
+    def __init__(self, storage: Storage, manifest: fmt.Manifest, *, verify: bool = True,
+                 mmap: bool = True) -> None:
         if any(getattr(t, "shards", ()) for t in manifest.tensors):
             # a sharded tensor's chunks are its shards' bytes in turn, not its own
             # C-order bytes: ckptstore.distributed reassembles those
@@ -77,6 +78,7 @@ class LazyCheckpoint(Mapping):
         self.storage = storage
         self.manifest = manifest
         self.verify = verify
+        self.mmap = mmap
         self._skeleton = unflatten(manifest.tree, self._ref)
         self._names: dict[str, int] = {}
         for name, (value, _p, _k) in leaves_of(self._skeleton).items():
@@ -96,7 +98,7 @@ class LazyCheckpoint(Mapping):
         if name not in self._names:
             raise KeyError(f"{name!r} is not an array in {self.storage.url}")
         i = self._names[name]
-        return read_tensors(self.storage, self.manifest, verify=self.verify,
+        return read_tensors(self.storage, self.manifest, verify=self.verify, mmap=self.mmap,
                             select=_indices(self.manifest, {i}))[i]
 
     def __iter__(self) -> Iterator[str]:
@@ -150,7 +152,7 @@ class LazyCheckpoint(Mapping):
     def _read(self, pick: Callable[[str], bool] | None) -> Any:
         """The tree with the picked arrays read and the others left as placeholders."""
         wanted = {i for n, i in self._names.items() if pick is None or pick(n)}
-        arrays = read_tensors(self.storage, self.manifest, verify=self.verify,
+        arrays = read_tensors(self.storage, self.manifest, verify=self.verify, mmap=self.mmap,
                               select=_indices(self.manifest, wanted))
         return unflatten(self.manifest.tree,
                          lambda kind, i: arrays[i] if i in arrays else self._ref(kind, i))
@@ -158,14 +160,14 @@ class LazyCheckpoint(Mapping):
 
 def partial_load(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
                  strict: bool = True, verify: bool = True, cast: bool = False,
-                 rename: RenameSpec = None, keys: KeySpec = None) -> Any:
+                 rename: RenameSpec = None, keys: KeySpec = None, mmap: bool = True) -> Any:
     """``load(path, rename=..., keys=...)``: see :func:`ckptstore.load`.
 
     With ``into`` and ``keys``, the target keys taken into account are those the
     selection reaches (the renamed selected names) and those that match ``keys``
     themselves; other target keys are left alone and not reported missing.
     """
-    ckpt = LazyCheckpoint(storage, manifest, verify=verify)
+    ckpt = LazyCheckpoint(storage, manifest, verify=verify, mmap=mmap)
     if into is None:
         state = ckpt.tree(keys)
         return state if rename is None else rename_tree(state, rename)[0]
