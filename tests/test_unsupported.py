@@ -32,3 +32,8 @@ def test_rename_and_lazy_open_of_sharded_checkpoint_raise_typed_error(tmp_path):
         with pytest.raises(ckptstore.UnsupportedOperationError) as e:
             call()
         assert isinstance(e.value, ckptstore.CkptError) and isinstance(e.value, NotImplementedError)
+
+
+def test_a_shard_smaller_than_a_chunk_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="shard_size"):
+        ckptstore.save({"x": torch.ones(4)}, tmp_path / "s", shard_size=1 << 10, chunk_size=1 << 20)

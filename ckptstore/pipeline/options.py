@@ -34,6 +34,9 @@ class SaveOptions:
             raise ValueError(f"if_busy must be 'wait' or 'raise', not {self.if_busy!r}")
         if self.chunk_size <= 0 or self.chunk_size % 64:
             raise ValueError("chunk_size must be a positive multiple of 64")
+        if self.shard_size < self.chunk_size:
+            raise ValueError(f"shard_size ({self.shard_size}) must be at least chunk_size "
+                             f"({self.chunk_size}): a file holds whole chunks")
 
     @property
     def codec(self) -> str:
