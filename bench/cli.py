@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--drop-caches", action="store_true",
                    help="use /proc/sys/vm/drop_caches (system-wide!) instead of per-file fadvise")
     p.add_argument("--gpu", action="store_true", help="CUDA tensors: pinned D2H limit, ckptstore CUDA path")
+    p.add_argument("--tensors", type=int, help="write: a state of N equal tensors instead of the "
+                   "GPT layout (per-tensor overhead), e.g. --size 320M --tensors 5000")
     p.add_argument("--every", type=int, default=20, help="train: save every N steps")
     p.add_argument("--steps", type=int, default=60, help="train: steps per measured segment")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -53,7 +55,8 @@ def options(a: argparse.Namespace) -> Options:
                    dir=a.dir, modes=a.modes or DEFAULT_MODES[a.mode], peers=a.peers,
                    drop_caches=a.drop_caches, gpu=a.gpu,
                    staging_budget=parse_size(a.staging_budget) if a.staging_budget else None,
-                   every=a.every, steps=a.steps)
+                   every=a.every, steps=a.steps,
+                   extra={"tensors": a.tensors} if a.tensors else {})
 
 
 def require_cuda() -> None:

@@ -218,6 +218,23 @@ def generate(nbytes: int, dtype: str, seed: int = 1) -> BenchState:
     return BenchState(flat, dtype, info)
 
 
+def small_state(nbytes: int, dtype: str, n: int, seed: int = 2) -> BenchState:
+    """``n`` equal tensors of about ``nbytes / n`` bytes each (values drawn from the
+    trained weights): where per-tensor overhead shows."""
+    trained, _ = trained_tensors()
+    pools = _pools(trained)
+    pool = max((v for (kind, _), v in pools.items() if kind == "model"), key=lambda v: v.numel())
+    tdt = DTYPES[dtype]
+    each = max(1, nbytes // n // tdt.itemsize)
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + nbytes + n)
+    flat: dict[str, torch.Tensor] = {}
+    for i in range(n):
+        t = torch.empty(each, dtype=tdt)
+        _fill(t, pool, gen)
+        flat[f"model/p{i:05d}"] = t
+    return BenchState(flat, dtype, {"kind": "small", "tensors": n, "train_steps": TRAIN_STEPS})
+
+
 def load_state(nbytes: int, dtype: str) -> BenchState:
     """The cached state of ``nbytes``/``dtype``, generating and caching it if needed."""
     if dtype not in DTYPES:
@@ -258,6 +275,9 @@ def iter_role_tensors(st: BenchState) -> Iterator[tuple[str, str, torch.Tensor]]
 def describe(st: BenchState) -> str:
     """One line: bytes, tensors and GPT shape."""
     i = st.info
+    if i.get("kind") == "small":
+        each = st.nbytes / max(1, len(st.flat))
+        return f"{st.nbytes / 1e6:.1f} MB {st.dtype}, {len(st.flat)} tensors of {each / 1024:.0f} KiB"
     return (f"{st.nbytes / 1e6:.1f} MB {st.dtype}, {len(st.flat)} tensors "
             f"(GPT width {i.get('width')}, {i.get('layers')} layers, vocab {i.get('vocab')}, "
             f"values from a {i.get('train_steps')}-step trained model)")

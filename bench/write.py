@@ -15,7 +15,7 @@ from bench import engine
 from bench.common import Options, Series, fresh, paired_ratio, rotated, sampled
 from bench.limits import CacheDropper, DiskRead, MemcpyLimit, dir_bytes, disk_write, resident_fraction, scratch_buffer
 from bench.peers import PEERS
-from bench.state import BenchState, describe, load_state
+from bench.state import BenchState, describe, load_state, small_state
 
 log = logging.getLogger("bench")
 
@@ -146,7 +146,8 @@ def run(opt: Options, dropper: CacheDropper) -> list[dict[str, Any]]:
     results = []
     for dtype in opt.dtypes:
         for size in opt.sizes:
-            st = load_state(size, dtype)
+            n = opt.extra.get("tensors")
+            st = small_state(size, dtype, n) if n else load_state(size, dtype)
             if opt.gpu:
                 st = st.to("cuda")
             log.info("write: %s", describe(st))

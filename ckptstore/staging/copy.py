@@ -296,7 +296,7 @@ class DeviceSession:
             return COMPLETED
         events = []
         for dev, side in used.items():
-            ev = torch.cuda.Event()
+            ev = torch.cuda.Event(blocking=True)  # synchronize() sleeps, never spins
             ev.record(side)
             events.append((dev, ev))
         return CudaBatch(events)
