@@ -32,16 +32,36 @@ def _round_up(n: int, a: int = ALIGN) -> int:
     return (n + a - 1) // a * a
 
 
+def _shared_fd() -> tuple[int, str | None]:
+    """A file descriptor of anonymous shared memory and the path other processes
+    open it by (``/proc/<pid>/fd/<fd>``): a ``memfd``, or where ``memfd_create`` is
+    missing or refused (ENOSYS, EPERM under some sandboxes) a file in ``/dev/shm``
+    unlinked at once, so nothing is left behind even after a SIGKILL. ``(-1, None)``
+    where neither works (no ``/proc``)."""
+    proc = f"/proc/{os.getpid()}/fd"
+    if hasattr(os, "memfd_create"):
+        try:
+            fd = os.memfd_create("ckptstore-staging", os.MFD_CLOEXEC)
+            return fd, f"{proc}/{fd}"
+        except OSError as e:
+            log.warning("memfd_create failed (%s); staging in an unlinked /dev/shm file", e)
+    if os.path.isdir(proc):
+        d = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        name = os.path.join(d, f"ckptstore-{os.getpid()}-{secrets.token_hex(6)}")
+        fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.unlink(name)  # the memory lives while a process holds or maps it
+        return fd, f"{proc}/{fd}"
+    return -1, None
+
+
 class Arena:
     """A shared, touched, optionally pinned block of host memory."""
 
     def __init__(self, size: int, pin: bool) -> None:
         self.size = max(_round_up(size), ALIGN)
         self._unlink: str | None = None
-        if hasattr(os, "memfd_create"):
-            self.fd = os.memfd_create("ckptstore-staging", os.MFD_CLOEXEC)
-            path = f"/proc/{os.getpid()}/fd/{self.fd}"
-        else:  # pragma: no cover - non-Linux fallback
+        self.fd, path = _shared_fd()
+        if path is None:  # no /proc to reopen an unlinked file by: remove it at close
             d = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
             path = os.path.join(d, f"ckptstore-{os.getpid()}-{secrets.token_hex(6)}")
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
