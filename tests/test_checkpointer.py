@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -233,3 +234,43 @@ def test_a_base_reached_through_a_symlink_outside_the_run_is_refused(tmp_path, f
     os.rename(elsewhere, run / "moved")
     os.symlink(run / "moved", run / step_name(1))
     assert_same_tree(ckptstore.load(run / step_name(2)), step_state(2, frozen))
+
+
+def test_gc_removes_stray_files_in_committed_steps_and_plain_checkpoints(tmp_path, frozen):
+    """Left by two saves overwriting one path, or by a killed writer: a shard its
+    step's manifest does not name, and temp files; never a file a manifest names, and
+    nothing younger than the grace period (a save may be writing it)."""
+    from ckptstore.runs.gc import gc
+    from ckptstore.storage import LocalStorage
+
+    run = tmp_path / "run"
+    with ckptstore.Checkpointer(run) as ck:
+        ck.save(1, step_state(1, frozen)).wait()
+        ck.save(2, step_state(2, frozen)).wait()  # references files of step 1
+    old = time.time() - 7200
+    strays = {step_name(1): "shard-00003-0123456789ab.chunks",
+              step_name(2): ".tmp-shard-00000-0123456789ab.chunks.7.ab"}
+    for d, name in strays.items():
+        (run / d / name).write_bytes(b"stray")
+        os.utime(run / d / name, (old, old))
+    (run / step_name(2) / "shard-00004-0123456789ab.chunks").write_bytes(b"young")
+    named = {d: sorted(f for f in os.listdir(run / d) if f not in strays.values())
+             for d in strays}
+    for f in os.listdir(run / step_name(1)):  # the committed files are old too
+        os.utime(run / step_name(1) / f, (old, old))
+    removed = gc(LocalStorage(str(run)), grace=3600)
+    assert sorted(r.rpartition("/")[2] for r in removed) == sorted(strays.values())
+    for d in strays:
+        assert sorted(os.listdir(run / d)) == named[d]
+    assert_same_tree(ckptstore.load(run / step_name(2)), step_state(2, frozen))
+
+    plain = tmp_path / "plain"
+    ckptstore.save(step_state(3, frozen), plain).wait()
+    files = sorted(os.listdir(plain))
+    (plain / ".tmp-shard-00000-0123456789ab.chunks.9.cd").write_bytes(b"tmp")
+    os.utime(plain / ".tmp-shard-00000-0123456789ab.chunks.9.cd", (old, old))
+    (plain / "shard-00009-0123456789ab.chunks").write_bytes(b"maybe a sibling's")
+    os.utime(plain / "shard-00009-0123456789ab.chunks", (old, old))
+    removed = gc(LocalStorage(str(plain)), grace=3600)
+    assert [r.rpartition("/")[2] for r in removed] == [".tmp-shard-00000-0123456789ab.chunks.9.cd"]
+    assert sorted(os.listdir(plain)) == sorted(files + ["shard-00009-0123456789ab.chunks"])

@@ -59,7 +59,7 @@ def _gc_args(p: argparse.ArgumentParser) -> None:
     common_options(p)
 
 
-@command("gc", "remove temp files, uncommitted steps and incomplete uploads of a run",
+@command("gc", "remove temp files, unreferenced shards and incomplete uploads of a run",
          _gc_args)
 def _gc(args) -> int:
     root = open_storage(args.url, storage_options(args))

@@ -29,9 +29,14 @@ DEFAULT_GRACE = 3600.0
 
 
 def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) -> list[str]:
-    """Remove leftovers below run directory ``root`` older than ``grace`` seconds;
-    returns what was (or, with ``dry_run``, would be) removed."""
+    """Remove leftovers below run directory ``root`` older than ``grace`` seconds:
+    temp files, shards that no committed manifest of the run names (in uncommitted
+    step directories and in committed ones), incomplete uploads. ``root`` may also be
+    a plain checkpoint directory: then only its temp files go (checkpoints next to it
+    may read its shards). Returns what was (or, with ``dry_run``, would be) removed."""
     now = time.time()
+    if root.exists(fmt.MANIFEST_NAME):  # a plain checkpoint, not a run: its temp files
+        return _gc_temp(root, now, grace, dry_run) + _gc_multipart(root, now, grace, dry_run)
     manifests: dict[str, fmt.Manifest] = {}
     dirs = [e for e in root.listdir() if parse_step(e) is not None]
     for e in dirs:
@@ -54,7 +59,9 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
         d = root.child(e)
         committed = e in manifests
         for f in d.listdir():
-            if not DATA_RE.match(f) or (e, f) in refs or (committed and not is_temp_name(f)):
+            # in a committed step too: a shard its manifest does not name is left over
+            # (e.g. two saves overwrote the same path); grace spares a save in progress
+            if not DATA_RE.match(f) or (e, f) in refs:
                 continue
             if unknown and not is_temp_name(f):
                 continue
@@ -68,6 +75,21 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
             root.rmtree(e)
     removed += _gc_multipart(root, now, grace, dry_run)
     return removed
+
+
+def _gc_temp(d: Storage, now: float, grace: float, dry_run: bool) -> list[str]:
+    """Temp files older than ``grace`` directly in ``d``."""
+    out = []
+    for f in d.listdir():
+        if not is_temp_name(f):
+            continue
+        age = age_of(d, f, now)
+        if age is None or age < grace:
+            continue
+        out.append(f"{d.url}/{f}")
+        if not dry_run:
+            d.remove(f)
+    return out
 
 
 def _gc_multipart(root: Storage, now: float, grace: float, dry_run: bool) -> list[str]:
