@@ -274,3 +274,18 @@ def test_gc_removes_stray_files_in_committed_steps_and_plain_checkpoints(tmp_pat
     removed = gc(LocalStorage(str(plain)), grace=3600)
     assert [r.rpartition("/")[2] for r in removed] == [".tmp-shard-00000-0123456789ab.chunks.9.cd"]
     assert sorted(os.listdir(plain)) == sorted(files + ["shard-00009-0123456789ab.chunks"])
+
+
+def test_gc_spares_an_empty_step_directory_a_save_just_made(tmp_path):
+    """A save makes its directory before its first file: gc (run by retention too)
+    must not remove it in between (it did, and the save then failed)."""
+    from ckptstore.runs.gc import gc
+    from ckptstore.storage import LocalStorage
+
+    fresh, stale = tmp_path / step_name(7), tmp_path / step_name(3)
+    os.makedirs(fresh)
+    os.makedirs(stale)
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    gc(LocalStorage(str(tmp_path)), grace=3600)
+    assert fresh.exists() and not stale.exists()

@@ -72,7 +72,11 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
             if not dry_run:
                 d.remove(f)
         if not committed and not dry_run and not d.listdir():
-            root.rmtree(e)
+            # a save may just have made this directory and not written yet: only an
+            # empty directory older than the grace period goes
+            age = age_of(root, e, time.time()) if grace > 0 else 0.0
+            if age is not None and age >= grace:
+                root.rmtree(e)
     removed += _gc_multipart(root, now, grace, dry_run)
     return removed
 
