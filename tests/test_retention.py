@@ -3,6 +3,7 @@ crashes in the middle of retention, torn saves and restarts."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from ckptstore.runs.layout import step_name
 from ckptstore.runs.retention import Best, Policy, select_keep
 from ckptstore.storage import LocalStorage
 from ckptstore.verify.checks import check_quick
+from tests.conftest import assert_same_tree
 
 policies = st.builds(
     Policy,
@@ -200,3 +202,39 @@ def test_a_step_written_by_a_newer_ckptstore_is_never_deleted(tmp_path, monkeypa
     gc(LocalStorage(root), grace=0)
     assert (root / step_name(2) / "manifest.json").read_bytes() == newer
     assert [f for f in os.listdir(root / step_name(2)) if f.startswith("shard-")]
+
+
+def test_retention_reclaims_files_that_only_dropped_steps_referenced(tmp_path):
+    """keep_last=2 and a tensor that changes now and then: its old shard stays while
+    a kept step references it, and must go once none does (it used to stay until a
+    manual ``ckptstore gc``)."""
+    from ckptstore.runs.retention import referenced_files
+    from ckptstore.runs.layout import read_step
+
+    root = tmp_path / "run"
+    frozen = torch.arange(1 << 14, dtype=torch.float32)
+
+    def state(step: int) -> dict:
+        return {"frozen": frozen, "slow": torch.full((4096,), float(step // 5)),
+                "w": torch.full((64,), float(step))}
+
+    def age_everything() -> None:  # as if the run had been going for hours
+        old = time.time() - 7200
+        for d, _, files in os.walk(root):
+            for f in files:
+                os.utime(os.path.join(d, f), (old, old))
+
+    with ckptstore.Checkpointer(root, keep_last=2) as ck:
+        for step in range(1, 21):
+            ck.save(step, state(step)).wait()
+            ck.wait()
+            age_everything()
+        committed = ck.steps()
+    assert committed == [19, 20]
+    store = LocalStorage(root)
+    refs = referenced_files(store, {step_name(s): read_step(store, s) for s in committed})
+    on_disk = {(d, f) for d in os.listdir(root) for f in os.listdir(root / d)
+               if f != "manifest.json"}
+    assert on_disk == refs  # nothing that no committed manifest names
+    for s in committed:
+        assert_same_tree(ckptstore.load(root / step_name(s)), state(s))

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from ckptstore import manifest as fmt
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, SchemaVersionError
+from ckptstore.runs.gc import gc
 from ckptstore.runs.layout import committed_steps, read_step, step_name
 from ckptstore.runs.retention import Policy, drop_steps, referenced_files, select_keep
 from ckptstore.storage import Storage
@@ -112,6 +113,16 @@ def retain(tier: Tier, protected: Iterable[int] = frozenset()) -> None:
             pass  # damaged: dropping it loses nothing
     refs = referenced_files(tier.root, manifests)
     drop_steps(tier.root, [step_name(s) for s in drop], refs)
+    # files that only dropped steps referenced, left in older step directories by
+    # earlier rounds: reclaimed once older than gc's grace period (which spares a
+    # save in progress)
+    try:
+        removed = gc(tier.root)
+    except (OSError, ValueError) as e:
+        log.warning("retention on %s could not reclaim unreferenced files: %s", tier.root.url, e)
+    else:
+        if removed:
+            log.info("retention on %s reclaimed %d unreferenced files", tier.root.url, len(removed))
 
 
 def retire_damaged(root: Storage, step: int) -> None:
