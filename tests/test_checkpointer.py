@@ -289,3 +289,24 @@ def test_gc_spares_an_empty_step_directory_a_save_just_made(tmp_path):
     os.utime(stale, (old, old))
     gc(LocalStorage(str(tmp_path)), grace=3600)
     assert fresh.exists() and not stale.exists()
+
+
+def test_full_every_bounds_the_incremental_chain(tmp_path, frozen):
+    def full(step: int) -> bool:
+        return all("base" not in f for f in _manifest(tmp_path, step)["files"])
+
+    with ckptstore.Checkpointer(tmp_path, keep_last=None, full_every=3) as ck:
+        for step in range(1, 8):
+            ck.save(step, step_state(step, frozen)).wait()
+    assert [s for s in range(1, 8) if full(s)] == [1, 4, 7]
+    with ckptstore.Checkpointer(tmp_path, keep_last=None, full_every=3) as ck:  # restart
+        ck.save(8, step_state(8, frozen)).wait()  # its base (7) is full: a chain goes on
+        ck.save(9, step_state(9, frozen)).wait()
+    assert not full(8) and not full(9)
+    with ckptstore.Checkpointer(tmp_path, keep_last=None, full_every=3) as ck:
+        ck.save(10, step_state(10, frozen)).wait()  # its base is incremental: start afresh
+    assert full(10)
+    for s in (7, 9, 10):
+        assert_same_tree(ckptstore.load(tmp_path / step_name(s)), step_state(s, frozen))
+    with pytest.raises(ValueError, match="full_every"):
+        ckptstore.Checkpointer(tmp_path / "x", full_every=0)

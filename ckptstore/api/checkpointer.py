@@ -44,7 +44,7 @@ from ckptstore.errors import (
     StorageError,
 )
 from ckptstore.pipeline.handle import SaveHandle
-from ckptstore.runs.layout import step_name
+from ckptstore.runs.layout import read_step, step_name
 from ckptstore.runs.retention import Best, Policy
 from ckptstore.runs.tiers import Tier, candidates, retain, retire_damaged, step_metadata, unpromoted
 from ckptstore.storage import open_storage
@@ -75,6 +75,10 @@ class Checkpointer:
         compression: as :func:`ckptstore.save`.
         incremental: skip chunks identical to the previous committed step's (the
             manifest references the older file). Only with compression.
+        full_every: with ``incremental``, every ``full_every``-th save writes every
+            chunk again (a full save), so no step depends on files older than that
+            many saves (and the first save after a restart on an incremental step is
+            full too). None: never (one old file may then back every later step).
         save_options: more keyword arguments for :func:`ckptstore.save`.
         distributed: collective use by every rank of the process group (see the
             module docstring). Default: when a process group of more than one rank
@@ -87,7 +91,8 @@ class Checkpointer:
                  keep_every: int | None = None, keep_best: Any = None,
                  remote_keep_last: int | None = None, remote_keep_every: int | None = None,
                  compression: str = "zstd", incremental: bool = True,
-                 save_options: dict | None = None, distributed: bool | None = None) -> None:
+                 full_every: int | None = 10, save_options: dict | None = None,
+                 distributed: bool | None = None) -> None:
         if local_dir is None and remote is None:
             raise ValueError("Checkpointer needs a local_dir, a remote URL, or both")
         best = Best.parse(keep_best)
@@ -108,6 +113,11 @@ class Checkpointer:
         self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
         self.compression = compression
         self.incremental = incremental and compression != "none"
+        if full_every is not None and (isinstance(full_every, bool) or not isinstance(full_every, int)
+                                       or full_every < 1):
+            raise ValueError(f"full_every must be a positive integer or None, not {full_every!r}")
+        self.full_every = full_every
+        self._chain: int | None = None  # saves since the last full one (None: unknown)
         self.save_options = dict(save_options or {})
         self.loaded_step: int | None = None
         self._last: SaveHandle | None = None  # the newest save
@@ -163,6 +173,8 @@ class Checkpointer:
             opts["distributed"] = True  # every rank writes its part of one checkpoint
         sharded = wants_distributed_save(state, opts.get("distributed"))
         base = self._base_for(step) if self.incremental and not sharded else None
+        if self.incremental and not sharded:
+            self._chain = 1 if base is None else (self._chain or 0) + 1
         handle = save(state, self.primary.root.child(name), compression=self.compression,
                       metadata={"step": step, "metrics": metrics}, base=base, **opts)
         self._last = handle
@@ -172,8 +184,23 @@ class Checkpointer:
         return handle
 
     def _base_for(self, step: int) -> str | None:
+        """The step an incremental save of ``step`` builds on, or None (a full save:
+        none older, or ``full_every`` saves since the last full one)."""
         older = [s for s in self.primary.committed() if s < step]
-        return step_name(max(older)) if older else None
+        if not older:
+            return None
+        if self.full_every is not None:
+            if self._chain is None:  # after a restart: a full base starts a chain afresh
+                self._chain = 1 if self._is_full(max(older)) else self.full_every
+            if self._chain >= self.full_every:
+                return None
+        return step_name(max(older))
+
+    def _is_full(self, step: int) -> bool:
+        try:
+            return not any(f.base for f in read_step(self.primary.root, step).files)
+        except (OSError, ValueError):
+            return False
 
     # -- queries --------------------------------------------------------------
     def steps(self) -> list[int]:
