@@ -165,8 +165,7 @@ class HostCopies:
         """Run every (dst, src, n) job; returns when all are done."""
         total = sum(n for _, _, n in jobs)
         if self.threads < 2 or total < PARALLEL_MIN:
-            for d, src, n in jobs:
-                ctypes.memmove(d, src, n)
+            _memmove_all(jobs)
             return
         if self._pool is None:
             self._pool = cf.ThreadPoolExecutor(self.threads - 1, thread_name_prefix="ckptstore-copy")
@@ -189,7 +188,7 @@ def _memmove_all(jobs: list[tuple[int, int, int]]) -> None:
 
 def _split(jobs: list[tuple[int, int, int]], total: int, k: int) -> list[list[tuple[int, int, int]]]:
     """``jobs`` cut into ``k`` lists of about ``total / k`` bytes each (a job may be
-    cut in two; cuts fall on 4 KiB boundaries)."""
+    cut; the part before a cut is a multiple of 4 KiB long)."""
     share = -(-total // k)
     parts: list[list[tuple[int, int, int]]] = [[]]
     room = share
