@@ -44,7 +44,8 @@ from ckptstore.errors import (
     StorageError,
 )
 from ckptstore.pipeline.handle import SaveHandle
-from ckptstore.runs.layout import read_step, step_name
+from ckptstore.runs.chain import IncrementalChain
+from ckptstore.runs.layout import step_name
 from ckptstore.runs.retention import Best, Policy
 from ckptstore.runs.tiers import Tier, candidates, retain, retire_damaged, step_metadata, unpromoted
 from ckptstore.storage import open_storage
@@ -113,11 +114,7 @@ class Checkpointer:
         self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
         self.compression = compression
         self.incremental = incremental and compression != "none"
-        if full_every is not None and (isinstance(full_every, bool) or not isinstance(full_every, int)
-                                       or full_every < 1):
-            raise ValueError(f"full_every must be a positive integer or None, not {full_every!r}")
-        self.full_every = full_every
-        self._chain: int | None = None  # saves since the last full one (None: unknown)
+        self._chain = IncrementalChain(full_every)
         self.save_options = dict(save_options or {})
         self.loaded_step: int | None = None
         self._last: SaveHandle | None = None  # the newest save
@@ -172,9 +169,10 @@ class Checkpointer:
         if self.collective:
             opts["distributed"] = True  # every rank writes its part of one checkpoint
         sharded = wants_distributed_save(state, opts.get("distributed"))
-        base = self._base_for(step) if self.incremental and not sharded else None
+        base = None
         if self.incremental and not sharded:
-            self._chain = 1 if base is None else (self._chain or 0) + 1
+            base = self._chain.base_for(self.primary.root, self.primary.committed(), step)
+            self._chain.saved(base)
         handle = save(state, self.primary.root.child(name), compression=self.compression,
                       metadata={"step": step, "metrics": metrics}, base=base, **opts)
         self._last = handle
@@ -182,25 +180,6 @@ class Checkpointer:
             self._ensure_worker()
             self._queue.put((step, handle))
         return handle
-
-    def _base_for(self, step: int) -> str | None:
-        """The step an incremental save of ``step`` builds on, or None (a full save:
-        none older, or ``full_every`` saves since the last full one)."""
-        older = [s for s in self.primary.committed() if s < step]
-        if not older:
-            return None
-        if self.full_every is not None:
-            if self._chain is None:  # after a restart: a full base starts a chain afresh
-                self._chain = 1 if self._is_full(max(older)) else self.full_every
-            if self._chain >= self.full_every:
-                return None
-        return step_name(max(older))
-
-    def _is_full(self, step: int) -> bool:
-        try:
-            return not any(f.base for f in read_step(self.primary.root, step).files)
-        except (OSError, ValueError):
-            return False
 
     # -- queries --------------------------------------------------------------
     def steps(self) -> list[int]:
