@@ -391,3 +391,14 @@ def test_an_int_too_long_for_json_is_refused_on_save_and_in_a_manifest(tmp_path)
     with pytest.raises(ckptstore.CorruptCheckpointError):
         ckptstore.load(src)
     assert not ckptstore.fsck(src).ok
+
+
+@pytest.mark.parametrize("verify", [True, False])
+def test_a_missing_shard_is_a_typed_error_with_or_without_verification(tmp_path, verify):
+    src = tmp_path / "m"
+    ckptstore.save({"x": torch.ones(10)}, src, compression="none").wait()
+    for f in os.listdir(src):
+        if f.startswith("shard-"):
+            os.remove(src / f)
+    with pytest.raises(ckptstore.CorruptCheckpointError, match="missing"):
+        ckptstore.load(src, verify=verify)  # verify=False raised a bare FileNotFoundError

@@ -121,7 +121,10 @@ class _FileMaps:
 
     def _map(self, name: str) -> Any:
         if name not in self.maps:
-            mm = self.storage.map_file(name)
+            try:
+                mm = self.storage.map_file(name)
+            except FileNotFoundError:  # the read path names the missing file, typed
+                mm = None
             # never map past the end: a shorter file would raise SIGBUS on access
             self.maps[name] = mm if mm is not None and len(mm) == self.sizes.get(name) else None
         return self.maps[name]
