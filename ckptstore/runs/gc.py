@@ -58,19 +58,10 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
     for e in dirs:
         d = root.child(e)
         committed = e in manifests
-        for f in d.listdir():
-            # in a committed step too: a shard its manifest does not name is left over
-            # (e.g. two saves overwrote the same path); grace spares a save in progress
-            if not DATA_RE.match(f) or (e, f) in refs:
-                continue
-            if unknown and not is_temp_name(f):
-                continue
-            age = age_of(d, f, now)
-            if age is None or age < grace:
-                continue
-            removed.append(f"{d.url}/{f}")
-            if not dry_run:
-                d.remove(f)
+        # in a committed step too: a shard its manifest does not name is left over
+        # (e.g. two saves overwrote the same path); grace spares a save in progress
+        removed += _remove_old(d, [f for f in d.listdir() if DATA_RE.match(f) and (e, f) not in refs
+                                   and (is_temp_name(f) or not unknown)], now, grace, dry_run)
         if not committed and not dry_run and not d.listdir():
             # a save may just have made this directory and not written yet: only an
             # empty directory older than the grace period goes
@@ -83,10 +74,14 @@ def gc(root: Storage, *, grace: float = DEFAULT_GRACE, dry_run: bool = False) ->
 
 def _gc_temp(d: Storage, now: float, grace: float, dry_run: bool) -> list[str]:
     """Temp files older than ``grace`` directly in ``d``."""
+    return _remove_old(d, [f for f in d.listdir() if is_temp_name(f)], now, grace, dry_run)
+
+
+def _remove_old(d: Storage, names: list[str], now: float, grace: float,
+                dry_run: bool) -> list[str]:
+    """Remove those of ``names`` in ``d`` older than ``grace`` seconds; their URLs."""
     out = []
-    for f in d.listdir():
-        if not is_temp_name(f):
-            continue
+    for f in names:
         age = age_of(d, f, now)
         if age is None or age < grace:
             continue
