@@ -20,10 +20,10 @@ from ckptstore.runs.retention import referenced_files
 from ckptstore.storage import Storage
 from ckptstore.storage.capabilities import MultipartGC
 
-#: names of files a save writes into a checkpoint directory:
-#: shard-NNNNN-<save id>[-r<rank>].<format> (single-process, distributed, DCP) and temp files
 log = logging.getLogger("ckptstore.gc")
 
+#: names of files a save writes into a checkpoint directory:
+#: shard-NNNNN-<save id>[-r<rank>].<format> (single-process, distributed, DCP) and temp files
 DATA_RE = re.compile(r"^(shard-\d{5}-[0-9a-f]+(-r\d+)?\.(chunks|safetensors)|\.tmp-.*)$")
 DEFAULT_GRACE = 3600.0
 

@@ -9,10 +9,11 @@ without a GPU by a double that completes copies later on another thread::
     batch.fence()     # order the producer's later work after these copies
     session.close()   # once every batch completed: drop the temporaries
 
-:class:`DeviceCopier` is the real one. Host memory is copied with one ``memmove``
-per piece on the calling thread, so a host-only batch is complete when ``copy``
-returns. CUDA tensors are copied device-to-host on a side stream per device that
-first waits for the work already queued on the current stream; temporaries
+:class:`DeviceCopier` is the real one. Host memory is copied with ``memmove``,
+split over the calling thread and helper threads (:class:`HostCopies`), before
+``copy`` returns, so a host-only batch is already complete. CUDA tensors are
+copied device-to-host on a side stream per device that first waits for the work
+already queued on the current stream; temporaries
 (contiguous copies, resolved conj/neg views) are made on that side stream after
 the wait, so freeing them is ordered after the copies, and every source tensor is
 referenced until ``close`` (after its copies landed), so the caching allocator
