@@ -110,8 +110,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
         plan = pipe.plan(leaves, save_id, cached=True)
         staged = pipe.stage(leaves, plan, overlap=overlap,
                             prev=_prev_chunks(plan, prev, storage, base) if prev is not None else None)
-        if overlap:
-            handle.copies_pending(staged.wait_copied)
+        handle.copies_pending(staged.wait_copied)
         handle.staged_seconds = time.perf_counter() - t0
 
         def finish() -> SaveResult:

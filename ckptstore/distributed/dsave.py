@@ -115,8 +115,7 @@ def save(state: Any, path: str | os.PathLike | Storage, options: SaveOptions, *,
                          for i, (s, t) in enumerate(boxes)]
                 staged = pipe.stage(local, pipe.plan(local, f"{save_id}-r{rank}"),
                                     overlap=overlap)
-                if overlap:
-                    handle.copies_pending(staged.wait_copied)
+                handle.copies_pending(staged.wait_copied)
             except Exception as e:
                 failure, own_error = pc.failed_vote(rank, "stage", e), e
         handle.staged_seconds = time.perf_counter() - t0

@@ -50,8 +50,8 @@ class SaveHandle:
             self._wait_copied()
 
     def copies_pending(self, wait_copied: Callable[[], None]) -> None:
-        """Record how to wait for this save's copies (called by the pipeline when
-        ``save()`` returns before they completed)."""
+        """Record how to wait for this save's copies (called once they are issued;
+        in the default mode they have completed already)."""
         self._wait_copied = wait_copied
 
     def wait(self, timeout: float | None = None) -> SaveResult:
