@@ -4,12 +4,18 @@ Byte grouping splits every element into its byte planes (plane k holds byte k of
 every element; on little-endian machines the last plane holds sign and exponent)
 and compresses each plane on its own, in the same chunking the engine uses. This
 is measured with numpy directly so it works without the engine.
+
+The engine's own codec (``ckptstore.pipeline.codec``) is measured too, as the
+engine runs it: each tensor cut into the engine's 16 MiB chunks, encoded and
+decoded on one thread. Its GB/s are per core: bytes over the thread's CPU time,
+which a shared, busy machine does not inflate (wall-clock figures are kept too).
 """
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lz4.block
 import numpy as np
@@ -18,7 +24,7 @@ import zstandard
 
 from bench.common import Options
 from bench.state import DTYPES, BenchState, describe, iter_role_tensors, load_state
-from bench.timing import GB
+from bench.timing import GB, gbps
 
 log = logging.getLogger("bench")
 CHUNK = 4 << 20  # bytes of one compressed chunk (per plane when grouped)
@@ -83,6 +89,69 @@ def measure(raw: np.ndarray, itemsize: int) -> dict[str, Any]:
     return out
 
 
+def engine_chunks(st: BenchState, chunk: int, grouped: dict[torch.dtype, int]) -> list[tuple[memoryview, int]]:
+    """(raw bytes, byte group) of every chunk the engine would encode: chunks never span
+    tensors, and only the dtypes the engine groups are grouped."""
+    out = []
+    for t in st.flat.values():
+        raw = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        group = grouped.get(t.dtype, 1)
+        out += [(raw[o:o + chunk], group) for o in range(0, len(raw), chunk)]
+    return out
+
+
+Stored = tuple[memoryview, list[tuple[str, int]], int]  # a chunk as stored: bytes, plane table, group
+
+
+def engine_codec(st: BenchState, repeat: int, codec_name: str = "zstd", level: int = 1) -> dict[str, Any]:
+    """Encode and decode GB/s per core of the engine's codec, and the stored fraction."""
+    try:
+        from ckptstore.pipeline import codec
+        from ckptstore.pipeline.options import DEFAULT_CHUNK
+        from ckptstore.plan.layout import GROUPED
+    except Exception as e:  # noqa: BLE001 - reported, so the numpy figures still come out
+        return {"unavailable": f"import failed: {type(e).__name__}: {e}"}
+
+    def encode_all() -> tuple[float, float, list[Stored]]:
+        """Each chunk timed alone and dropped after, as the writer writes and drops it
+        (keeping every result would time fresh memory instead of the codec)."""
+        cpu = wall = 0.0
+        out = []
+        for raw, group in chunks:
+            c0, w0 = time.thread_time(), time.perf_counter()
+            enc = codec.encode_chunk(raw, group, codec_name, level)
+            cpu, wall = cpu + time.thread_time() - c0, wall + time.perf_counter() - w0
+            out.append((memoryview(b"".join(d for _, d in enc.planes)),
+                        [(c, len(d)) for c, d in enc.planes], enc.group))
+        return cpu, wall, out
+
+    def decode_all(stored: list[Stored]) -> tuple[float, float]:
+        c0, w0 = time.thread_time(), time.perf_counter()
+        for (data, planes, group), out in zip(stored, outs):
+            codec.decode_planes(data, planes, group, out)
+        return time.thread_time() - c0, time.perf_counter() - w0
+
+    chunks = engine_chunks(st, DEFAULT_CHUNK, GROUPED)
+    nbytes = sum(len(raw) for raw, _ in chunks)
+    # outputs touched beforehand, and unlike any chunk, so a decode that writes nothing fails
+    outs = [memoryview(np.full(len(raw), 0xA5, np.uint8)) for raw, _ in chunks]
+    times: dict[str, list[float]] = {k: [] for k in ("encode", "encode_wall", "decode", "decode_wall")}
+    for _ in range(repeat):
+        cpu, wall, stored = encode_all()
+        times["encode"].append(cpu)
+        times["encode_wall"].append(wall)
+        cpu, wall = decode_all(stored)
+        times["decode"].append(cpu)
+        times["decode_wall"].append(wall)
+    identical = all(out == raw for out, (raw, _) in zip(outs, chunks))
+    fraction = sum(len(data) for data, _, _ in stored) / nbytes
+    log.info("engine codec %s: encode %.2f GB/s/core, decode %.2f, stored %.3f", st.dtype,
+             nbytes / GB / min(times["encode"]), nbytes / GB / min(times["decode"]), fraction)
+    return {"codec": codec_name, "level": level, "chunk_bytes": DEFAULT_CHUNK, "chunks": len(chunks),
+            "bytes": nbytes, "stored": fraction, "roundtrip_identical": identical,
+            **{f"{k}_gbps": gbps(nbytes, v).to_dict() for k, v in times.items()}}
+
+
 def run_one(st: BenchState) -> dict[str, Any]:
     """Per kind (weights, exp_avg, exp_avg_sq) and overall."""
     groups: dict[str, list[np.ndarray]] = {}
@@ -115,6 +184,6 @@ def run(opt: Options) -> list[dict[str, Any]]:
         for size in opt.sizes:
             st = load_state(size, dtype)
             log.info("compress: %s", describe(st))
-            out.append({"requested_size": size, **run_one(st)})
+            out.append({"requested_size": size, **run_one(st), "engine_codec": engine_codec(st, opt.repeat)})
     return out
 

@@ -122,7 +122,28 @@ def compress_tables(results: list[dict[str, Any]]) -> str:
                     + [f"{o['zstd-1']['exponent_plane_only']:.3f}", "", "", ""])
     return ("stored fraction of raw bytes, plain / byte-grouped (lower is better)\n\n"
             + table(["dtype", "size", "kind", "zstd-1", "zstd-3", "lz4", "zstd-1 exp. plane only",
-                     "order-0 bound", "zstd-1 per plane (low→high byte)", "zstd-1 GB/s plain / grouped"], rows))
+                     "order-0 bound", "zstd-1 per plane (low→high byte)", "zstd-1 GB/s plain / grouped"], rows)
+            + "\n\n" + engine_codec_table(results))
+
+
+def engine_codec_table(results: list[dict[str, Any]]) -> str:
+    """The engine's codec as the engine runs it: GB/s per core (thread CPU time) and wall."""
+    rows = []
+    for res in results:
+        ec = res.get("engine_codec")
+        if not ec:
+            continue
+        if ec.get("unavailable"):
+            rows.append([res["dtype"], label(res), f"not measured: {ec['unavailable']}", "", "", "", "", ""])
+            continue
+        rows.append([res["dtype"], label(res), f"{ec['codec']}-{ec['level']}",
+                     f"{ec['chunks']} of ≤ {fmt_size(ec['chunk_bytes'])}",
+                     f"{ec['stored']:.4f}", cell(ec["encode_gbps"], ".2f"), cell(ec["decode_gbps"], ".2f"),
+                     f"{cell(ec['encode_wall_gbps'], '.2f')} / {cell(ec['decode_wall_gbps'], '.2f')}"])
+    return ("engine codec (ckptstore.pipeline.codec on every tensor cut into the engine's chunks, one thread; "
+            "GB/s/core = bytes / the thread's CPU time)\n\n"
+            + table(["dtype", "size", "codec", "chunks", "stored", "encode GB/s/core", "decode GB/s/core",
+                     "wall GB/s encode / decode"], rows))
 
 
 def train_tables(results: list[dict[str, Any]]) -> str:
