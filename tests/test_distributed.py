@@ -126,10 +126,15 @@ class FailingStorage(LocalStorage):
     """Local storage whose shard writes fail after the first bytes (a rank's disk dies)."""
 
     def open_write(self, name):
-        handle = super().open_write(name)
+        return self._dying(super().open_write(name), name)
+
+    def open_bulk_write(self, name):  # shards are written through this one
+        return self._dying(super().open_bulk_write(name), name)
+
+    @staticmethod
+    def _dying(handle, name):
         if "shard-" not in name:
             return handle
-        real_write = handle.write
 
         class Dying:
             def __init__(self):
@@ -139,7 +144,13 @@ class FailingStorage(LocalStorage):
                 self.n += 1
                 if self.n > 1:
                     raise OSError(5, "injected EIO on this rank")
-                return real_write(data)
+                return handle.write(data)
+
+            def write_held(self, data):
+                self.n += 1
+                if self.n > 1:
+                    raise OSError(5, "injected EIO on this rank")
+                return handle.write_held(data)
 
             def __getattr__(self, attr):
                 return getattr(handle, attr)

@@ -86,10 +86,12 @@ class AtomicFile:
     appears under ``name`` and any partial bytes are removed.
     """
 
-    def __init__(self, storage: Storage, name: str, *, exclusive: bool = False) -> None:
+    def __init__(self, storage: Storage, name: str, *, exclusive: bool = False,
+                 bulk: bool = False) -> None:
         self.storage = storage
         self.name = name
         self.exclusive = exclusive
+        self.bulk = bulk  #: a large data file: ``Storage.open_bulk_write`` (O_DIRECT...)
         self.strategy = strategy_for(storage)
         self.target = self.strategy.target(name)
         self.handle: WriteHandle | None = None
@@ -97,7 +99,8 @@ class AtomicFile:
 
     def __enter__(self) -> AtomicFile:
         try:
-            self.handle = self.storage.open_write(self.target)
+            open_ = self.storage.open_bulk_write if self.bulk else self.storage.open_write
+            self.handle = open_(self.target)
         except BaseException:  # an open may fail after creating the file
             self.strategy.discard(self.storage, self.target)
             raise
@@ -106,6 +109,14 @@ class AtomicFile:
     def write(self, data: memoryview | bytes) -> int:
         assert self.handle is not None
         n = self.handle.write(data)
+        self.size += n
+        return n
+
+    def write_held(self, data: memoryview | bytes) -> int:
+        """Write ``data`` that stays unchanged until this file is closed (see
+        :meth:`ckptstore.storage.base.WriteHandle.write_held`)."""
+        assert self.handle is not None
+        n = self.handle.write_held(data)
         self.size += n
         return n
 

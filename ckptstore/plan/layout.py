@@ -26,6 +26,7 @@ ST_DTYPES = {
     torch.float8_e5m2: "F8_E5M2", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
     torch.complex64: "C64",
 }
+DATA_ALIGN = 4096  #: file offset of an uncompressed shard's data section
 GROUPED = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
@@ -150,5 +151,8 @@ def _st_header(pieces: list[Piece], tensors: list[TensorPlan], save_id: str) -> 
         entries[key] = {"dtype": t.st_dtype, "shape": shape,
                         "data_offsets": [p.offset, p.offset + p.length]}
     text = json.dumps(entries, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # safetensors pads the header to 8 bytes
+    # Padded with spaces (which safetensors allows) so that the data section starts
+    # on a page boundary: shards are then written with O_DIRECT straight from the
+    # page-aligned staging arena, and read back into aligned memory.
+    text += b" " * (-(8 + len(text)) % DATA_ALIGN)
     return len(text).to_bytes(8, "little") + text

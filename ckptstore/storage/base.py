@@ -46,6 +46,13 @@ class WriteHandle(ABC):
     def write(self, data: memoryview | bytes) -> int:
         """Write all of ``data``; returns its length."""
 
+    def write_held(self, data: memoryview | bytes) -> int:
+        """Write all of ``data``, which the caller keeps valid and unchanged until this
+        handle is fsynced, closed or aborted: a backend may write it asynchronously,
+        with several requests in flight and no copy (O_DIRECT, multipart uploads).
+        Errors surface at the latest from :meth:`fsync` or :meth:`close`."""
+        return self.write(data)
+
     @abstractmethod
     def fsync(self) -> None:
         """Make written data durable (no-op where the backend has no such notion)."""
@@ -98,6 +105,13 @@ class Storage(ABC):
     def open_write(self, name: str) -> WriteHandle:
         """Create or truncate ``name`` for writing."""
 
+    def open_bulk_write(self, name: str) -> WriteHandle:
+        """Like :meth:`open_write`, for large data files written once and read later
+        (shards): a backend may bypass its cache (O_DIRECT) or upload in parallel
+        parts. Same durability contract as :meth:`open_write`. A wrapper or subclass
+        that intercepts :meth:`open_write` must intercept this too."""
+        return self.open_write(name)
+
     @abstractmethod
     def rename(self, src: str, dst: str) -> None:
         """Atomically replace ``dst`` by ``src`` (rename-capable backends only)."""
@@ -143,6 +157,21 @@ class Storage(ABC):
         data = self.read(name, offset, len(buf))
         buf[: len(data)] = data
         return len(data)
+
+    def cached_fraction(self, name: str) -> float | None:
+        """Roughly which fraction of ``name`` is in the page cache (a few probes), or
+        None where the backend cannot tell (the reader then reads, never maps)."""
+        check_name(name)
+        return None
+
+    def read_extent(self, name: str, offset: int, length: int) -> memoryview:
+        """Bytes ``[offset, offset + length)`` of ``name`` in new, writable memory that
+        the caller owns (tensors may be views of it), read with large requests in
+        parallel where the backend can (O_DIRECT on local disks, ranged requests on
+        object stores). Shorter at the end of the file."""
+        buf = bytearray(length)
+        n = self.readinto(name, offset, memoryview(buf))
+        return memoryview(buf)[:n]
 
     @abstractmethod
     def listdir(self, name: str = "") -> list[str]:
@@ -271,6 +300,12 @@ class LinkedView(Storage):
 
     def map_file(self, name: str) -> "mmap.mmap | None":
         return self._route(name).map_file(name)
+
+    def read_extent(self, name: str, offset: int, length: int) -> memoryview:
+        return self._route(name).read_extent(name, offset, length)
+
+    def cached_fraction(self, name: str) -> float | None:
+        return self._route(name).cached_fraction(name)
 
     def listdir(self, name: str = "") -> list[str]:
         return self.storage.listdir(name)

@@ -7,6 +7,7 @@ import os
 import stat
 
 from ckptstore.errors import StorageError, UnsafeCheckpointError
+from ckptstore.storage import direct
 from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
 
 # O_NONBLOCK: opening a FIFO planted in a checkpoint must not block forever (the
@@ -112,6 +113,12 @@ class LocalStorage(Storage):
         path = self._file(name)
         return LocalWriteHandle(os.open(path, _WRITE_FLAGS, 0o644), path)
 
+    def open_bulk_write(self, name: str) -> WriteHandle:
+        """O_DIRECT where the file system takes it (:mod:`ckptstore.storage.direct`)."""
+        path = self._file(name)
+        fd = direct.open_direct(path, _WRITE_FLAGS)
+        return direct.DirectWriteHandle(fd, path)
+
     def rename(self, src: str, dst: str) -> None:
         os.rename(self._file(src), self._file(dst))
 
@@ -191,6 +198,22 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
+    def read_extent(self, name: str, offset: int, length: int) -> memoryview:
+        fd = self._open_read(name)  # same checks as reads: no symlinks, regular file
+        try:
+            if direct.enabled():
+                _reopen_direct(fd)
+            return direct.read_extent(fd, offset, length)
+        finally:
+            os.close(fd)
+
+    def cached_fraction(self, name: str) -> float | None:
+        fd = self._open_read(name)
+        try:
+            return direct.cached_fraction(fd)
+        finally:
+            os.close(fd)
+
     def map_file(self, name: str) -> mmap.mmap | None:
         fd = self._open_read(name)  # same checks as reads: no symlinks, regular file
         try:
@@ -212,6 +235,17 @@ class LocalStorage(Storage):
 
     def mtime(self, name: str) -> float:
         return os.lstat(self._file(name)).st_mtime
+
+
+def _reopen_direct(fd: int) -> None:
+    """Turn O_DIRECT on for an open, checked file (reads then fall back by themselves
+    where the file system refuses it)."""
+    import fcntl
+
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct.O_DIRECT)
+    except OSError:
+        pass
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
