@@ -14,7 +14,7 @@ from ckptstore.storage import Storage, open_storage
 
 def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool = True,
          verify: bool = True, cast: bool = False, rename: Any = None, keys: Any = None,
-         storage_options: dict | None = None, mmap: bool = True) -> Any:
+         storage_options: dict | None = None, mmap: bool | None = None) -> Any:
     """Load a committed checkpoint.
 
     Without ``into``, returns the saved tree with CPU tensors (numpy arrays stay
@@ -32,12 +32,15 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     or a predicate over the checkpoint's names) loads only those leaves and reads
     only their chunks. Both are described in docs/compat.md.
 
-    ``mmap`` (default True): uncompressed tensors of a local checkpoint come back as
-    copy-on-write maps of their shard file (no copy; every chunk still verified).
-    Such a tensor reads the file for as long as it lives: if the file is truncated it
-    dies with SIGBUS, and a file rewritten in place changes it. ``mmap=False`` copies
-    every tensor into memory of its own (``Checkpointer.load`` does this by default,
-    as retention may remove the files of a run).
+    ``mmap``: how uncompressed tensors are read. ``False`` reads them as large
+    extents of their files (O_DIRECT, several requests in flight) into memory of
+    their own: the fast path when the files are not in the page cache.
+    ``True`` maps them copy-on-write from a local checkpoint: no copy out of the
+    page cache (the fast path when it holds them), but such a tensor reads the file
+    for as long as it lives (a truncated file kills it with SIGBUS, a file rewritten
+    in place changes it). ``None`` (the default) maps only where every file is
+    already cached. Every chunk is verified either way. ``Checkpointer.load`` never
+    maps, as retention may remove the files of a run.
     """
     storage = open_storage(path, storage_options)
     manifest = read_manifest(storage)

@@ -68,7 +68,7 @@ class LazyCheckpoint(Mapping):
     """
 
     def __init__(self, storage: Storage, manifest: fmt.Manifest, *, verify: bool = True,
-                 mmap: bool = True) -> None:
+                 mmap: bool | None = None) -> None:
         if any(getattr(t, "shards", ()) for t in manifest.tensors):
             # a sharded tensor's chunks are its shards' bytes in turn, not its own
             # C-order bytes: ckptstore.distributed reassembles those
@@ -160,7 +160,7 @@ class LazyCheckpoint(Mapping):
 
 def partial_load(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
                  strict: bool = True, verify: bool = True, cast: bool = False,
-                 rename: RenameSpec = None, keys: KeySpec = None, mmap: bool = True) -> Any:
+                 rename: RenameSpec = None, keys: KeySpec = None, mmap: bool | None = None) -> Any:
     """``load(path, rename=..., keys=...)``: see :func:`ckptstore.load`.
 
     With ``into`` and ``keys``, the target keys taken into account are those the

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,11 +14,13 @@ import torch
 from ckptstore import manifest as fmt
 from ckptstore.errors import CorruptCheckpointError
 from ckptstore.plan.tree import safe_numpy_dtype, torch_dtype
+from ckptstore.read import extents
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
 from ckptstore.verify.checks import check_chunk, check_files, chunk_where, decode_chunk
 
 READ_THREADS = 4
+WARM = 0.9  #: probed fraction of a file in the page cache above which it is mapped
 
 
 def empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
@@ -63,26 +66,34 @@ def read_chunk(storage: Storage, rec: fmt.TensorRecord, index: int, out: memoryv
 
 def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = True,
                  select: Callable[[fmt.TensorRecord], bool] | None = None,
-                 threads: int = READ_THREADS, mmap: bool = True) -> dict[int, Any]:
+                 threads: int = READ_THREADS, mmap: bool | None = None) -> dict[int, Any]:
     """Read (the selected) tensors; returns {tensor index: tensor or ndarray}.
 
-    With ``mmap`` (the default), uncompressed tensors of local files are mapped
-    copy-on-write instead of copied: no page faults on fresh memory, no copy out of
-    the page cache (as safetensors does). Their chunk hashes are still verified.
-    Other tensors are read into new memory."""
+    Uncompressed tensors are either read as large extents into fresh memory
+    (:mod:`ckptstore.read.extents`: O_DIRECT, several requests in flight; the
+    cold-cache path) or, with ``mmap``, mapped copy-on-write from local files (no
+    copy out of the page cache: the warm-cache path). ``mmap=None`` picks the map
+    only where the files are already in the page cache. Chunk hashes are verified
+    either way. Compressed tensors are read and decoded chunk by chunk in threads."""
     storage = linked(storage, manifest.files)  # incremental saves name older steps' files
     wanted = [(i, r) for i, r in enumerate(manifest.tensors) if select is None or select(r)]
     outs: dict[int, Any] = {}
     jobs: list[tuple[fmt.TensorRecord, int, memoryview | None]] = []
     if verify:
         check_files(storage, manifest, {c.file for _, r in wanted for c in r.chunks})
+    if mmap is None:
+        mmap = _cached(storage, {r.chunks[0].file for _, r in wanted if extents.contiguous(r)})
     maps = _FileMaps(storage, manifest) if mmap else None
+    whole: list[tuple[int, fmt.TensorRecord]] = []
     for i, rec in wanted:
         mapped = maps.tensor(rec) if maps is not None else None
         if mapped is not None:
             outs[i] = mapped
             if verify:
                 jobs.extend((rec, k, None) for k in range(len(rec.chunks)))
+            continue
+        if maps is None and extents.contiguous(rec):
+            whole.append((i, rec))
             continue
         arr, raw = empty_like_record(rec)
         outs[i] = arr
@@ -93,15 +104,34 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
     # a mapped tensor's chunks (view None) are verified in place, in the mapped file
     ready: list[tuple[fmt.TensorRecord, int, memoryview | Mapped]] = [
         (rec, k, view if view is not None else _mapped(maps, rec, k)) for rec, k, view in jobs]
-    if threads <= 1 or len(ready) <= 1:
-        for rec, k, out in ready:
-            read_chunk(storage, rec, k, out, verify)
-        return outs
-    with cf.ThreadPoolExecutor(min(threads, len(ready)), thread_name_prefix="ckptstore-read") as ex:
-        futs = [ex.submit(read_chunk, storage, rec, k, out, verify) for rec, k, out in ready]
-        for f in futs:
-            f.result()
+    work: list[Callable[[], Any]] = [
+        functools.partial(extents.read_extent, storage, e, verify)
+        for e in extents.plan_extents(whole)]
+    work += [functools.partial(read_chunk, storage, rec, k, out, verify) for rec, k, out in ready]
+    if threads <= 1 or len(work) <= 1:
+        results = [fn() for fn in work]
+    else:
+        with cf.ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="ckptstore-read") as ex:
+            results = [f.result() for f in [ex.submit(fn) for fn in work]]
+    for r in results:
+        if isinstance(r, dict):  # an extent's tensors
+            outs.update(r)
     return outs
+
+
+def _cached(storage: Storage, names: set[str]) -> bool:
+    """Whether every file in ``names`` is (as far as a few probes tell) in the page
+    cache, so that mapping it beats reading it again from the device."""
+    if not names or not storage.capabilities.local_path:
+        return False
+    for name in names:
+        try:
+            frac = storage.cached_fraction(name)
+        except OSError:
+            return False
+        if frac is None or frac < WARM:
+            return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
