@@ -44,6 +44,7 @@ from ckptstore.errors import (
     StorageError,
 )
 from ckptstore.pipeline.handle import SaveHandle
+from ckptstore.pipeline.options import SaveOptions
 from ckptstore.runs.chain import IncrementalChain
 from ckptstore.runs.layout import step_name
 from ckptstore.runs.retention import Best, Policy
@@ -73,7 +74,8 @@ class Checkpointer:
         remote_keep_last, remote_keep_every: remote retention; both None keeps every
             promoted step. With only ``remote_keep_every``, only those steps are
             promoted.
-        compression: as :func:`ckptstore.save`.
+        compression: as :func:`ckptstore.save` (``"auto"`` decides by the first tier);
+            zstd by default, as incremental saves need compressed chunk files.
         incremental: skip chunks identical to the previous committed step's (the
             manifest references the older file). Only with compression.
         full_every: with ``incremental``, every ``full_every``-th save writes every
@@ -112,7 +114,7 @@ class Checkpointer:
                                Policy(remote_keep_last, remote_keep_every,
                                       best if prunes else None))
         self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
-        self.compression = compression
+        self.compression = SaveOptions(compression).for_storage(self.primary.root).compression
         self.incremental = incremental and compression != "none"
         self._chain = IncrementalChain(full_every)
         self.save_options = dict(save_options or {})

@@ -40,7 +40,7 @@ log = logging.getLogger("ckptstore")
 
 __all__ = ["save", "shutdown", "SaveHandle", "SaveResult"]
 
-def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "zstd",
+def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "auto",
          blocking: bool = False, metadata: Any = None, zstd_level: int = 1,
          byte_grouping: bool = True, staging_budget: int | None = None,
          chunk_size: int = DEFAULT_CHUNK, shard_size: int = DEFAULT_SHARD,
@@ -63,8 +63,10 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
     Args:
         state: nested dict/list/tuple of tensors, numpy arrays and plain values.
         path: a local directory, ``file://`` or fsspec URL, or a Storage.
-        compression: ``"zstd"``, ``"lz4"`` or ``"none"`` (shards are then plain
-            safetensors files).
+        compression: ``"auto"`` (the default: ``"none"`` on local file systems,
+            ``"zstd"`` on object stores; see ``auto_compression``), ``"zstd"``,
+            ``"lz4"`` or ``"none"`` (shards are then plain safetensors files). The
+            manifest records what was used.
         blocking: wait for the commit before returning.
         metadata: JSON-serialisable user metadata stored in the manifest.
         zstd_level: zstd level (1 is as good as 3 on float data and twice as fast).
@@ -95,6 +97,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
                                 storage_options=storage_options, overlap=overlap)
     storage = open_storage(path, storage_options)
     check_importable(storage)
+    opts = opts.for_storage(storage)
     eng = engine()
     with eng.admit(if_busy):
         if not overwrite and storage.exists(fmt.MANIFEST_NAME):
@@ -119,7 +122,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "z
                 written = pipe.written(staged)
                 tensors, files = builder.file_records(written, prev, base)
                 manifest = builder.assemble(
-                    save_id=save_id, chunk_size=written.plan.chunk_size, compression=compression,
+                    save_id=save_id, chunk_size=written.plan.chunk_size, compression=opts.compression,
                     metadata=metadata, tree=skeleton, tensors=tensors, files=files)
                 data = fmt.encode(manifest)  # kept to tell, on error, whether it landed anyway
                 commit_manifest(storage, manifest, overwrite=overwrite, data=data)

@@ -31,7 +31,7 @@ def _export(args) -> int:
 def _import_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("file", help=".safetensors file, torch.save file (weights_only) or DCP directory")
     p.add_argument("dest", help="new checkpoint directory or URL")
-    p.add_argument("--compression", default="zstd", choices=["none", "zstd", "lz4"])
+    p.add_argument("--compression", default="auto", choices=["auto", "none", "zstd", "lz4"])
     p.add_argument("--overwrite", action="store_true", help="replace a checkpoint at DEST")
     common_options(p)
 

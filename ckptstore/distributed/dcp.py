@@ -79,7 +79,7 @@ class CkptStoreWriter(StorageWriter):
     (staging, writer processes, chunk codec and hashes, atomic files); the
     coordinator's ``finish`` builds the manifest with the same builder and commits it."""
 
-    def __init__(self, path: str | os.PathLike | Storage, *, compression: str = "zstd",
+    def __init__(self, path: str | os.PathLike | Storage, *, compression: str = "auto",
                  zstd_level: int = 1, byte_grouping: bool = True,
                  chunk_size: int = DEFAULT_CHUNK, overwrite: bool = False,
                  storage_options: dict | None = None) -> None:
@@ -116,6 +116,7 @@ class CkptStoreWriter(StorageWriter):
             raise CheckpointExistsError(f"{storage.url} already holds a committed checkpoint; "
                                         "pass overwrite=True to replace it")
         storage.makedirs()
+        self.options = self.options.for_storage(storage)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:

@@ -90,6 +90,7 @@ def save(state: Any, path: str | os.PathLike | Storage, options: SaveOptions, *,
         where, save_id, ident0 = _agree_on_target(path, rank, ident, options, storage_options,
                                                   group)
         storage = path if isinstance(path, Storage) else open_storage(where, storage_options)
+        options = options.for_storage(storage)  # the same on every rank: same storage kind
         shared = Global(where, save_id, skeleton, glob, metadata, options)
         handle = SaveHandle(where)
         pipe = SavePipeline(eng, storage, options)

@@ -90,7 +90,7 @@ def _split(out: str) -> tuple[str, str]:
 # -- import -------------------------------------------------------------------
 
 def import_checkpoint(src: "str | os.PathLike", dest: "str | os.PathLike", *,
-                      compression: str = "zstd", overwrite: bool = False,
+                      compression: str = "auto", overwrite: bool = False,
                       storage_options: dict | None = None) -> Any:
     """Convert ``src`` (a ``.safetensors`` file, a ``torch.save`` file or a DCP
     directory, all local) into a committed ckptstore checkpoint at ``dest``.
