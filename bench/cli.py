@@ -10,18 +10,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import compress, load, report, targets, train, write
+from bench import compress, load, objstore, report, targets, train, write
 from bench.common import Options, machine
 from bench.limits import CacheDropper
 from bench.timing import parse_sizes
 
-DEFAULT_SIZES = {"write": "64M,256M", "load": "64M,256M", "compress": "64M", "train": "16M"}
-DEFAULT_MODES = {"write": "all", "load": "none,zstd-1+bg", "compress": "all", "train": "none"}
+DEFAULT_SIZES = {"write": "64M,256M", "load": "64M,256M", "compress": "64M", "train": "16M", "objstore": "256M"}
+DEFAULT_MODES = {"write": "all", "load": "none,zstd-1+bg", "compress": "all", "train": "none",
+                 "objstore": "s3,gcs"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("mode", choices=["write", "load", "compress", "train"])
+    p.add_argument("mode", choices=["write", "load", "compress", "train", "objstore"])
     p.add_argument("--size", help="comma-separated sizes, e.g. 64M,256M,1G (state bytes)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp32,bf16")
     p.add_argument("--repeat", type=int, default=3, help="interleaved repeats per measurement")
@@ -86,6 +87,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results = load.run(opt, dropper)
     elif a.mode == "compress":
         results = compress.run(opt)
+    elif a.mode == "objstore":  # --modes: the stores, s3,gcs
+        results = objstore.run(opt)
     else:
         results = train.run(opt)
     cmd = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))

@@ -28,7 +28,7 @@ class Mode:
 
     def kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"compression": self.compression, **self.extra}
-        if self.compression != "none":
+        if self.compression not in ("none", "auto"):
             kw["byte_grouping"] = self.byte_grouping
         if self.zstd_level is not None:
             kw["zstd_level"] = self.zstd_level
@@ -36,6 +36,7 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("auto", "auto"),
     Mode("none", "none"),
     Mode("none+overlap", "none", extra={"overlap": True}),
     Mode("none+nice0", "none", writer_nice=0),

@@ -7,6 +7,7 @@ for and writable. ``resident_fraction`` checks, with mincore(2), that the drop w
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import ctypes
 import ctypes.util
 import mmap
@@ -14,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WRITE_CHUNK = 64 << 20  # large os.write calls, like dd bs=64M
@@ -105,8 +107,12 @@ def byte_views(tensors: list[torch.Tensor]) -> list[memoryview]:
 
 
 def scratch_buffer(nbytes: int, pinned: bool = False) -> torch.Tensor:
-    """One preallocated byte buffer, touched once, shared by the memcpy and read limits."""
-    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    """One preallocated, page-aligned byte buffer (O_DIRECT needs the alignment),
+    touched once, shared by the memcpy, write and read limits."""
+    if pinned:
+        buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    else:
+        buf = torch.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype=torch.uint8)[:nbytes]
     buf.fill_(0)  # touch every page once: the cost a reused buffer never pays again
     return buf
 
@@ -182,6 +188,82 @@ def disk_write(path: Path, views: list[memoryview]) -> float:
     finally:
         os.close(dfd)
     return time.perf_counter() - t0
+
+
+DIRECT_BLOCK = 16 << 20  #: one O_DIRECT request
+DIRECT_INFLIGHT = 4  #: requests in flight
+
+
+def disk_write_direct(path: Path, view: memoryview) -> float | None:
+    """Seconds to write the bytes with O_DIRECT, ``DIRECT_INFLIGHT`` requests of
+    ``DIRECT_BLOCK`` bytes in flight, then fsync of file and directory: what the
+    device itself sustains without the page cache. None where O_DIRECT is refused
+    or ``view`` is not page-aligned."""
+    direct = getattr(os, "O_DIRECT", 0)
+    n = len(view) - len(view) % 4096
+    if not direct or n == 0 or int(np.frombuffer(view, np.uint8).ctypes.data) % 4096:
+        return None
+    t0 = time.perf_counter()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
+    except OSError:
+        return None
+    try:
+        blocks = [(o, min(o + DIRECT_BLOCK, n)) for o in range(0, n, DIRECT_BLOCK)]
+
+        def put(a: int, b: int) -> None:
+            done = a
+            while done < b:
+                done += os.pwrite(fd, view[done:b], done)
+
+        with cf.ThreadPoolExecutor(DIRECT_INFLIGHT) as ex:
+            for f in [ex.submit(put, a, b) for a, b in blocks]:
+                f.result()
+        os.fsync(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    return time.perf_counter() - t0
+
+
+def read_fresh(path: Path) -> float:
+    """Seconds to read ``path`` into newly allocated memory (what a load that returns
+    new tensors pays on top of the device: page faults of fresh memory), with the
+    same O_DIRECT requests in flight as the engine's reads)."""
+    t0 = time.perf_counter()
+    size = path.stat().st_size
+    size += -size % 4096  # O_DIRECT reads whole pages; the last one comes back short
+    buf = mmap.mmap(-1, max(size, 1))
+    view = memoryview(buf)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+    try:
+        def get(a: int, b: int) -> None:
+            done = a
+            while done < b:
+                n = os.preadv(fd, [view[done:b]], done)
+                if n <= 0:
+                    break
+                done += n
+
+        blocks = [(o, min(o + DIRECT_BLOCK, size)) for o in range(0, size, DIRECT_BLOCK)]
+        with cf.ThreadPoolExecutor(DIRECT_INFLIGHT) as ex:
+            for f in [ex.submit(get, a, b) for a, b in blocks]:
+                f.result()
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - t0
+    view.release()
+    buf.close()
+    return elapsed
 
 
 class DiskRead:

@@ -9,15 +9,24 @@ from __future__ import annotations
 import gc
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from bench import engine
 from bench.common import Options, Series, fresh, paired_ratio, rotated, sampled
-from bench.limits import CacheDropper, DiskRead, MemcpyLimit, disk_write, resident_fraction, scratch_buffer
+from bench.limits import (
+    CacheDropper,
+    DiskRead,
+    MemcpyLimit,
+    disk_write,
+    read_fresh,
+    resident_fraction,
+    scratch_buffer,
+)
 from bench.state import BenchState, describe, load_state
 from bench.timing import timed
 
@@ -41,7 +50,12 @@ def _cold_warm(dropper: CacheDropper, path: Path, fn: Callable[[], float]) -> di
 
 
 def _engine_load(path: Path, verify: bool) -> float:
-    t, out = engine.load(path, verify)
+    def go() -> Any:
+        _, out = engine.load(path, verify)
+        # every page touched, as for the peer: a mapped tensor is only read when used
+        _touch_all({k: v for k, v in engine.flatten(out).items() if isinstance(v, torch.Tensor)})
+        return out
+    t, out = timed(go)
     del out
     gc.collect()
     return t
@@ -71,6 +85,8 @@ def run_one(st: BenchState, opt: Options, dropper: CacheDropper) -> dict[str, An
     ops: list[tuple[str, str, Callable[[], dict[str, float]]]] = [
         ("memcpy", "limit", lambda: {"warm": memcpy.run()}),
         ("disk read", "limit", lambda: _cold_warm(dropper, disk_path, lambda: reader.run(disk_path))),
+        ("disk read into fresh memory", "limit",
+         lambda: _cold_warm(dropper, disk_path, lambda: read_fresh(disk_path))),
         ("safetensors load_file", "peer", lambda: _cold_warm(dropper, st_path, lambda: _st_load(st_path))),
     ]
     why = engine.engine_available()
@@ -118,12 +134,15 @@ def _summary(s: Series) -> dict[str, Any]:
 def ratios(series: dict[str, Series]) -> dict[str, Any]:
     """Load throughput over disk read (cold) and over warm read / memcpy (warm)."""
     disk, cp = series["disk read"], series["memcpy"]
+    fresh_mem = series.get("disk read into fresh memory")
     out: dict[str, Any] = {}
     for name, s in series.items():
         if s.kind == "limit":
             continue
         out[name] = {
             "cold/disk_cold_read": paired_ratio(disk.field("cold"), s.field("cold")),
+            "cold/disk_cold_read_fresh": (paired_ratio(fresh_mem.field("cold"), s.field("cold"))
+                                          if fresh_mem else None),
             "warm/disk_warm_read": paired_ratio(disk.field("warm"), s.field("warm")),
             "warm/memcpy": paired_ratio(cp.field("warm"), s.field("warm")),
         }

@@ -183,6 +183,10 @@ def render(report: dict[str, Any]) -> str:
             f"machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
             f"{report['machine']['ram_gib']} GiB, torch {report['machine']['torch']}; "
             f"cache drop: {report.get('cache_drop', '—')}"]
+    if mode not in TABLES:  # a mode that registers its own tables (objstore) when imported
+        import importlib
+
+        importlib.import_module(f"bench.{mode}")
     body = TABLES[mode](report["results"])
     return "\n".join(head) + "\n\n" + body + "\n\n#### targets\n\n" + (targets_md(report["targets"]) or "(none)") + "\n"
 

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench import engine
 from bench.common import Options, Series, fresh, paired_ratio, rotated, sampled
-from bench.limits import CacheDropper, DiskRead, MemcpyLimit, dir_bytes, disk_write, resident_fraction, scratch_buffer
+from bench.limits import (
+    CacheDropper,
+    DiskRead,
+    MemcpyLimit,
+    dir_bytes,
+    disk_write,
+    disk_write_direct,
+    resident_fraction,
+    scratch_buffer,
+)
 from bench.peers import PEERS
 from bench.state import BenchState, describe, load_state, small_state
 
@@ -49,6 +59,14 @@ def disk_op(views_src: DiskRead, scratch_views: list[memoryview], path: Path,
             "resident_after_drop": resident if resident is not None else -1.0}
 
 
+def direct_op(view: memoryview, path: Path) -> dict[str, float]:
+    """The O_DIRECT write limit (several requests in flight), or nothing where refused."""
+    fresh(path)
+    t = disk_write_direct(path, view)
+    fresh(path)
+    return {} if t is None else {"total": t}
+
+
 def run_one(st: BenchState, opt: Options, dropper: CacheDropper) -> dict[str, Any]:
     """All write measurements for one state."""
     nbytes = st.nbytes
@@ -64,6 +82,7 @@ def run_one(st: BenchState, opt: Options, dropper: CacheDropper) -> dict[str, An
     ops: list[Op] = [
         ("memcpy" if not opt.gpu else "pinned D2H", "limit", memcpy.measure),
         ("disk", "limit", lambda: disk_op(reader, scratch_views, work / "disk.bin", dropper)),
+        ("disk O_DIRECT", "limit", lambda: direct_op(scratch_views[0], work / "direct.bin")),
     ]
     for name, fn in select_peers(opt.peers).items():
         dest = work / name.replace("(", "_").replace(")", "").replace("=", "")
@@ -120,6 +139,7 @@ def ratios(series: dict[str, Series], opt: Options) -> dict[str, Any]:
     out: dict[str, Any] = {}
     cp = series.get("pinned D2H" if opt.gpu else "memcpy")
     disk = series.get("disk")
+    direct = series.get("disk O_DIRECT")
     peers = {k: s for k, s in series.items() if s.kind == "peer"}
     for name, s in series.items():
         if s.kind != "ckptstore":
@@ -131,6 +151,8 @@ def ratios(series: dict[str, Series], opt: Options) -> dict[str, Any]:
                 r["copied/memcpy"] = paired_ratio(s.field("copied"), cp.field("total"))
         if disk:  # throughput ratio = time ratio inverted
             r["durable/disk_write"] = paired_ratio(disk.field("total"), s.field("total"))
+        if direct and direct.field("total"):
+            r["durable/disk_direct"] = paired_ratio(direct.field("total"), s.field("total"))
         for pn, ps in peers.items():
             r[f"vs {pn}"] = paired_ratio(ps.field("total"), s.field("total"))
             r[f"stall vs {pn}"] = paired_ratio(ps.field("stall"), s.field("stall"))

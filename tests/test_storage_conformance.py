@@ -49,6 +49,8 @@ FILE_OPS = {
     "size": lambda s, n: s.size(n),
     "read": lambda s, n: s.read(n),
     "readinto": lambda s, n: s.readinto(n, 0, memoryview(bytearray(4))),
+    "read_extent": lambda s, n: s.read_extent(n, 0, 4),
+    "open_bulk_write": lambda s, n: s.open_bulk_write(n),
     "map_file": lambda s, n: s.map_file(n),
     "mtime": lambda s, n: s.mtime(n),
     "child": lambda s, n: s.child(n),
@@ -222,6 +224,30 @@ class StorageTests:
         assert store.readinto("f", n, memoryview(bytearray(4))) == 0
         whole = bytearray(n)
         assert store.readinto("f", 0, memoryview(whole)) == n and bytes(whole) == DATA
+
+    def test_bulk_write_and_read_extent(self, store, writer):
+        """open_bulk_write keeps open_write's contract, and held memory is free again
+        once fsynced; read_extent gives new, writable memory, short at the end."""
+        if self.read_only:
+            with pytest.raises(PermissionError):
+                store.open_bulk_write("b")
+        else:
+            h = store.open_bulk_write("b")
+            held = bytearray(DATA)
+            assert h.write(b"<") == 1 and h.write_held(memoryview(held)) == len(DATA)
+            h.fsync()
+            held[:] = b"-" * len(held)
+            if not store.capabilities.rename:
+                assert not store.exists("b")
+            h.close()
+            assert store.read("b") == b"<" + DATA
+        put(writer, "f", DATA)
+        n = len(DATA)
+        for offset, length in ((0, n), (3, 5), (n - 4, 10), (n, 3), (n + 5, 3), (2, 0)):
+            got = store.read_extent("f", offset, length)
+            assert bytes(got) == DATA[offset:offset + length] and not got.readonly
+        with pytest.raises(FileNotFoundError):
+            store.read_extent("nope", 0, 4)
 
     def test_missing_file_raises_file_not_found(self, store):
         for fn in (lambda: store.size("nope"), lambda: store.read("nope"),
