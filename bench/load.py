@@ -1,7 +1,8 @@
 """``load`` mode: ckptstore.load cold and warm, verify on and off, against disk reads.
 
 Cold means the checkpoint's pages were dropped from the page cache first (see
-``CacheDropper`` for how); warm means the previous load left them cached. Peer:
+``CacheDropper`` for how); warm means every file was then read into the page cache
+with buffered reads (``_warm_cache``), for every loader alike. Peer:
 ``safetensors.torch.load_file`` with every page touched (it maps lazily).
 """
 from __future__ import annotations
@@ -41,10 +42,21 @@ def _touch_all(tensors: dict[str, torch.Tensor]) -> None:
             b[::4096].sum()
 
 
+def _warm_cache(path: Path) -> None:
+    """Bring every file under ``path`` into the page cache with buffered reads, so
+    that "warm" means cached for every loader alike (a loader that reads with
+    O_DIRECT leaves nothing cached behind it)."""
+    for f in ([path] if path.is_file() else sorted(q for q in path.rglob("*") if q.is_file())):
+        with open(f, "rb", buffering=0) as fh:
+            while fh.read(64 << 20):
+                pass
+
+
 def _cold_warm(dropper: CacheDropper, path: Path, fn: Callable[[], float]) -> dict[str, float]:
     dropper.drop(path)
     resident = resident_fraction(path)
     cold = fn()
+    _warm_cache(path)
     warm = fn()
     return {"cold": cold, "warm": warm, "resident_after_drop": resident if resident is not None else -1.0}
 

@@ -279,3 +279,16 @@ def test_a_shards_staged_pieces_are_written_as_one_run():
     pieces = (PieceJob(0, 0, 4096, 10, 1), PieceJob(1, 0, 4106, 0, 1),  # empty: skipped
               PieceJob(2, 0, 4106, 3, 1), PieceJob(3, 0, 8192, 100, 1))
     assert _runs(pieces) == [(4096, 4109), (8192, 8292)]
+
+
+def test_checkpointer_auto_compression_follows_its_first_tier(tmp_path):
+    ck = ckptstore.Checkpointer(tmp_path / "run", compression="auto")
+    assert ck.compression == "none" and not ck.incremental  # plain shards cannot be incremental
+    ck.save(1, {"w": torch.randn(64)})
+    ck.wait()
+    m = ckptstore.open(ck.primary.root.child(ck.primary.root.listdir()[0])).manifest
+    assert m.compression == "none"
+    ck.close()
+    assert ckptstore.Checkpointer(tmp_path / "run2").compression == "zstd"  # its default
+    with pytest.raises(ValueError, match="compression"):
+        ckptstore.Checkpointer(tmp_path / "run3", compression="brotli")
