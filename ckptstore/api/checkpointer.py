@@ -115,7 +115,7 @@ class Checkpointer:
                                       best if prunes else None))
         self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
         self.compression = SaveOptions(compression).for_storage(self.primary.root).compression
-        self.incremental = incremental and compression != "none"
+        self.incremental = incremental and self.compression != "none"
         self._chain = IncrementalChain(full_every)
         self.save_options = dict(save_options or {})
         self.loaded_step: int | None = None
