@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,15 @@ def available() -> bool:
     return importlib.util.find_spec("atheris") is not None
 
 
+def fresh_rss(cmd: list[str]) -> list[str]:
+    """``cmd`` started through a shell that forks it (not execs it). libFuzzer's
+    ``-rss_limit_mb`` checks the process's peak RSS, and Linux starts a forked and
+    exec'd child's peak at its parent's RSS at the fork: run from a test runner
+    holding 3 GB, the fuzzer would be "out of memory" before its first input. A
+    small shell in between is the parent whose RSS is inherited."""
+    return ["/bin/sh", "-c", '"$@"; status=$?; exit $status', "sh", *cmd]
+
+
 def run(budget_s: float, *, rss_limit_mb: int = 2048, timeout_s: int = 30,
         env: dict | None = None) -> dict:
     """Fuzz for ``budget_s`` seconds in a child process. Returns ``{"runs": N,
@@ -57,12 +67,16 @@ def run(budget_s: float, *, rss_limit_mb: int = 2048, timeout_s: int = 30,
         cmd = [sys.executable, "-m", "fuzz.libfuzzer", f"-max_total_time={max(1, int(budget_s))}",
                f"-rss_limit_mb={rss_limit_mb}", f"-timeout={timeout_s}",
                f"-artifact_prefix={artifacts}/", "-print_final_stats=1", corpus]
+        proc = subprocess.Popen(fresh_rss(cmd), cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, **(env or {})})
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
-                                  timeout=budget_s + 180, env={**os.environ, **(env or {})})
-            out, code = proc.stdout + proc.stderr, proc.returncode
-        except subprocess.TimeoutExpired as e:
-            out, code = f"{e.stdout or ''}{e.stderr or ''}\nlibFuzzer did not stop", -1
+            out, _ = proc.communicate(timeout=budget_s + 180)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            out, code = f"{out}\nlibFuzzer did not stop", -1
         runs = [int(n) for n in re.findall(r"Done (\d+) runs", out)]
         runs += [int(n) for n in re.findall(r"stat::number_of_executed_units:\s*(\d+)", out)]
     if not os.listdir(artifacts):

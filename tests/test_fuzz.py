@@ -244,3 +244,22 @@ def test_object_store_oracle_notices_a_failed_save_that_committed(kind):
         assert report.counts["failures"] >= (3 if kind == "s3" else 2)
     finally:
         env.close()
+
+
+def test_libfuzzer_child_does_not_inherit_the_runners_peak_rss():
+    """libFuzzer's -rss_limit_mb reads the peak RSS, which a forked child inherits
+    from its parent: launched from a big test runner it was 'out of memory' at once."""
+    import resource
+    import subprocess
+    import sys
+
+    from fuzz.libfuzzer import fresh_rss
+
+    ballast = bytearray(600 << 20)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # resident
+    code = "import resource; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10)"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10 >= 600
+    child = int(subprocess.run(fresh_rss([sys.executable, "-c", code]), capture_output=True,
+                               text=True, check=True).stdout)
+    del ballast
+    assert child < 300, child
