@@ -182,12 +182,17 @@ def disk_write(path: Path, views: list[memoryview]) -> float:
         os.fsync(fd)
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+    return time.perf_counter() - t0
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the directory entry of a file just written durable, as the engine does."""
+    dfd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-    return time.perf_counter() - t0
 
 
 DIRECT_BLOCK = 16 << 20  #: one O_DIRECT request
@@ -224,11 +229,7 @@ def disk_write_direct(path: Path, view: memoryview) -> float | None:
         return None
     finally:
         os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(path.parent)
     return time.perf_counter() - t0
 
 

@@ -161,18 +161,14 @@ class _FileMaps:
 
     def tensor(self, rec: fmt.TensorRecord) -> "torch.Tensor | None":
         """``rec`` as a tensor over its mapped file, or None if it must be read."""
-        if rec.kind != "torch" or not rec.chunks or not self.storage.capabilities.local_path:
+        if (rec.kind != "torch" or not extents.contiguous(rec)
+                or not self.storage.capabilities.local_path):
             return None
         c0 = rec.chunks[0]
-        pos = c0.offset
-        for c in rec.chunks:
-            if c.file != c0.file or c.group != 1 or c.planes[0][0] != "raw" or c.offset != pos:
-                return None
-            pos += c.length
+        pos = c0.offset + rec.nbytes
         dtype = torch_dtype(rec.dtype)
         n = math.prod(rec.shape)
-        if (n * dtype.itemsize != rec.nbytes or pos - c0.offset != rec.nbytes or n == 0
-                or c0.offset % max(dtype.itemsize, 1)):
+        if n * dtype.itemsize != rec.nbytes or n == 0 or c0.offset % max(dtype.itemsize, 1):
             return None  # misaligned for its dtype (or inconsistent): copy instead
         mm = self._map(c0.file)
         if mm is None or pos > len(mm):
