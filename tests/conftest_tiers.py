@@ -75,5 +75,17 @@ def remote(request):
     return request.getfixturevalue(fixture)
 
 
-__all__ = ["s3_server", "gcs_server", "s3_remote", "gcs_remote", "remote", "s3_options",
+# One bucket per emulator for a test module (a client and a bucket per test would cost
+# a second each); each test takes a fresh prefix in it.
+@pytest.fixture(scope="module")
+def s3_bucket(s3_server):
+    return _bucket("s3", s3_server)
+
+
+@pytest.fixture(scope="module")
+def gcs_bucket(gcs_server):
+    return _bucket("gs", gcs_server)
+
+
+__all__ = ["s3_server", "s3_bucket", "gcs_bucket", "gcs_server", "s3_remote", "gcs_remote", "remote", "s3_options",
            "gcs_options"]

@@ -15,7 +15,7 @@ import uuid
 import pytest
 import torch
 from conftest import assert_same_tree
-from conftest_tiers import _bucket, gcs_server, s3_server  # noqa: F401
+from conftest_tiers import _bucket, gcs_bucket, gcs_server, s3_bucket, s3_server  # noqa: F401
 
 import ckptstore
 from ckptstore.commit.atomic import AtomicFile
@@ -38,14 +38,6 @@ def data() -> bytes:
     return os.urandom(SIZE)
 
 
-@pytest.fixture(scope="module")
-def s3_bucket(s3_server):  # noqa: F811
-    return _bucket("s3", s3_server)
-
-
-@pytest.fixture(scope="module")
-def gcs_bucket(gcs_server):  # noqa: F811
-    return _bucket("gs", gcs_server)
 
 
 @pytest.fixture(params=["s3", "gs"])

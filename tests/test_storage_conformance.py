@@ -21,7 +21,7 @@ import time
 import uuid
 
 import pytest
-from conftest_tiers import _bucket, gcs_server, s3_server  # noqa: F401
+from conftest_tiers import _bucket, gcs_bucket, gcs_server, s3_bucket, s3_server  # noqa: F401
 
 from ckptstore.errors import UnsafeCheckpointError, UnsupportedOperationError
 from ckptstore.storage import LocalStorage, Storage, fsspec_backend, open_storage
@@ -580,16 +580,6 @@ class TestMemory(_FsspecRace, StorageTests):
         s.parent().parent().rmtree("")
 
 
-# One bucket per emulator for the module (a client and a bucket per test would cost
-# a second each); each test gets a fresh prefix in it.
-@pytest.fixture(scope="module")
-def s3_bucket(s3_server):  # noqa: F811
-    return _bucket("s3", s3_server)
-
-
-@pytest.fixture(scope="module")
-def gcs_bucket(gcs_server):  # noqa: F811
-    return _bucket("gs", gcs_server)
 
 
 def _object_store(bucket: tuple[str, dict]) -> FsspecStorage:
