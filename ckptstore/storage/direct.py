@@ -80,11 +80,30 @@ def address(view: memoryview) -> int:
     return int(np.frombuffer(view, dtype=np.uint8).ctypes.data) if len(view) else 0
 
 
-def _clear_direct(fd: int) -> None:
-    """Turn O_DIRECT off on ``fd`` (the file system refused an aligned request)."""
+def prefer_direct(fd: int) -> None:
+    """Turn O_DIRECT on for an open, already checked file where wanted; requests then
+    fall back by themselves where the file system refuses it."""
+    if enabled():
+        try:
+            _set_direct(fd, True)
+        except OSError:
+            pass
+
+
+def _set_direct(fd: int, on: bool) -> None:
     import fcntl
 
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~O_DIRECT)
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    fcntl.fcntl(fd, fcntl.F_SETFL, flags | O_DIRECT if on else flags & ~O_DIRECT)
+
+
+def _refused(e: OSError, fd: int) -> bool:
+    """Whether ``e`` is the file system refusing a direct request on ``fd``; if so,
+    O_DIRECT is now off on it and the request can be repeated buffered."""
+    if e.errno != errno.EINVAL or not O_DIRECT or not _is_direct(fd):
+        return False
+    _set_direct(fd, False)
+    return True
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int, path: str) -> None:
@@ -95,9 +114,8 @@ def pwrite_all(fd: int, view: memoryview, offset: int, path: str) -> None:
         try:
             n = os.pwrite(fd, view[done:done + BLOCK], offset + done)
         except OSError as e:
-            if e.errno == errno.EINVAL and O_DIRECT and _is_direct(fd):
+            if _refused(e, fd):
                 log.info("%s: the file system refused O_DIRECT; writing buffered", path)
-                _clear_direct(fd)
                 continue
             raise
         if n <= 0:
@@ -112,8 +130,7 @@ def pread_all(fd: int, view: memoryview, offset: int) -> int:
         try:
             n = os.preadv(fd, [view[done:]], offset + done)
         except OSError as e:
-            if e.errno == errno.EINVAL and O_DIRECT and _is_direct(fd):
-                _clear_direct(fd)
+            if _refused(e, fd):
                 continue
             raise
         if n == 0:

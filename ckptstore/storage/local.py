@@ -201,8 +201,7 @@ class LocalStorage(Storage):
     def read_extent(self, name: str, offset: int, length: int) -> memoryview:
         fd = self._open_read(name)  # same checks as reads: no symlinks, regular file
         try:
-            if direct.enabled():
-                _reopen_direct(fd)
+            direct.prefer_direct(fd)
             return direct.read_extent(fd, offset, length)
         finally:
             os.close(fd)
@@ -235,17 +234,6 @@ class LocalStorage(Storage):
 
     def mtime(self, name: str) -> float:
         return os.lstat(self._file(name)).st_mtime
-
-
-def _reopen_direct(fd: int) -> None:
-    """Turn O_DIRECT on for an open, checked file (reads then fall back by themselves
-    where the file system refuses it)."""
-    import fcntl
-
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | direct.O_DIRECT)
-    except OSError:
-        pass
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> int:
