@@ -40,10 +40,15 @@ _LAZY = {
     "Checkpointer": ("api.checkpointer", "Checkpointer"),
     "open": ("read.lazy", "open"),
     "shutdown": ("api.save", "shutdown"),
+    "check": ("api.check", "check"),
+    "CheckReport": ("api.check", "CheckReport"),
+    "RNGState": ("api.rng", "RNGState"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ckptstore.api.check import CheckReport, check
     from ckptstore.api.load import load
+    from ckptstore.api.rng import RNGState
     from ckptstore.api.save import SaveHandle, SaveResult, save
     from ckptstore.read.into import LoadReport
     from ckptstore.verify.fsck import FsckReport, fsck
@@ -60,7 +65,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'ckptstore' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "save", "load", "fsck", "open", "shutdown", "Checkpointer", "SaveHandle", "SaveResult",
+__all__ = ["__version__", "save", "load", "fsck", "open", "shutdown", "check", "CheckReport", "RNGState",
+           "Checkpointer", "SaveHandle", "SaveResult",
            "LoadReport", "FsckReport", "CkptError", "CheckpointExistsError",
            "CheckpointNotFoundError", "CkptTimeoutError", "CorruptCheckpointError",
            "DistributedSaveError",

@@ -6,6 +6,7 @@ from typing import Any
 
 from ckptstore.errors import CorruptCheckpointError, UnsupportedOperationError
 from ckptstore.manifest.io import read_manifest
+from ckptstore.plan.stateful import holds_stateful
 from ckptstore.plan.tree import unflatten
 from ckptstore.read.into import LoadReport, apply_into
 from ckptstore.read.reader import read_tensors
@@ -42,6 +43,8 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     already cached. Every chunk is verified either way. ``Checkpointer.load`` never
     maps, as retention may remove the files of a run.
     """
+    if into is not None and holds_stateful(into):
+        mmap = False  # objects keep what load_state_dict gets: never a map of a file
     storage = open_storage(path, storage_options)
     manifest = read_manifest(storage)
     from ckptstore.distributed import holds_dtensor

@@ -33,8 +33,10 @@ from ckptstore.pipeline.options import DEFAULT_CHUNK, DEFAULT_SHARD, SaveOptions
 from ckptstore.pipeline.pipeline import PrevChunks, SavePipeline
 from ckptstore.pipeline.writer import BaseChunk
 from ckptstore.plan.layout import SavePlan
+from ckptstore.plan.stateful import resolve_stateful
 from ckptstore.plan.tree import flatten
 from ckptstore.storage import Storage, open_storage
+from ckptstore.storage.preflight import check_writable
 
 log = logging.getLogger("ckptstore")
 
@@ -61,7 +63,10 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "a
     host write) must wait for ``handle.wait_staged()``.
 
     Args:
-        state: nested dict/list/tuple of tensors, numpy arrays and plain values.
+        state: nested dict/list/tuple of tensors, numpy arrays, plain values (see
+            docs/format.md for every type), and Stateful objects (modules,
+            optimizers, schedulers, :class:`ckptstore.RNGState`, anything with
+            ``state_dict()``/``load_state_dict()``), stored as their ``state_dict()``.
         path: a local directory, ``file://`` or fsspec URL, or a Storage.
         compression: ``"auto"`` (the default: ``"none"`` on local file systems,
             ``"zstd"`` on object stores; see ``auto_compression``), ``"zstd"``,
@@ -90,6 +95,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "a
     opts = SaveOptions(compression, zstd_level, byte_grouping, staging_budget, chunk_size,
                        shard_size, if_busy, overwrite)
     check_metadata(metadata)
+    state = resolve_stateful(state)  # modules, optimizers, ...: what their state_dict() holds
     if wants_distributed_save(state, distributed):
         if base is not None:
             raise ValueError("incremental saves (base=...) are not supported for distributed saves")
@@ -97,6 +103,7 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "a
                                 storage_options=storage_options, overlap=overlap)
     storage = open_storage(path, storage_options)
     check_importable(storage)
+    check_writable(storage)
     opts = opts.for_storage(storage)
     eng = engine()
     with eng.admit(if_busy):

@@ -11,6 +11,7 @@ understands works, and M = 1 without a process group assembles whole tensors.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,8 +23,9 @@ import torch
 from ckptstore import manifest as fmt
 from ckptstore.distributed.shards import is_dtensor
 from ckptstore.errors import CorruptCheckpointError
+from ckptstore.plan.stateful import resolve_stateful
 from ckptstore.plan.tree import torch_dtype, unflatten
-from ckptstore.read.into import Action, copy_into, leaves_of
+from ckptstore.read.into import Action, copy_into, give_state, leaves_of
 from ckptstore.read.reader import READ_THREADS, read_chunk, read_tensors
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
@@ -199,6 +201,12 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
         return _substitute(tree, lambda r: whole[r.index])
     if isinstance(into, torch.nn.Module):
         into = into.state_dict()
+    # as DCP does: a Stateful object's state_dict() is the target (its DTensors receive
+    # their boxes in place), then given back through load_state_dict(). Plain dicts from
+    # get_state_dict() stay allowed here, as dcp.load allows them: DCP's documented
+    # pattern loads into them and then calls set_state_dict().
+    objects: list[tuple[Any, Any]] = []
+    into = resolve_stateful(into, found=objects)
     src = {k: v[0] for k, v in leaves_of(tree).items()}
     dst = leaves_of(into)
     boxes: dict[str, Any] = {}
@@ -224,10 +232,15 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
             return local, boxes[name].reshape(local.shape)
         return value, _substitute(src[name], lambda r: arrays[r.index])
 
-    return copy_into(src, dst, strict=strict, cast=cast,
-                     unexpected=[k for k in src if k not in dst],
-                     compare=lambda s, d, c: _compare(manifest, s, d, c),
-                     prepare=prepare, resolve=resolve)
+    report = copy_into(src, dst, strict=strict, cast=cast,
+                       unexpected=[k for k in src if k not in dst],
+                       compare=lambda s, d, c: _compare(manifest, s, d, c),
+                       prepare=prepare, resolve=resolve)
+    why = [(type(obj).__name__, w) for obj, state in objects
+           if (w := give_state(type(obj).__name__, obj, state, strict))]
+    if why:
+        report = dataclasses.replace(report, mismatched=report.mismatched + tuple(why))
+    return report
 
 
 def _compare(manifest: fmt.Manifest, src: Any, dst: Any, cast: bool) -> str | None:

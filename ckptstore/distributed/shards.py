@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ckptstore.errors import UnsupportedTypeError
+from ckptstore.plan.stateful import is_stateful
 from ckptstore.plan.tree import Leaf, flatten, path_name
 
 
@@ -32,12 +33,17 @@ def is_dtensor(x: Any) -> bool:
 
 
 def holds_dtensor(tree: Any, depth: int = 0) -> bool:
-    """True if any leaf of a nested dict/list/tuple (or a module's state) is a DTensor."""
+    """True if any leaf of a nested dict/list/tuple (or a module's or other Stateful
+    object's state) is a DTensor."""
     if isinstance(tree, torch.nn.Module):
         return any(is_dtensor(p) for p in tree.parameters()) or any(
             is_dtensor(b) for b in tree.buffers())
     if depth > 128:
         return False
+    if isinstance(tree, torch.optim.Optimizer):  # its parameters say it, without a state_dict()
+        return any(is_dtensor(p) for g in tree.param_groups for p in g["params"])
+    if is_stateful(tree):
+        return holds_dtensor(tree.state_dict(), depth + 1)
     if isinstance(tree, dict):
         return any(holds_dtensor(v, depth + 1) for v in tree.values())
     if isinstance(tree, (list, tuple)):

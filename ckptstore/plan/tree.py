@@ -13,10 +13,17 @@ JSON ``null``, ``true``/``false``, a string, an integer, or an object with a ``"
 ``{"T":"npscalar","dtype":"<f8","hex":"..."}``  numpy scalar
 ``{"T":"dtype","v":"bfloat16"}``  a torch.dtype value
 ====================  ===============================================
+
+Paths, enums, dataclasses, namespaces, sets, dates, complex numbers and devices have
+tags of their own (:mod:`ckptstore.plan.values`). A Stateful object (one with
+``state_dict()`` and ``load_state_dict()``, :mod:`ckptstore.plan.stateful`) is stored
+as what its ``state_dict()`` returns.
 """
 from __future__ import annotations
 
 import base64
+import enum
+import pathlib
 import re
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +35,8 @@ import torch
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedTypeError
 from ckptstore.manifest.records import TORCH_DTYPES
+from ckptstore.plan import values
+from ckptstore.plan.stateful import is_stateful
 
 MAX_DEPTH = 128
 _NP_DTYPE_RE = re.compile(r"^[<>|=]?[biufcmMSU]\d{1,3}(\[[a-zA-Z]{1,3}\])?$")
@@ -48,22 +57,40 @@ MAX_INT_DIGITS = 4000
 MAX_INT_BITS = int(MAX_INT_DIGITS * 3.3219280948873626)
 
 
-def flatten(state: Any) -> tuple[Any, list[Leaf]]:
+#: dict keys a state may use (each comes back as a hashable value of the same type)
+KEY_TYPES = (str, int, float, bool, type(None), tuple, enum.Enum, pathlib.PurePath)
+
+
+def flatten(state: Any, problems: list[tuple[str, str]] | None = None) -> tuple[Any, list[Leaf]]:
     """Return the typed-JSON skeleton of ``state`` and its array leaves.
 
     Tensors that are the very same view (same storage, offset, shape, stride and
     dtype) become one leaf referenced twice, so aliases load back as one tensor.
+    Without ``problems`` the first value that cannot be stored raises
+    :class:`UnsupportedTypeError`; with a list, every such value is appended to it
+    as ``(name, why)`` and the walk goes on (``ckptstore.check``).
     """
     leaves: list[Leaf] = []
     seen: dict[tuple, int] = {}
 
     def visit(obj: Any, path: tuple, depth: int) -> Any:
+        try:
+            return node(obj, path, depth)
+        except UnsupportedTypeError as e:
+            if problems is None:
+                raise
+            problems.append((path_name(path), str(e)))
+            return None
+
+    def node(obj: Any, path: tuple, depth: int) -> Any:
         if depth > MAX_DEPTH:
             raise UnsupportedTypeError(f"state nests deeper than {MAX_DEPTH} levels at {_fmt(path)}")
         if isinstance(obj, torch.Tensor):  # first: the common leaf of large states
             return {"T": "tensor", "id": leaf(obj, path)}
         if type(obj) is str:
             return obj
+        if isinstance(obj, enum.Enum):  # before int and str: IntEnum and StrEnum members
+            return values.encode(obj, lambda v: visit(v, path, depth + 1))
         if isinstance(obj, np.generic):  # before float/int: np.float64 subclasses float
             arr = np.asarray(obj)
             if arr.dtype.hasobject:
@@ -93,17 +120,22 @@ def flatten(state: Any) -> tuple[Any, list[Leaf]]:
             tag = "odict" if isinstance(obj, OrderedDict) else "dict"
             items = []
             for k, v in obj.items():
-                if not isinstance(k, (str, int, float, bool, type(None), tuple)):
+                if not isinstance(k, KEY_TYPES):
                     raise UnsupportedTypeError(f"dict key {k!r} at {_fmt(path)} has type {type(k).__name__}")
                 items.append([visit(k, path, depth + 1), visit(v, path + (k,), depth + 1)])
             return {"T": tag, "items": items}
         if isinstance(obj, (list, tuple)):  # namedtuples and torch.Size become tuples
             tag = "list" if isinstance(obj, list) else "tuple"
             return {"T": tag, "items": [visit(v, path + (i,), depth + 1) for i, v in enumerate(obj)]}
+        if is_stateful(obj):  # modules, optimizers, schedulers, user objects
+            return visit(obj.state_dict(), path, depth + 1)
+        typed = values.encode(obj, lambda v: visit(v, path, depth + 1))
+        if typed is not None:
+            return typed
         raise UnsupportedTypeError(
             f"cannot store a {type(obj).__module__}.{type(obj).__qualname__} at {_fmt(path)} "
-            "without pickle; convert it to tensors, numbers, strings or containers "
-            "(for objects with state, save obj.state_dict())")
+            "without pickle; convert it to tensors, numbers, strings or containers, or give "
+            "it state_dict() and load_state_dict() methods (see ckptstore.check)")
 
     def leaf(arr: Any, path: tuple) -> int:
         if isinstance(arr, torch.Tensor):
@@ -155,8 +187,8 @@ def unflatten(skeleton: Any, get_leaf: Callable[[str, int], Any]) -> Any:
                 out = OrderedDict() if t == "odict" else {}
                 for k, v in node["items"]:
                     key = build(k, depth + 1)
-                    if isinstance(key, list):
-                        raise CorruptCheckpointError("dict key may not be a list")
+                    if not isinstance(key, KEY_TYPES):  # unhashable: a list, a set
+                        raise CorruptCheckpointError(f"dict key may not be a {type(key).__name__}")
                     out[key] = build(v, depth + 1)
                 return out
             if t == "list":
@@ -175,6 +207,8 @@ def unflatten(skeleton: Any, get_leaf: Callable[[str, int], Any]) -> Any:
                 return np.frombuffer(raw, dtype=dt)[0]
             if t == "dtype":
                 return torch_dtype(node["v"])
+            if t in values.TAGS:
+                return values.decode(t, node, lambda v: build(v, depth + 1))
         except (KeyError, TypeError, ValueError) as e:
             if isinstance(e, CorruptCheckpointError):
                 raise

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckptstore.errors import StrictLoadError
+from ckptstore.errors import StrictLoadError, UnsupportedTypeError
 from ckptstore.plan.keymap import RenameSpec, rename_names
+from ckptstore.plan.stateful import is_stateful, state_dict_kind
 from ckptstore.plan.tree import path_name
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,30 @@ class LoadReport:
         return ", ".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class StatefulSlot:
+    """A Stateful object of the target (not a module): it is given its whole part of
+    the checkpoint through ``load_state_dict``."""
+
+    obj: Any
+    path: tuple[Any, ...]
+
+
 def leaves_of(tree: Any, path: tuple = ()) -> dict[str, tuple[Any, Any, Any]]:
-    """Flatten containers to {name: (value, parent container, key in parent)}."""
+    """Flatten containers to {name: (value, parent container, key in parent)}.
+
+    A module stands for its ``state_dict()`` (whose tensors are its parameters and
+    buffers); any other Stateful object is one :class:`StatefulSlot` leaf.
+    """
     out: dict[str, tuple[Any, Any, Any]] = {}
 
     def walk(node: Any, path: tuple, parent: Any, key: Any) -> None:
         if isinstance(node, torch.nn.Module):
             # state_dict() tensors share storage with the parameters: copy_ fills the model
             node = node.state_dict()
+        elif is_stateful(node):
+            out[path_name(path)] = (StatefulSlot(node, path), parent, key)
+            return
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, path + (k,), node, k)
@@ -131,6 +148,8 @@ def copy_into(src: Mapping[str, Any], dst: Mapping[str, tuple[Any, Any, Any]], *
             mismatched.append((name, why))
             continue
         actions.append((name, value, parent, key))
+    tied = _tied(missing, dst, actions)
+    missing = [m for m in missing if m not in tied]
     report = LoadReport((), tuple(missing), tuple(unexpected), tuple(mismatched), renamed)
     if strict and not report.ok:
         raise StrictLoadError("checkpoint does not match the target (pass strict=False to load "
@@ -139,8 +158,19 @@ def copy_into(src: Mapping[str, Any], dst: Mapping[str, tuple[Any, Any, Any]], *
     if prepare is not None:
         prepare(actions)
     loaded: list[str] = []
+    # Stateful objects first: one that refuses its state fails the load before any
+    # tensor of the target was written
+    for name, value, _parent, _key in actions:
+        if isinstance(value, StatefulSlot):
+            why = give_state(name, value.obj, src[name], strict)
+            if why:
+                mismatched.append((name, why))
+            else:
+                loaded.append(name)
     with torch.no_grad():
         for name, value, parent, key in actions:
+            if isinstance(value, StatefulSlot):
+                continue
             target, s = resolve(name, value) if resolve is not None else (value, src[name])
             if isinstance(target, torch.Tensor):
                 s = torch.from_numpy(s) if isinstance(s, np.ndarray) else s
@@ -153,6 +183,7 @@ def copy_into(src: Mapping[str, Any], dst: Mapping[str, tuple[Any, Any, Any]], *
                 mismatched.append((name, "cannot replace a value inside a tuple"))
                 continue
             loaded.append(name)
+    loaded += tied  # the same memory as a tensor loaded above
     report = LoadReport(tuple(loaded), tuple(missing), tuple(unexpected), tuple(mismatched), renamed)
     if not report.ok:
         log.warning("partial load: %s", report.summary())
@@ -171,14 +202,83 @@ def apply_into(state: Any, into: Any, *, strict: bool = True, cast: bool = False
     logged as a warning; shape mismatches are never loaded, dtype differences only
     with ``cast=True``.
     """
-    src_leaves = {k: v[0] for k, v in leaves_of(state).items()}
-    mapping, renamed = rename_names(src_leaves, rename)
-    src = {new: src_leaves[old] for old, new in mapping.items()}
+    refuse_state_dict_copies(into)
     dst = leaves_of(into)
     if target_filter is not None:
-        dst = {k: v for k, v in dst.items() if target_filter(k)}
+        dst = {k: v for k, v in dst.items() if target_filter(k) or isinstance(v[0], StatefulSlot)}
+    slots = {name: v[0].path for name, v in dst.items() if isinstance(v[0], StatefulSlot)}
+    src_leaves = {k: v[0] for k, v in leaves_of(state).items()}
+    claimed: dict[str, Any] = {}  # the part of the checkpoint each Stateful object takes whole
+    for name, path in slots.items():
+        found, sub = subtree(state, path)
+        inside = [k for k in src_leaves if not path or k == name or k.startswith(name + ".")]
+        for k in inside:
+            del src_leaves[k]
+        if found:
+            claimed[name] = sub
+    mapping, renamed = rename_names(src_leaves, rename)
+    src = {new: src_leaves[old] for old, new in mapping.items()}
+    src.update(claimed)
     unexpected = [old for old, new in mapping.items() if new not in dst]
     return copy_into(src, dst, strict=strict, cast=cast, unexpected=unexpected, renamed=renamed)
+
+
+def subtree(tree: Any, path: tuple) -> tuple[bool, Any]:
+    """(True, the value at ``path`` of a nested tree) or (False, None)."""
+    node = tree
+    for k in path:
+        if isinstance(node, dict) and k in node:
+            node = node[k]
+        elif isinstance(node, (list, tuple)) and isinstance(k, int) and -len(node) <= k < len(node):
+            node = node[k]
+        else:
+            return False, None
+    return True, node
+
+
+def refuse_state_dict_copies(into: Any) -> None:
+    """Refuse an optimizer's, scheduler's or scaler's ``state_dict()`` given as a target:
+    loading into that copy would leave the object itself unchanged."""
+    def walk(node: Any, path: tuple, depth: int) -> None:
+        what = state_dict_kind(node)
+        if what:
+            where = "".join(f"[{k!r}]" for k in path) or " itself"
+            raise UnsupportedTypeError(
+                f"into{where} is a copy of {what}'s state_dict(): loading into it would leave "
+                f"the {what.split()[-1]} unchanged; pass the object itself (e.g. into={{'optim': "
+                "optimizer}), whose load_state_dict() is then called")
+        if depth < 64 and isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, path + (k,), depth + 1)
+        elif depth < 64 and isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, path + (i,), depth + 1)
+
+    walk(into, (), 0)
+
+
+def give_state(name: str, obj: Any, state: Any, strict: bool) -> str | None:
+    """Give ``obj`` its state; why it refused it (strict: raised instead), or None."""
+    try:
+        obj.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any refusal becomes a typed, named error
+        why = f"{type(obj).__name__}.load_state_dict refused the checkpoint's state: {type(e).__name__}: {e}"
+        if strict:
+            raise StrictLoadError(f"{name}: {why}") from e
+        return why
+    return None
+
+
+def _tied(missing: list[str], dst: Mapping[str, tuple[Any, Any, Any]], actions: list[Action]) -> list[str]:
+    """The missing target tensors that are the very same memory as a tensor being loaded
+    (tied weights: a checkpoint may hold them once)."""
+    def key(t: Any) -> tuple | None:
+        if not isinstance(t, torch.Tensor) or type(t) is not torch.Tensor or t.numel() == 0:
+            return None
+        return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+    loading = {key(value) for _n, value, _p, _k in actions} - {None}
+    return [m for m in missing if key(dst[m][0]) in loading] if loading else []
 
 
 def rename_tree(state: Any, rename: RenameSpec) -> tuple[Any, tuple]:

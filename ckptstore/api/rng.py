@@ -1,0 +1,104 @@
+"""``ckptstore.RNGState``: the random number generators as a Stateful value.
+
+Put ``ckptstore.RNGState()`` in the state given to ``save`` and in ``into=`` of
+``load``: Python's ``random``, NumPy's global generator, torch's CPU generator and
+every CUDA device's generator are captured on save and restored on load, so a
+resumed run draws the same numbers as one that never stopped.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from ckptstore.errors import CorruptCheckpointError
+
+log = logging.getLogger(__name__)
+
+
+class RNGState:
+    """A Stateful holding no state of its own: ``state_dict()`` reads the process's
+    generators, ``load_state_dict()`` sets them.
+
+    ``per_rank=True`` (for saves that every rank of a process group calls together)
+    gathers every rank's generators into the checkpoint, and each rank restores its
+    own (``rank % saved ranks``, so a job may resume on another number of ranks).
+    Keep the default when only one rank saves, as a gather would wait for the others.
+    """
+
+    def __init__(self, *, per_rank: bool = False) -> None:
+        self.per_rank = per_rank
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = capture()
+        if not (self.per_rank and _world() > 1):
+            return mine
+        import torch.distributed as dist
+
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)  # in-process collective, not a load path
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not isinstance(state, dict):
+            raise CorruptCheckpointError(f"RNG state is a {type(state).__name__}, not a dict")
+        if "ranks" in state:
+            ranks = list(state["ranks"])
+            if not ranks:
+                raise CorruptCheckpointError("RNG state holds no rank's generators")
+            state = ranks[_rank() % len(ranks)]
+        restore(state)
+
+
+def capture() -> dict[str, Any]:
+    """This process's generators as a plain tree of tensors, arrays and numbers."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss},
+        "numpy": {"kind": kind, "keys": np.asarray(keys).copy(), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": list(cuda),
+    }
+
+
+def restore(state: dict[str, Any]) -> None:
+    """Inverse of :func:`capture`."""
+    try:
+        py = state["python"]
+        random.setstate((int(py["version"]), tuple(int(v) for v in py["state"].tolist()),
+                         py["gauss_next"]))
+        npy = state["numpy"]
+        np.random.set_state((str(npy["kind"]), np.asarray(npy["keys"], dtype=np.uint32), int(npy["pos"]),
+                             int(npy["has_gauss"]), float(npy["cached_gaussian"])))
+        torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8).contiguous())
+        cuda = list(state.get("cuda") or [])
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CorruptCheckpointError(f"malformed RNG state: {e}") from None
+    if cuda and torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        if len(cuda) != n:
+            log.warning("RNG state holds %d CUDA generators, this process sees %d; restoring the "
+                        "first %d", len(cuda), n, min(n, len(cuda)))
+        for i, s in enumerate(cuda[:n]):
+            torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), i)
+    elif cuda:
+        log.warning("RNG state holds CUDA generators but CUDA is not available; they are not restored")
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
