@@ -43,6 +43,8 @@ _LAZY = {
     "check": ("api.check", "check"),
     "CheckReport": ("api.check", "CheckReport"),
     "RNGState": ("api.rng", "RNGState"),
+    "ModelState": ("api.states", "ModelState"),
+    "OptimizerState": ("api.states", "OptimizerState"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ckptstore.api.load import load
     from ckptstore.api.rng import RNGState
     from ckptstore.api.save import SaveHandle, SaveResult, save
+    from ckptstore.api.states import ModelState, OptimizerState
     from ckptstore.read.into import LoadReport
     from ckptstore.verify.fsck import FsckReport, fsck
 
@@ -66,6 +69,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["__version__", "save", "load", "fsck", "open", "shutdown", "check", "CheckReport", "RNGState",
+           "ModelState", "OptimizerState",
            "Checkpointer", "SaveHandle", "SaveResult",
            "LoadReport", "FsckReport", "CkptError", "CheckpointExistsError",
            "CheckpointNotFoundError", "CkptTimeoutError", "CorruptCheckpointError",

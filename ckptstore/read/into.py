@@ -162,7 +162,8 @@ def copy_into(src: Mapping[str, Any], dst: Mapping[str, tuple[Any, Any, Any]], *
     # tensor of the target was written
     for name, value, _parent, _key in actions:
         if isinstance(value, StatefulSlot):
-            why = give_state(name, value.obj, src[name], strict)
+            part = resolve(name, value)[1] if resolve is not None else src[name]
+            why = give_state(name, value.obj, part, strict)
             if why:
                 mismatched.append((name, why))
             else:
