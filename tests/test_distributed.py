@@ -284,10 +284,10 @@ def test_load_resharded_and_dcp_roundtrip(saved, world):
 
 def test_dcp_checkpoint_is_a_ckptstore_checkpoint(saved):
     assert ckptstore.fsck(LocalStorage(str(saved / "dcp"))).ok
-    flat = ckptstore.load(saved / "dcp")
+    nested = ckptstore.load(saved / "dcp")  # the nested state given to dcp.save
     ref = ckptstore.load(saved / "ref")
     for k, v in ref["model"].items():
-        assert_same_tree(v, flat[f"model.{k}"], k)
+        assert_same_tree(v, nested["model"][k], k)
 
 
 def test_failed_rank_commits_nothing(tmp_path):

@@ -6,9 +6,14 @@ writes and reads (dedup of replicas, resharding); ckptstore decides how the byte
 are stored: chunked, byte-grouped and compressed, xxh3-128 per chunk, files written
 through the atomic-write path, and a ckptstore manifest written last by the
 coordinator as the commit. The result is an ordinary ckptstore checkpoint:
-``ckptstore.load`` / ``fsck`` / tiers work on it, and its metadata is JSON, never
-pickle. (DCP's own planner still unpickles values it saved as bytes with
-``torch.save``; tensors never take that path.)
+``ckptstore.load`` / ``fsck`` / tiers work on it and give the nested state that was
+given to ``dcp.save`` (DCP's flatten mapping tells the nesting; DCP turns every dict
+key into a string). Non-tensor values are stored as typed JSON, never pickle: the
+writer takes them from the planner's state, and the reader hands DCP's load planner
+the bytes of ``torch.save(value)`` that it expects, built from the decoded value.
+Only a value typed JSON cannot hold (an arbitrary object, or a container holding
+tensors) keeps DCP's pickled bytes, which ``ckptstore.load`` returns as a uint8 array.
+The reader serves plain ``ckptstore.save`` checkpoints too (:mod:`.dcp_tree`).
 
 Call order (from DCP): ``reset`` -> ``set_up_storage_writer`` -> ``prepare_local_plan``
 -> ``prepare_global_plan`` (coordinator) -> ``write_data`` (every rank) -> ``finish``
@@ -18,11 +23,10 @@ CheckpointException on every rank when any rank failed).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import io
 import json
+import logging
 import math
-import operator
 import os
 import secrets
 from dataclasses import dataclass
@@ -51,6 +55,7 @@ from torch.futures import Future
 
 from ckptstore import manifest as fmt
 from ckptstore.commit.atomic import commit_manifest
+from ckptstore.distributed.dcp_tree import DcpView, dcp_view, fill, leaves_in, nest, save_bytes, value_json
 from ckptstore.distributed.reshard import read_boxes, whole_shards
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError
 from ckptstore.manifest import builder
@@ -62,6 +67,8 @@ from ckptstore.plan.tree import Leaf, torch_dtype
 from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage, open_storage
 
+log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True, slots=True)
 class StoredItem:
@@ -70,6 +77,7 @@ class StoredItem:
     files: tuple[fmt.FileRecord, ...]  # the rank's files, on its first item only
     chunks: tuple[fmt.ChunkRecord, ...]
     nbytes: int
+    value_json: str | None = None  #: a non-tensor value as typed JSON (no data written)
 
 
 class CkptStoreWriter(StorageWriter):
@@ -124,62 +132,80 @@ class CkptStoreWriter(StorageWriter):
         return [dataclasses.replace(p, storage_data=f"r{i}") for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
-        leaves = []
-        for i, item in enumerate(plan.items):
-            data = planner.resolve_data(item)
+        leaves: list[Leaf] = []
+        data_items = []
+        texts: dict[int, str] = {}
+        objects = getattr(planner, "state_dict", None)  # DCP's flat state (default planner)
+        for k, item in enumerate(plan.items):
             if item.type == WriteItemType.BYTE_IO:
+                text = None
+                if isinstance(objects, dict) and item.index.fqn in objects:
+                    text = value_json(objects[item.index.fqn])
+                if text is not None:
+                    texts[k] = text
+                    continue
+                # not typed-JSON storable: keep the bytes DCP made (read back by dcp.load)
+                log.warning("DCP item %r is stored as DCP's pickled bytes: ckptstore.load gives "
+                            "it as a uint8 array", item.index.fqn)
+                data = planner.resolve_data(item)
                 buf = data.getbuffer() if isinstance(data, io.BytesIO) else bytes(data)
                 value: Any = np.frombuffer(buf, dtype=np.uint8)
             else:
-                value = data.detach()
+                value = planner.resolve_data(item).detach()
             offsets = "" if item.index.offset is None else "@" + ",".join(map(str, item.index.offset))
-            leaves.append(Leaf(i, (item.index.fqn + offsets,), value))
+            leaves.append(Leaf(len(leaves), (item.index.fqn + offsets,), value))
+            data_items.append(k)
+        stored: dict[int, StoredItem] = {k: StoredItem((), (), 0, t) for k, t in texts.items()}
+        files: tuple[fmt.FileRecord, ...] = ()
+        if leaves:
+            tensors, files = self._write(leaves, plan.storage_data)
+            stored.update((k, StoredItem((), t.chunks, t.nbytes)) for k, t in zip(data_items, tensors))
+        results = [WriteResult(index=item.index, size_in_bytes=stored[k].nbytes,
+                               storage_data=dataclasses.replace(stored[k], files=files)
+                               if k == 0 else stored[k])
+                   for k, item in enumerate(plan.items)]
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write(self, leaves: list[Leaf], rank: Any) -> tuple[tuple, tuple[fmt.FileRecord, ...]]:
         eng = engine()
         pipe = SavePipeline(eng, self.storage, self.options)
         # held until the files are written: the next save reuses the staging memory
         with eng.admit("wait"):
-            rank_id = f"{self.save_id}-{plan.storage_data or 'r0'}"
-            staged = pipe.stage(leaves, pipe.plan(leaves, rank_id))
+            staged = pipe.stage(leaves, pipe.plan(leaves, f"{self.save_id}-{rank or 'r0'}"))
             try:
-                tensors, files = builder.file_records(pipe.written(staged))
+                return builder.file_records(pipe.written(staged))
             except BaseException:
                 pipe.discard(staged.files)
                 raise
-        results = [WriteResult(index=item.index, size_in_bytes=t.nbytes,
-                               storage_data=StoredItem(files if k == 0 else (), t.chunks, t.nbytes))
-                   for k, (item, t) in enumerate(zip(plan.items, tensors))]
-        fut: Future = Future()
-        fut.set_result(results)
-        return fut
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         stored = {(r.index.fqn, _key(r.index.offset)): r.storage_data
                   for rs in results for r in rs}
         files = [f for rs in results for r in rs for f in r.storage_data.files]
         tensors: list[fmt.TensorRecord] = []
-        items: list[list[Any]] = []
+        nodes: dict[str, Any] = {}
         byte_keys: list[str] = []
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, BytesStorageMetadata):
                 s = stored[(fqn, None)]
+                if s.value_json is not None:
+                    nodes[fqn] = json.loads(s.value_json)
+                    continue
                 rec = builder.tensor_record(fqn, "numpy", "|u1", (s.nbytes,), s.nbytes,
                                             [((0,), (s.nbytes,), s.chunks)])
                 byte_keys.append(fqn)
-                node = {"T": "ndarray", "id": len(tensors)}
+                nodes[fqn] = {"T": "ndarray", "id": len(tensors)}
             else:
                 rec = _tensor_record(fqn, md, stored)
-                node = {"T": "tensor", "id": len(tensors)}
+                nodes[fqn] = {"T": "tensor", "id": len(tensors)}
             tensors.append(rec)
-            items.append([fqn, node])
         dcp_meta: dict[str, Any] = {"version": metadata.version, "bytes": byte_keys}
-        try:
-            dcp_meta["planner_data"] = json.loads(json.dumps(metadata.planner_data))
-        except (TypeError, ValueError):
-            pass  # not JSON (a custom planner): DCP's default load does not need it
         manifest = builder.assemble(
             save_id=self.save_id, chunk_size=self.options.chunk_size,
             compression=self.options.compression, metadata={"dcp": dcp_meta},
-            tree={"T": "dict", "items": items}, tensors=tensors, files=files,
+            tree=nest(nodes, metadata.planner_data), tensors=tensors, files=files,
             via="torch.distributed.checkpoint")
         fmt.validate(manifest)
         commit_manifest(self.storage, manifest, overwrite=self.options.overwrite)
@@ -207,6 +233,7 @@ class CkptStoreReader(StorageReader):
         super().__init__()
         self.path, self.verify, self.storage_options = path, verify, storage_options
         self._manifest: fmt.Manifest | None = None
+        self._view: DcpView | None = None
 
     @property
     def storage(self) -> Storage:
@@ -217,33 +244,45 @@ class CkptStoreReader(StorageReader):
             self._manifest = read_manifest(self.storage)
         return self._manifest
 
+    def view(self) -> DcpView:
+        """The checkpoint's tree flattened the way DCP flattens the load target."""
+        if self._view is None:
+            self._view = dcp_view(self.manifest().tree)
+        return self._view
+
+    def dcp_meta(self) -> dict[str, Any]:
+        """What a DCP save recorded in the manifest (empty for ``ckptstore.save``)."""
+        meta = self.manifest().metadata
+        found = meta.get("dcp") if isinstance(meta, dict) else None
+        return found if isinstance(found, dict) else {}
+
     def reset(self, checkpoint_id: "str | os.PathLike | None" = None) -> None:
         if checkpoint_id:
             self.path = checkpoint_id
         self._manifest = None
+        self._view = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: "str | os.PathLike") -> bool:
         return isinstance(checkpoint_id, (str, os.PathLike))
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        m = self.manifest()
-        dcp_meta = m.metadata.get("dcp") if isinstance(m.metadata, dict) else None
-        dcp_meta = dcp_meta if isinstance(dcp_meta, dict) else {}
-        byte_keys = set(dcp_meta.get("bytes") or ())
+        m, view, dcp_meta = self.manifest(), self.view(), self.dcp_meta()
         sdm: dict[str, Any] = {}
-        for rec in m.tensors:
-            if rec.name in byte_keys:
-                sdm[rec.name] = BytesStorageMetadata()
-            elif rec.kind == "torch":
-                sdm[rec.name] = TensorStorageMetadata(
+        for fqn, value in view.values.items():
+            i = view.record_of(value)
+            rec = None if i is None else m.tensors[i]
+            if rec is not None and rec.kind == "torch" and isinstance(value, torch.Tensor):
+                sdm[fqn] = TensorStorageMetadata(
                     TensorProperties(dtype=torch_dtype(rec.dtype)), torch.Size(rec.shape),
                     [ChunkStorageMetadata(offsets=torch.Size(h.offsets), sizes=torch.Size(h.shape))
                      for h in whole_shards(rec)])
-        planner_data = dcp_meta.get("planner_data")
-        if isinstance(planner_data, dict):  # JSON turned the object paths into lists
-            planner_data = {k: tuple(v) if isinstance(v, list) else v
-                            for k, v in planner_data.items()}
+            else:
+                sdm[fqn] = BytesStorageMetadata()
+        planner_data: dict[str, Any] = dict(view.mappings)
+        stored = dcp_meta.get("planner_data")  # written by earlier versions (a flat tree)
+        if isinstance(stored, dict) and set(stored) == set(sdm):  # JSON made the paths lists
+            planner_data = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
         return Metadata(state_dict_metadata=sdm, planner_data=planner_data,
                         storage_meta=StorageMeta(checkpoint_id=str(self.storage.url),
                                                  load_id=secrets.token_hex(6)),
@@ -251,7 +290,7 @@ class CkptStoreReader(StorageReader):
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any,
                               **kwargs: Any) -> None:
-        self.manifest()
+        self.view()
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -260,24 +299,24 @@ class CkptStoreReader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future:
-        m, storage = self.manifest(), self.storage
-        index = {rec.name: i for i, rec in enumerate(m.tensors)}
-        boxes, tensor_items = [], []
+        m, storage, view = self.manifest(), self.storage, self.view()
+        boxes, tensor_items, byte_items = [], [], []
         for item in plan.items:
             fqn = item.storage_index.fqn
-            if fqn not in index:
-                raise CorruptCheckpointError(f"{storage.url} holds no tensor {fqn!r}")
+            if fqn not in view.values:
+                raise CorruptCheckpointError(f"{storage.url} holds no item {fqn!r}")
             if item.type == LoadItemType.BYTE_IO:
-                i = index[fqn]
-                (arr,) = read_tensors(storage, m, verify=self.verify,
-                                      select=functools.partial(operator.is_, m.tensors[i])).values()
-                planner.load_bytes(item, io.BytesIO(arr.tobytes()))
+                byte_items.append(item)
                 continue
+            i = view.record_of(view.values[fqn])
+            if i is None or not isinstance(view.values[fqn], torch.Tensor):
+                raise CorruptCheckpointError(f"{storage.url}: {fqn!r} is not a tensor in this checkpoint")
             base = tuple(item.storage_index.offset or ())
             start = tuple(b + o for b, o in zip(base, item.storage_offsets)) or ()
-            boxes.append((index[fqn], start if base else tuple(item.storage_offsets),
-                          tuple(item.lengths)))
+            boxes.append((i, start if base else tuple(item.storage_offsets), tuple(item.lengths)))
             tensor_items.append(item)
+        if byte_items:
+            self._read_bytes(byte_items, planner)
         for item, data in zip(tensor_items, read_boxes(storage, m, boxes, verify=self.verify)):
             target = planner.resolve_tensor(item).detach()
             if target.shape != data.shape:
@@ -288,3 +327,21 @@ class CkptStoreReader(StorageReader):
         fut: Future = Future()
         fut.set_result(None)
         return fut
+
+    def _read_bytes(self, items: list, planner: LoadPlanner) -> None:
+        """Serve non-tensor items as DCP expects them: the bytes of ``torch.save(value)``,
+        built here from the typed-JSON value (and any arrays inside it, read and verified)."""
+        m, storage, view = self.manifest(), self.storage, self.view()
+        raw = set(self.dcp_meta().get("bytes") or ())  # items DCP stored as its own pickled bytes
+        values = {it.storage_index.fqn: view.values[it.storage_index.fqn] for it in items}
+        needed = set().union(*(leaves_in(v, view) for v in values.values()))
+        wanted = [m.tensors[i] for i in sorted(needed)]
+        arrays = read_tensors(storage, m, verify=self.verify,
+                              select=lambda rec: any(rec is w for w in wanted)) if wanted else {}
+        for item in items:
+            fqn = item.storage_index.fqn
+            i = view.record_of(values[fqn])
+            if i is not None and m.tensors[i].name in raw:  # DCP's own pickled bytes
+                planner.load_bytes(item, io.BytesIO(np.ascontiguousarray(arrays[i]).tobytes()))
+            else:
+                planner.load_bytes(item, save_bytes(fill(values[fqn], view, arrays)))
