@@ -117,7 +117,7 @@ def test_sharded_checkpoint_loads_at_world_size_one_like_a_full_gather(saved):
     ref = ckptstore.load(saved / "ref")
     whole = ckptstore.load(saved / "run" / "checkpoints" / step_name(STEP))  # resharded 2 -> 1
     _assert_same(whole, ref)
-    assert whole["step"] == STEP and len(whole["rng"]) == WORLD
+    assert whole["step"] == STEP and len(whole["rng"]["ranks"]) == WORLD
     assert whole["data"]["consumed"] == STEP and whole["meta"]["world_size"] == WORLD
 
 

@@ -3,12 +3,14 @@
 Builds the state tree (model, optimizer, scheduler, scaler, per-rank RNG, data position, step,
 config) and restores it. The training loop calls only ``save``, ``wait`` and
 ``maybe_resume``. Everything that changes training dynamics is in the tree; nothing is pickled
-into it (RNG states are tensors, arrays and tuples of ints).
+into it. The live objects go in as ckptstore's Stateful objects (``ModelState``,
+``OptimizerState``, ``RNGState``, the scheduler and the data stream), and a resume hands each
+its part through ``load_state_dict``.
 
 With several ranks (FSDP2) every rank owns a collective ``ckptstore.Checkpointer`` and saves
-the model and optimizer as the sharded state dicts of ``torch.distributed.checkpoint.state_dict``
-(DTensor local shards, no gather): each rank writes its own shards, rank 0 commits, and a
-resume loads each rank's boxes straight into its sharded state dict (any saved world size).
+the model and optimizer as their sharded state dicts (DTensor local shards, no gather): each
+rank writes its own shards, rank 0 commits, and a resume loads each rank's boxes straight
+into its sharded state dicts (any saved world size).
 Plain values are identical on every rank (taken from rank 0, RNG states gathered from all), so
 they are written once. A single process saves full state dicts, as before.
 """
@@ -16,16 +18,15 @@ they are written once. A single process saves full state dicts, as before.
 from __future__ import annotations
 
 import logging
-import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+
+import ckptstore
 
 from .config import TrainConfig
 from .data import TokenStream
@@ -74,31 +75,6 @@ def make_backend(cfg: TrainConfig) -> Backend:
                                   compression=cfg.compression)
 
 
-# ---- RNG ---------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states (Python, numpy, torch CPU, every CUDA device) as plain data."""
-    np_state = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": (str(np_state[0]), np.asarray(np_state[1]), int(np_state[2]), int(np_state[3]),
-                  float(np_state[4])),
-        "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    """Inverse of ``rng_state``; accepts lists where tuples were saved."""
-    version, internal, gauss = state["python"]
-    random.setstate((int(version), tuple(int(x) for x in internal), gauss))
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
-                         float(cached)))
-    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.as_tensor(s, dtype=torch.uint8) for s in state["cuda"]])
-
-
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -118,35 +94,30 @@ class TrainCheckpointer:
         self.sharded = self.world_size > 1  # every rank saves its own shards, collectively
         self.backend: Backend | None = (backend_factory or make_backend)(parts.cfg)
         self._handle: Any = None
-        self._sd_options = (StateDictOptions() if self.sharded  # DTensor shards, no copy
-                            else StateDictOptions(full_state_dict=True, cpu_offload=True))
+        self.full = not self.sharded  # sharded: DTensor shards, no copy; else whole CPU tensors
 
     # ---- saving -------------------------------------------------------------------------
     def volatile(self) -> dict[str, Any]:
         """RNG + data position *now*; captured at the start of a step for a deferred save."""
-        return {"rng": rng_state(), "data": self.parts.data.state_dict()}
+        return {"rng": ckptstore.RNGState(per_rank=True, snapshot=True), "data": self.parts.data.state_dict()}
 
     def build_state(self, step: int, volatile: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The state tree (model and optimizer as DTensor shards when sharded). Collective
-        under FSDP2: every rank gets the same tree apart from its own shards."""
+        """The state tree, with the model and optimizer as Stateful objects (their DTensor shards
+        when sharded). Saving it is collective under FSDP2: the RNG states of every rank are
+        gathered, and plain values are rank 0's (a distributed save writes them once)."""
         p = self.parts
         volatile = volatile or self.volatile()
-        model_sd, optim_sd = get_state_dict(p.model, p.optimizer, options=self._sd_options)
         small = {"sched": p.scheduler.state_dict(), "scaler": p.scaler.state_dict(),
                  "data": volatile["data"], "config": p.cfg.to_dict(),
                  "meta": {"world_size": self.world_size, "saved_at": time.time()}}
-        rngs: list[Any] = [volatile["rng"]]
         if self.sharded:
-            # a distributed save writes plain values once, so they must be equal on every rank:
-            # rank 0's small state, and the RNG states of all ranks (one entry per rank)
-            rngs = [None] * self.world_size
-            dist.all_gather_object(rngs, volatile["rng"])
             box = [small]
             dist.broadcast_object_list(box, src=0)
             small = box[0]
-        return {"step": step, "model": model_sd, "optim": optim_sd, "sched": small["sched"],
-                "scaler": small["scaler"], "rng": rngs, "data": small["data"],
-                "config": small["config"], "meta": small["meta"]}
+        return {"step": step, "model": ckptstore.ModelState(p.model, full=self.full),
+                "optim": ckptstore.OptimizerState(p.model, p.optimizer, full=self.full),
+                "sched": small["sched"], "scaler": small["scaler"], "rng": volatile["rng"],
+                "data": small["data"], "config": small["config"], "meta": small["meta"]}
 
     def save(self, step: int, metrics: dict[str, float] | None = None,
              volatile: dict[str, Any] | None = None) -> None:
@@ -200,82 +171,49 @@ class TrainCheckpointer:
         return self.backend.load("latest", **kwargs)
 
     def maybe_resume(self) -> int:
-        """Restore from the checkpoint ``--resume`` names; return the step to continue after (0 = fresh)."""
-        if self.sharded:
-            return self._restore_sharded()
-        state = self._load_for_resume()
-        if state is None:
-            return 0
-        p = self.parts
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(p.model, state["model"], options=options)
-        set_optimizer_state_dict(p.model, p.optimizer, _as_optim_state(state["optim"]), options=options)
-        return self._restore_small(state, list(state["rng"]))
+        """Restore from the checkpoint ``--resume`` names; return the step to continue after (0 = fresh).
 
-    def _restore_sharded(self) -> int:
-        """Every rank loads its own boxes into its sharded state dicts, then ``set_state_dict``."""
+        Every live object takes its part through ``load_state_dict`` (the model's and optimizer's
+        shards straight from the chunks that hold them, at any saved world size); plain values are
+        kept and checked here."""
         p = self.parts
-        model_sd, optim_sd = get_state_dict(p.model, p.optimizer, options=self._sd_options)
-        # the tree build_state saves, with lists for tuples: loading replaces plain values in place
-        target = {"step": 0, "model": model_sd, "optim": _mutable(optim_sd),
-                  "sched": _mutable(p.scheduler.state_dict()), "scaler": _mutable(p.scaler.state_dict()),
-                  "rng": [_mutable(rng_state()) for _ in range(self.world_size)],
-                  "data": _mutable(p.data.state_dict()), "config": _mutable(p.cfg.to_dict()),
-                  "meta": {"world_size": 0, "saved_at": 0.0}}
+        kept = {k: _Kept() for k in ("step", "scaler", "config", "meta")}
+        target = {"model": ckptstore.ModelState(p.model, full=self.full),
+                  "optim": ckptstore.OptimizerState(p.model, p.optimizer, full=self.full),
+                  "sched": p.scheduler, "data": p.data, "rng": ckptstore.RNGState(per_rank=True), **kept}
         report = self._load_for_resume(into=target)
         if report is None:
             return 0
-        # rng entries may differ in number (another world size) and config may have grown new
-        # fields; everything else must have been in the checkpoint, with the same shape
-        required = {"step", "model", "optim", "sched", "scaler", "data", "meta"}
+        required = {"step", "model", "optim", "sched", "scaler", "data", "meta", "rng"}
         bad = [n for n in report.missing if n.split(".", 1)[0] in required]
         bad += [f"{n} ({why})" for n, why in report.mismatched if n.split(".", 1)[0] in required]
         if bad:
             raise ValueError(f"checkpoint does not fit this run: {', '.join(bad[:10])}"
                              + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
-        set_model_state_dict(p.model, target["model"], options=self._sd_options)
-        set_optimizer_state_dict(p.model, p.optimizer, _as_optim_state(target["optim"]),
-                                 options=self._sd_options)
-        saved_world = int(target["meta"]["world_size"])
-        return self._restore_small(target, target["rng"][:min(saved_world, self.world_size)])
-
-    def _restore_small(self, small: dict[str, Any], rngs: list[Any]) -> int:
-        """Scheduler, scaler, data position, this rank's RNG; returns the saved step."""
-        p = self.parts
-        saved_world = int(small["meta"]["world_size"])
+        saved_world = int(kept["meta"].value["world_size"])
         if saved_world != self.world_size:
             log.warning("checkpoint was written by %d ranks, resuming on %d: per-rank RNG is reused "
                         "round-robin, so the run is not bit-exact", saved_world, self.world_size)
-        _warn_config_drift(dict(small["config"]), p.cfg.to_dict())
-        p.scheduler.load_state_dict(dict(small["sched"]))
-        if small["scaler"]:
-            p.scaler.load_state_dict(dict(small["scaler"]))
-        p.data.load_state_dict(dict(small["data"]))
-        set_rng_state(rngs[self.rank % len(rngs)])
-        step = int(small["step"])
-        log.info("resumed from checkpoint %d (data position %s)", step, small["data"])
+        if kept["config"].value is not None:
+            _warn_config_drift(dict(kept["config"].value), p.cfg.to_dict())
+        if kept["scaler"].value:
+            p.scaler.load_state_dict(dict(kept["scaler"].value))
+        step = int(kept["step"].value)
+        log.info("resumed from checkpoint %d (data position %s)", step, p.data.state_dict())
         return step
 
 
-def _mutable(tree: Any) -> Any:
-    """``tree`` with its containers copied as dicts and lists (tuples cannot take values loaded in
-    place); tensors and arrays are the same objects, so a load fills them."""
-    if isinstance(tree, dict):
-        return {k: _mutable(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)) and not isinstance(tree, torch.Size):
-        return [_mutable(v) for v in tree]
-    return tree
+class _Kept:
+    """A Stateful that keeps the value it is given (plain values the caller checks itself)."""
 
+    def __init__(self) -> None:
+        self.value: Any = None
 
-def _as_optim_state(optim: dict[str, Any]) -> dict[str, Any]:
-    """Undo container changes a storage round trip may make (tuples come back as lists)."""
-    groups = []
-    for group in optim["param_groups"]:
-        group = dict(group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": optim["state"], "param_groups": groups}
+    def state_dict(self) -> Any:
+        return self.value
+
+    def load_state_dict(self, value: Any) -> None:
+        self.value = value
 
 
 def _warn_config_drift(saved: dict[str, Any], now: dict[str, Any]) -> None:

@@ -27,13 +27,17 @@ class RNGState:
     gathers every rank's generators into the checkpoint, and each rank restores its
     own (``rank % saved ranks``, so a job may resume on another number of ranks).
     Keep the default when only one rank saves, as a gather would wait for the others.
+
+    ``snapshot=True`` captures the generators when the object is made, for a save
+    taken later that must hold the state of that moment (e.g. the start of a step).
     """
 
-    def __init__(self, *, per_rank: bool = False) -> None:
+    def __init__(self, *, per_rank: bool = False, snapshot: bool = False) -> None:
         self.per_rank = per_rank
+        self.captured = capture() if snapshot else None
 
     def state_dict(self) -> dict[str, Any]:
-        mine = capture()
+        mine = self.captured if self.captured is not None else capture()
         if not (self.per_rank and _world() > 1):
             return mine
         import torch.distributed as dist
