@@ -216,7 +216,7 @@ def test_checkpoint_contents_and_policy(tmp_path):
     assert state["step"] == 6 and state["sched"]["last_epoch"] == 6
     assert state["data"]["consumed"] == 6  # position as of the end of step 6, not step 7
     assert state["config"]["preset"] == "tiny" and set(state["rng"]) == {"python", "numpy", "torch", "cuda"}
-    assert isinstance(state["rng"][0]["torch"], torch.Tensor)
+    assert isinstance(state["rng"]["torch"], torch.Tensor)
 
 
 def test_stop_flag_saves_the_current_step_and_returns(tmp_path, monkeypatch):
