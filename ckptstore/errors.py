@@ -12,7 +12,30 @@ class CkptError(Exception):
 
 
 class CheckpointNotFoundError(CkptError, FileNotFoundError):
-    """The path holds no committed checkpoint (no valid manifest)."""
+    """The path holds no committed checkpoint (no valid manifest).
+
+    ``hint`` says what the path holds instead and what to do (a ``torch.save`` or
+    safetensors file: ``ckptstore import``; a run directory: ``ckptstore ls``), or is
+    None; the message already includes it."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+    def __str__(self) -> str:  # OSError would format errno/filename
+        return str(self.args[0]) if self.args else ""
+
+
+class KeyNotFoundError(CkptError, KeyError):
+    """A name asked of a checkpoint (``load(keys=...)``, ``ckptstore.open(...)[name]``)
+    matches nothing in it. ``keys`` holds the names that matched nothing."""
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = tuple(keys)
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
 
 
 class CheckpointExistsError(CkptError, FileExistsError):
@@ -63,6 +86,15 @@ class StrictLoadError(CkptError, KeyError):
 
 class StorageError(CkptError, OSError):
     """An I/O operation on a storage backend failed."""
+
+
+class DestinationNotWritableError(StorageError, PermissionError):
+    """A save's destination cannot be written (a read-only file system or directory,
+    no permission, a file where a directory is needed, a read-only protocol): refused
+    before anything is staged."""
+
+    def __str__(self) -> str:  # the message names the path already
+        return str(self.strerror or super().__str__())
 
 
 class TransientStorageError(StorageError):

@@ -48,7 +48,7 @@ from ckptstore.pipeline.options import SaveOptions
 from ckptstore.runs.chain import IncrementalChain
 from ckptstore.runs.layout import step_name
 from ckptstore.runs.retention import Best, Policy
-from ckptstore.runs.tiers import Tier, candidates, retain, retire_damaged, step_metadata, unpromoted
+from ckptstore.runs.tiers import Tier, candidates, prepare_step, retain, step_metadata, unpromoted
 from ckptstore.storage import open_storage
 from ckptstore.verify.checks import check_quick
 
@@ -164,7 +164,7 @@ class Checkpointer:
 
         def prepare() -> None:
             self._raise_background()
-            retire_damaged(self.primary.root, step)
+            prepare_step(self.primary.root, step)
 
         self._agree(prepare, f"preparing the save of step {step}")
         opts = {**self.save_options, **kwargs}

@@ -21,12 +21,16 @@ def command(name: str, summary: str, arguments: Arguments):
     return deco
 
 
-def progress_bar(total: int, desc: str):
-    """A tqdm bar on a terminal, a no-op callable elsewhere."""
+def progress_bar(total: int, desc: str, unit: str = "B"):
+    """A tqdm bar on a terminal, a no-op callable elsewhere: ``(update(n), close())``.
+    ``unit="B"`` counts bytes and shows B, kB, MB... (1024 apart); any other unit
+    counts items of that name."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 
-        bar = tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+        scaled = unit == "B"
+        bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=scaled, unit_divisor=1024 if scaled else 1000,
+                   leave=False, file=sys.stderr)
         return bar.update, bar.close
     return (lambda n: None), (lambda: None)
 
@@ -37,6 +41,17 @@ def emit(args, payload: dict, text: str) -> None:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+
+def emit_error(args, command: str, e: BaseException, code: int) -> None:
+    """One line on stderr (``ckptstore CMD: message``); with ``--json`` also an object
+    on stdout: ``{"error": type, "message", "hint", "exit_code"}``."""
+    message = str(e) or type(e).__name__
+    sys.stderr.write(f"ckptstore {command}: {message if code == 2 else f'{type(e).__name__}: {message}'}\n")
+    if getattr(args, "json", False):
+        json.dump({"error": type(e).__name__, "message": message, "hint": getattr(e, "hint", None),
+                   "exit_code": code}, sys.stdout, indent=2, default=str)
+        sys.stdout.write("\n")
 
 
 def common_options(p: argparse.ArgumentParser) -> None:

@@ -1,7 +1,13 @@
 """``ckptstore ls``, ``gc`` and ``promote``: runs of step checkpoints on any tier.
 
 Arguments and output only; the work is in :mod:`ckptstore.runs` (``listing``,
-``gc``, ``promote``).
+``gc``, ``promote``). None of them imports torch.
+
+``--json`` fields: ``ls``: ``url``, ``tier``, ``steps`` (``step``, ``name``, ``state``,
+``committed``, ``added_bytes``, ``stored_bytes``, ``logical_bytes``, ``ratio``,
+``age_seconds``, ``problem``); ``gc``: ``url``, ``dry_run``, ``grace_seconds``,
+``removed``, ``count``; ``promote``: ``src``, ``dst``, ``promoted`` (``name``, ``dst``,
+``files``, ``uploaded_files``, ``uploaded_bytes``, ``already``), ``uploaded_bytes``.
 """
 from __future__ import annotations
 
@@ -11,16 +17,21 @@ from dataclasses import asdict
 from ckptstore import manifest as fmt
 from ckptstore.cli.base import command, common_options, emit, progress_bar, storage_options
 from ckptstore.runs.gc import DEFAULT_GRACE, gc
-from ckptstore.runs.listing import list_steps
+from ckptstore.runs.listing import StepInfo, check_run, list_steps
 from ckptstore.storage import Storage, open_storage
 
 
-def _human(n: float) -> str:
+def human(n: float) -> str:
+    """``1536`` -> ``"1.5 KiB"``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def _state(s: StepInfo) -> str:
+    return "committed" if s.committed else ("damaged" if s.problem else "incomplete")
 
 
 def _ls_args(p: argparse.ArgumentParser) -> None:
@@ -32,18 +43,21 @@ def _ls_args(p: argparse.ArgumentParser) -> None:
          _ls_args)
 def _ls(args) -> int:
     root = open_storage(args.url, storage_options(args))
+    check_run(root)
     steps = list_steps(root)
     lines = [f"{'step':>12}  {'state':<10} {'added':>10} {'stored':>10} {'ratio':>6}  age"]
     for s in steps:
-        state = "committed" if s.committed else ("damaged" if s.problem else "incomplete")
         age = "-" if s.age_seconds is None else f"{s.age_seconds:.0f}s"
         ratio = "-" if s.ratio is None else f"{s.ratio:.3f}"
-        lines.append(f"{s.step:>12}  {state:<10} {_human(s.added_bytes):>10} "
-                     f"{_human(s.stored_bytes):>10} {ratio:>6}  {age}")
+        lines.append(f"{s.step:>12}  {_state(s):<10} {human(s.added_bytes):>10} "
+                     f"{human(s.stored_bytes):>10} {ratio:>6}  {age}")
+    if not steps:
+        lines.append("(no step directories)")
     scheme, sep, _ = root.url.partition("://")
     tier = "local" if root.capabilities.local_path else (scheme if sep else "remote")
     lines.insert(0, f"{root.url} ({tier})")
-    emit(args, {"url": root.url, "tier": tier, "steps": [asdict(s) for s in steps]},
+    emit(args, {"url": root.url, "tier": tier,
+                "steps": [{**asdict(s), "state": _state(s)} for s in steps]},
          "\n".join(lines))
     return 0
 
@@ -52,7 +66,7 @@ def _ls(args) -> int:
 
 
 def _gc_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="run directory or URL")
+    p.add_argument("url", help="run directory or URL (or one checkpoint: its temp files)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                    help=f"leave anything younger than this many seconds (default {DEFAULT_GRACE:.0f})")
@@ -63,10 +77,13 @@ def _gc_args(p: argparse.ArgumentParser) -> None:
          _gc_args)
 def _gc(args) -> int:
     root = open_storage(args.url, storage_options(args))
+    # an object store prefix with no objects may still hold incomplete uploads
+    check_run(root, checkpoint_ok=True, missing_ok=not root.capabilities.local_path)
     removed = gc(root, grace=args.grace, dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     text = "\n".join(f"{verb} {r}" for r in removed) or "nothing to remove"
-    emit(args, {"url": root.url, "dry_run": args.dry_run, "removed": removed}, text)
+    emit(args, {"url": root.url, "dry_run": args.dry_run, "grace_seconds": args.grace,
+                "removed": removed, "count": len(removed)}, text)
     return 0
 
 
@@ -89,29 +106,29 @@ def _promote(args) -> int:
     src = open_storage(args.src, storage_options(args))
     dst = open_storage(args.dst, storage_options(argparse.Namespace(storage_option=args.dst_option))
                        or storage_options(args))
+    check_run(src, checkpoint_ok=True)
     if src.exists(fmt.MANIFEST_NAME):  # one checkpoint: SRC's own name is the step name
         name = src.url.rstrip("/").rpartition("/")[2]
-        names, src = [name], _parent(src, name)
+        m = fmt.read_manifest(src)
+        todo, src = [(name, sum(f.size for f in m.files))], _parent(src)
     else:
-        names = [s.name for s in list_steps(src) if s.committed]
-    update, close = progress_bar(len(names), "promote")
+        todo = [(s.name, s.stored_bytes) for s in list_steps(src) if s.committed]
+    update, close = progress_bar(sum(n for _, n in todo), "promote", unit="B")
     results = []
     try:
-        for n in names:
-            r = promote_step(src, dst, n)
-            results.append(asdict(r))
-            update(1)
+        for name, nbytes in todo:
+            results.append(asdict(promote_step(src, dst, name)))
+            update(nbytes)  # the step's bytes are on DST now (uploaded or already there)
     finally:
         close()
     text = "\n".join(f"{r['name']}: {'already there' if r['already'] else 'promoted'}, "
-                     f"{r['uploaded_files']} files, {_human(r['uploaded_bytes'])} uploaded"
+                     f"{r['uploaded_files']} files, {human(r['uploaded_bytes'])} uploaded"
                      for r in results) or "no committed checkpoints to promote"
-    emit(args, {"src": src.url, "dst": dst.url, "promoted": results}, text)
+    emit(args, {"src": src.url, "dst": dst.url, "promoted": results,
+                "uploaded_bytes": sum(r["uploaded_bytes"] for r in results)}, text)
     return 0
 
 
-def _parent(s: Storage, name: str) -> Storage:
-    """The run directory holding checkpoint ``s`` (named ``name``)."""
+def _parent(s: Storage) -> Storage:
+    """The run directory holding checkpoint ``s``."""
     return s.parent()
-
-

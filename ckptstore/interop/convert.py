@@ -14,14 +14,15 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ckptstore.commit.atomic import atomic_write
@@ -32,7 +33,10 @@ from ckptstore.errors import (
     UnsafeCheckpointError,
     UnsupportedTypeError,
 )
-from ckptstore.read.lazy import KeySpec, TensorInfo, key_filter, open as open_lazy
+from ckptstore.interop.diff import DiffReport, diff
+from ckptstore.interop.hfread import LOOKED_FOR, hf_weights, read_hf
+from ckptstore.interop.select import InteropUsageError, select
+from ckptstore.read.lazy import KeySpec, open as open_lazy
 from ckptstore.storage import open_storage
 from ckptstore.storage.base import check_name
 
@@ -43,31 +47,31 @@ log = logging.getLogger(__name__)
 
 def export_safetensors(path: "str | os.PathLike", out: "str | os.PathLike", *,
                        keys: KeySpec = None, strip_prefix: str | None = None,
-                       verify: bool = True, storage_options: dict | None = None) -> list[str]:
+                       verify: bool = True, storage_options: dict | None = None,
+                       progress: Callable[[int], None] | None = None) -> list[str]:
     """Write the torch tensors of checkpoint ``path`` to the safetensors file ``out``.
 
     ``keys`` selects names or prefixes (e.g. ``"model."``); ``strip_prefix`` removes
     a prefix from the written names (``"model."`` gives plain state_dict names; keys
     without it are skipped). Non-tensor values and numpy arrays are not weights and
-    are left out. Returns the written names. The file is written atomically.
+    are left out. Aliases (tied weights) are written once per name, as copies (for a
+    folder that ``from_pretrained`` loads, see :func:`ckptstore.interop.hf.export_hf`).
+    Returns the written names. The file is written atomically. Raises
+    :class:`InteropUsageError` when the selection matches no tensor.
     """
     from safetensors.torch import save as st_save
 
     ckpt = open_lazy(path, verify=verify, storage_options=storage_options)
-    pick = key_filter(keys)
-    names = [n for n in ckpt if (pick is None or pick(n)) and ckpt.info(n).kind == "torch"]
-    if strip_prefix:
-        names = [n for n in names if n.startswith(strip_prefix)]
-    wanted = set(names)
-    flat = ckpt.flat(wanted.__contains__)
+    sel = select(ckpt, keys=keys, strip_prefix=strip_prefix)
+    flat = ckpt.flat({e.name for e in sel.entries}.__contains__)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for n in names:
-        t = flat[n]
+    for e in sel.entries:
+        t = flat[e.name]
         if id(t) in seen:  # an alias (tied weights): safetensors stores each name's own copy
             t = t.clone()
         seen.add(id(t))
-        tensors[n[len(strip_prefix):] if strip_prefix else n] = t
+        tensors[e.out] = t
     try:
         data = st_save(tensors, metadata={"format": "pt", "exported_by": "ckptstore"})
     except (TypeError, ValueError, KeyError) as e:
@@ -76,6 +80,8 @@ def export_safetensors(path: "str | os.PathLike", out: "str | os.PathLike", *,
     storage = open_storage(folder, storage_options)
     storage.makedirs()
     atomic_write(storage, name, [data])
+    if progress is not None:
+        progress(sum(e.nbytes for e in sel.entries))
     return list(tensors)
 
 
@@ -89,37 +95,131 @@ def _split(out: str) -> tuple[str, str]:
 
 # -- import -------------------------------------------------------------------
 
+#: staging memory of an import is capped at this (the source is streamed through it)
+IMPORT_STAGING = 1 << 30
+
+#: what a file or folder must be to be imported
+KNOWN_FORMATS = (f"a .safetensors file, a torch.save file (zip or pickle), a DCP directory (.metadata), "
+                 f"or {LOOKED_FOR}")
+
+
+@dataclass(frozen=True, slots=True)
+class Imported:
+    """What :func:`import_checkpoint` read and saved."""
+
+    source: str
+    format: str  #: "hf", "safetensors", "torch", "dcp"
+    dest: str
+    tensors: int
+    nbytes: int
+    metadata_keys: tuple[str, ...]
+    result: Any  #: the save's SaveResult
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "format": self.format, "dest": self.dest,
+                "tensors": self.tensors, "bytes": self.nbytes,
+                "metadata_keys": list(self.metadata_keys), "result": repr(self.result)}
+
+
 def import_checkpoint(src: "str | os.PathLike", dest: "str | os.PathLike", *,
                       compression: str = "auto", overwrite: bool = False,
-                      storage_options: dict | None = None) -> Any:
-    """Convert ``src`` (a ``.safetensors`` file, a ``torch.save`` file or a DCP
-    directory, all local) into a committed ckptstore checkpoint at ``dest``.
+                      storage_options: dict | None = None,
+                      progress: Callable[[int], None] | None = None) -> Imported:
+    """Convert ``src`` (a ``.safetensors`` file, a ``torch.save`` file, a DCP
+    directory, or a Hugging Face model folder or its ``model.safetensors.index.json``,
+    all local) into a committed ckptstore checkpoint at ``dest``.
 
-    Returns the save's result. Raises :class:`UnsafeCheckpointError` for a file that
-    would need arbitrary unpickling (nothing in it is executed).
+    A Hugging Face folder becomes the flat state dict, with ``config.json`` (and
+    ``generation_config.json``) in the metadata (see :mod:`ckptstore.interop.hf`);
+    its shards are memory-mapped one at a time and streamed through at most
+    ``IMPORT_STAGING`` bytes of staging memory. Raises :class:`UnsafeCheckpointError`
+    for a file that would need arbitrary unpickling (nothing in it is executed) and
+    :class:`CheckpointNotFoundError`, naming the formats looked for, for anything else.
     """
     from ckptstore.api.save import save
 
-    state = read_foreign(src)
+    state, metadata, kind = read_source(src, progress)
+    tensors = _tensors(state)
+    nbytes = sum(t.numel() * t.element_size() for t in tensors)
     handle = save(state, dest, compression=compression, overwrite=overwrite,
-                  storage_options=storage_options)
-    return handle.wait()
+                  storage_options=storage_options, metadata=metadata or None,
+                  staging_budget=IMPORT_STAGING if nbytes > IMPORT_STAGING else None)
+    result = handle.wait()
+    return Imported(os.fspath(src), kind, os.fspath(dest), len(tensors), nbytes,
+                    tuple(metadata), result)
+
+
+def _tensors(node: Any) -> list[torch.Tensor]:
+    if isinstance(node, torch.Tensor):
+        return [node]
+    if isinstance(node, dict):
+        return [t for v in node.values() for t in _tensors(v)]
+    if isinstance(node, (list, tuple)):
+        return [t for v in node for t in _tensors(v)]
+    return []
+
+
+def read_source(src: "str | os.PathLike", progress: Callable[[int], None] | None = None
+                ) -> tuple[Any, dict, str]:
+    """(state, metadata, format name) of a foreign checkpoint, without arbitrary unpickling."""
+    src = os.fspath(src)
+    if hf_weights(src) is not None and not os.path.isfile(os.path.join(src, ".metadata")):
+        state, metadata = read_hf(src, progress)
+        return state, metadata, "hf"
+    kind = _format(src)
+    state = read_dcp(src) if kind == "dcp" else (
+        read_safetensors(src) if kind == "safetensors" else read_torch_save(src))
+    if progress is not None:
+        progress(_size(src))
+    return state, {}, kind
 
 
 def read_foreign(src: "str | os.PathLike") -> Any:
     """Load a foreign checkpoint into a state tree, without arbitrary unpickling."""
-    src = os.fspath(src)
+    return read_source(src)[0]
+
+
+def _format(src: str) -> str:
+    """"dcp", "safetensors" or "torch" from a path's content; anything else is refused
+    with the formats looked for (a torch.load of it would blame unpickling)."""
     if os.path.isdir(src):
         if not os.path.isfile(os.path.join(src, ".metadata")):
-            raise CheckpointNotFoundError(f"{src} is a directory without a DCP .metadata file")
-        return read_dcp(src)
+            raise CheckpointNotFoundError(f"{src} is a directory holding none of: .metadata (DCP), "
+                                          f"{LOOKED_FOR}")
+        return "dcp"
     if not os.path.isfile(src):
         raise CheckpointNotFoundError(f"{src} does not exist")
     with open(src, "rb") as f:
         head = f.read(9)
     if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20):
-        return read_safetensors(src)
-    return read_torch_save(src)
+        return "safetensors"
+    if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return "torch"  # a zip (torch.save) or a pickle (legacy torch.save)
+    raise CheckpointNotFoundError(f"{src} is none of the formats ckptstore imports: {KNOWN_FORMATS}")
+
+
+def source_bytes(src: "str | os.PathLike") -> int:
+    """Bytes of the files an import of ``src`` reads (for a progress bar); 0 if unknown."""
+    src = os.fspath(src)
+    try:
+        found = hf_weights(src)
+        if found is None:
+            return _size(src) if os.path.exists(src) else 0
+        folder, weights = found
+        names = {weights}
+        if weights.endswith(".index.json"):
+            with open(os.path.join(folder, weights), "rb") as f:
+                names = {v for v in json.load(f)["weight_map"].values() if isinstance(v, str)}
+        return sum(os.path.getsize(os.path.join(folder, check_name(n))) for n in names)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0  # read_source reports what is wrong
+
+
+def _size(src: str) -> int:
+    if os.path.isdir(src):
+        return sum(os.path.getsize(os.path.join(src, n)) for n in os.listdir(src)
+                   if os.path.isfile(os.path.join(src, n)))
+    return os.path.getsize(src)
 
 
 def read_safetensors(src: str) -> dict[str, torch.Tensor]:
@@ -290,99 +390,5 @@ def _nest(flat: dict[str, Any], planner_data: Any) -> Any:
     return out
 
 
-# -- diff ---------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class DiffReport:
-    """Keys added in B, removed from A, changed between them; ``same`` counts the rest."""
-
-    added: tuple[str, ...] = ()
-    removed: tuple[str, ...] = ()
-    changed: tuple[tuple[str, str], ...] = ()  #: (name, why) pairs
-    same: int = 0
-
-    @property
-    def identical(self) -> bool:
-        return not (self.added or self.removed or self.changed)
-
-    def to_json(self) -> dict:
-        return {"identical": self.identical, "added": list(self.added),
-                "removed": list(self.removed),
-                "changed": [{"name": n, "why": w} for n, w in self.changed], "same": self.same}
-
-
-def diff(a: "str | os.PathLike", b: "str | os.PathLike", *, verify: bool = True,
-         storage_options: dict | None = None) -> DiffReport:
-    """Compare checkpoints ``a`` and ``b`` leaf by leaf.
-
-    Tensors compare by kind, dtype, shape and content digest (no data is read). The
-    digest depends on the chunk size, so when the two were saved with different
-    chunk sizes tensors of equal type are read and compared byte for byte.
-    """
-    ca = open_lazy(a, verify=verify, storage_options=storage_options)
-    cb = open_lazy(b, verify=verify, storage_options=storage_options)
-    va, vb = ca.values_skeleton(), cb.values_skeleton()
-    same_chunking = ca.manifest.chunk_size == cb.manifest.chunk_size
-    added = tuple(n for n in vb if n not in va)
-    removed = tuple(n for n in va if n not in vb)
-    changed = []
-    same = 0
-    for name in va:
-        if name not in vb:
-            continue
-        x, y = va[name], vb[name]
-        if isinstance(x, TensorInfo) and isinstance(y, TensorInfo):
-            why = _tensor_diff(x, y)
-            if why is None and x.digest != y.digest:
-                if same_chunking:
-                    why = "content differs"
-                elif not _same_bytes(ca[name], cb[name]):
-                    why = "content differs"
-        elif isinstance(x, TensorInfo) or isinstance(y, TensorInfo):
-            why = f"{_kind(x)} in A, {_kind(y)} in B"
-        else:
-            why = None if _same_value(x, y) else f"{_short(x)} -> {_short(y)}"
-        if why:
-            changed.append((name, why))
-        else:
-            same += 1
-    return DiffReport(added, removed, tuple(changed), same)
-
-
-def _tensor_diff(x: TensorInfo, y: TensorInfo) -> str | None:
-    if x.kind != y.kind:
-        return f"{x.kind} array in A, {y.kind} array in B"
-    if x.dtype != y.dtype:
-        return f"dtype {x.dtype} -> {y.dtype}"
-    if tuple(x.shape) != tuple(y.shape):
-        return f"shape {list(x.shape)} -> {list(y.shape)}"
-    return None
-
-
-def _same_bytes(x: Any, y: Any) -> bool:
-    if isinstance(x, torch.Tensor):
-        x, y = x.contiguous().view(-1).view(torch.uint8), y.contiguous().view(-1).view(torch.uint8)
-        return bool(torch.equal(x, y))
-    return np.ascontiguousarray(x).tobytes() == np.ascontiguousarray(y).tobytes()
-
-
-def _same_value(x: Any, y: Any) -> bool:
-    if type(x) is not type(y):
-        return False
-    if isinstance(x, np.generic):
-        return x.dtype == y.dtype and x.tobytes() == y.tobytes()
-    if isinstance(x, float):
-        return x == y or (x != x and y != y)
-    return bool(x == y)
-
-
-def _kind(v: Any) -> str:
-    return f"a {v.kind} array" if isinstance(v, TensorInfo) else f"a {type(v).__name__}"
-
-
-def _short(v: Any) -> str:
-    text = repr(v)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-__all__ = ["DiffReport", "diff", "export_safetensors", "import_checkpoint", "read_foreign"]
+__all__ = ["DiffReport", "Imported", "InteropUsageError", "diff", "export_safetensors", "import_checkpoint",
+           "read_foreign", "read_source", "source_bytes"]

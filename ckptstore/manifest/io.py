@@ -11,6 +11,7 @@ from ckptstore.errors import CheckpointNotFoundError, UnsafeCheckpointError
 from ckptstore.manifest.jsonio import decode
 from ckptstore.manifest.records import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from ckptstore.storage.base import Storage
+from ckptstore.storage.preflight import describe
 
 
 def read_manifest_bytes(storage: Storage) -> tuple[bytes, Manifest]:
@@ -26,10 +27,11 @@ def read_manifest_bytes(storage: Storage) -> tuple[bytes, Manifest]:
         if size > MAX_MANIFEST_BYTES:
             raise UnsafeCheckpointError(f"{MANIFEST_NAME} is {size} bytes; refusing to read it")
         data = storage.read(MANIFEST_NAME)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError(
-            f"no committed checkpoint at {storage.url}: {MANIFEST_NAME} is missing (an "
-            "interrupted save never writes it; use ckptstore ls to list committed ones)") from None
+    except (FileNotFoundError, NotADirectoryError):
+        hint = describe(storage)
+        raise CheckpointNotFoundError(f"no committed checkpoint at {storage.url}: " + (hint or (
+            f"{MANIFEST_NAME} is missing (an interrupted save never writes it; use ckptstore ls "
+            "to list committed ones)")), hint) from None
     return data, decode(data)
 
 

@@ -7,6 +7,8 @@ It owns the writer processes, the staging arena, the plan cache, the copy step
 from __future__ import annotations
 
 import atexit
+import concurrent.futures.process  # noqa: F401 - its exit hook must be registered before ours
+import concurrent.futures.thread  # noqa: F401 - likewise
 import contextlib
 import errno
 import logging
@@ -115,6 +117,7 @@ class _Current:
                 if not self.hooked:
                     self.hooked = True
                     atexit.register(shutdown)
+                    _before_executors_stop(shutdown)
                     # A multiprocessing child (e.g. a rank started by torch.multiprocessing
                     # .spawn) exits through os._exit without atexit hooks, after joining its
                     # children: our writers must be stopped first or that join waits forever.
@@ -125,6 +128,25 @@ class _Current:
         with self.lock:
             e, self.engine = self.engine, None
             return e
+
+
+def _before_executors_stop(fn: Callable[[], None]) -> None:
+    """Run ``fn`` at interpreter exit before ``concurrent.futures`` stops taking jobs.
+
+    ``concurrent.futures`` refuses new work from its own exit hook, which runs before
+    ``atexit`` hooks: a save still in flight at exit (never waited for), or writers
+    still starting after a save that failed in the caller, would then fail in a
+    background thread ("cannot schedule new futures after interpreter shutdown") and
+    print its traceback. Hooks registered here run in reverse order, so this one runs
+    before those of ``concurrent.futures`` (both executors' modules are imported above,
+    so theirs are registered first)."""
+    register = getattr(threading, "_register_atexit", None)
+    if register is None:  # pragma: no cover - CPython has had it since 3.9
+        return
+    try:
+        register(fn)
+    except RuntimeError:  # already shutting down: atexit is all there is
+        pass
 
 
 _current = _Current()

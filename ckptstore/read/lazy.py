@@ -6,13 +6,14 @@ touching tensor data; a tensor's chunks are read and verified when it is asked f
 """
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
 from ckptstore import manifest as fmt
-from ckptstore.errors import CorruptCheckpointError, UnsupportedOperationError
+from ckptstore.errors import CorruptCheckpointError, KeyNotFoundError, UnsupportedOperationError
 from ckptstore.manifest.io import read_manifest
 from ckptstore.plan.keymap import RenameSpec, rename_names
 from ckptstore.plan.tree import path_name, unflatten
@@ -60,6 +61,43 @@ def key_filter(keys: KeySpec) -> Callable[[str], bool] | None:
     return lambda name: name in exact or name.startswith(prefixes)
 
 
+def check_keys(keys: KeySpec, names: Iterable[str], url: str) -> None:
+    """Raise :class:`KeyNotFoundError` naming every name or prefix in ``keys`` that
+    matches none of ``names`` (close names are suggested); a predicate must match one."""
+    if keys is None:
+        return
+    names = list(names)
+    if callable(keys):
+        if not any(keys(n) for n in names):
+            raise KeyNotFoundError(f"the keys predicate selected nothing in {url} ({len(names)} names)")
+        return
+    items = [keys] if isinstance(keys, str) else list(keys)
+    missing = [k for k in items if isinstance(k, str) and k not in names
+               and not any(n.startswith(k if k.endswith(".") else k + ".") for n in names)]
+    if not missing:
+        return
+    parts = []
+    for k in missing:
+        close = difflib.get_close_matches(k, names, n=3, cutoff=0.6)
+        parts.append(repr(k) + (f" (did you mean {', '.join(map(repr, close))}?)" if close else ""))
+    raise KeyNotFoundError(
+        f"{'key' if len(missing) == 1 else 'keys'} {', '.join(parts)} not found in {url}: a key is "
+        "a '.'-joined name or a prefix of names; `ckptstore inspect PATH` lists them",
+        tuple(missing))
+
+
+def node_names(tree: Any, path: tuple = ()) -> Iterator[str]:
+    """The '.'-joined name of every node of ``tree`` below its root (containers too)."""
+    items: Iterable[tuple[Any, Any]] = ()
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    for k, v in items:
+        yield path_name(path + (k,))
+        yield from node_names(v, path + (k,))
+
+
 class LazyCheckpoint(Mapping):
     """Read-only mapping name -> tensor (or numpy array) of a committed checkpoint.
 
@@ -94,12 +132,25 @@ class LazyCheckpoint(Mapping):
         return _Ref(kind, i)
 
     # -- Mapping --------------------------------------------------------------
+    def _index(self, name: str) -> int:
+        if name in self._names:
+            return self._names[name]
+        if isinstance(name, str) and name in set(node_names(self._skeleton)):
+            raise KeyNotFoundError(f"{name!r} in {self.storage.url} is not an array: read other "
+                                   f"values with .tree(keys={name!r})", (name,))
+        check_keys([name], node_names(self._skeleton), self.storage.url)
+        raise KeyNotFoundError(f"{name!r} is not in {self.storage.url}", (name,))  # a non-str name
+
     def __getitem__(self, name: str) -> Any:
-        if name not in self._names:
-            raise KeyError(f"{name!r} is not an array in {self.storage.url}")
-        i = self._names[name]
+        i = self._index(name)
         return read_tensors(self.storage, self.manifest, verify=self.verify, mmap=self.mmap,
                             select=_indices(self.manifest, {i}))[i]
+
+    def __contains__(self, name: object) -> bool:  # fast: no suggestions for a miss
+        return name in self._names
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self[name] if name in self._names else default
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)
@@ -113,9 +164,7 @@ class LazyCheckpoint(Mapping):
     # -- metadata ---------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
         """Metadata of the array called ``name`` (no data is read)."""
-        if name not in self._names:
-            raise KeyError(f"{name!r} is not an array in {self.storage.url}")
-        i = self._names[name]
+        i = self._index(name)
         r = self.manifest.tensors[i]
         return TensorInfo(name, r.kind, r.dtype, tuple(r.shape), r.nbytes, r.digest, i)
 
@@ -139,12 +188,16 @@ class LazyCheckpoint(Mapping):
         """The state tree; with ``keys``, only the selected leaves (and the containers
         that lead to them; unselected positions of a kept list or tuple hold None),
         reading only their chunks."""
+        keys = _once(keys)
+        check_keys(keys, node_names(self._skeleton), self.storage.url)
         pick = key_filter(keys)
         full = self._read(pick)
         return full if pick is None else _prune(full, (), pick)
 
     def flat(self, keys: KeySpec = None) -> dict[str, Any]:
         """The selected leaves (all by default) as ``{name: value}``, arrays read."""
+        keys = _once(keys)
+        check_keys(keys, node_names(self._skeleton), self.storage.url)
         pick = key_filter(keys)
         return {name: value for name, (value, _p, _k) in leaves_of(self._read(pick)).items()
                 if not isinstance(value, _Ref) and (pick is None or pick(name))}
@@ -171,6 +224,7 @@ def partial_load(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
     if into is None:
         state = ckpt.tree(keys)
         return state if rename is None else rename_tree(state, rename)[0]
+    keys = _once(keys)
     flat = ckpt.flat(keys)  # '.'-joined names are the same flat or nested
     target_filter: Callable[[str], bool] | None = None
     pick = key_filter(keys)
@@ -180,6 +234,13 @@ def partial_load(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
 
     return apply_into(flat, into, strict=strict, cast=cast, rename=rename,
                       target_filter=target_filter)
+
+
+def _once(keys: KeySpec) -> KeySpec:
+    """``keys`` that can be iterated more than once (a generator becomes a list)."""
+    if keys is None or callable(keys) or isinstance(keys, str):
+        return keys
+    return list(keys)
 
 
 def _indices(manifest: fmt.Manifest, wanted: set[int]) -> Callable[[fmt.TensorRecord], bool]:
@@ -223,4 +284,4 @@ def open(path: "str | os.PathLike | Storage", *, verify: bool = True,  # noqa: A
     return LazyCheckpoint(storage, read_manifest(storage), verify=verify)
 
 
-__all__ = ["open", "LazyCheckpoint", "TensorInfo", "key_filter"]
+__all__ = ["open", "LazyCheckpoint", "TensorInfo", "check_keys", "key_filter", "node_names"]

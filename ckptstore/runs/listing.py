@@ -6,8 +6,10 @@ import time
 from dataclasses import dataclass
 
 from ckptstore import manifest as fmt
+from ckptstore.errors import CheckpointNotFoundError
 from ckptstore.runs.layout import parse_step
 from ckptstore.storage import Storage
+from ckptstore.storage.preflight import describe, root_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +32,23 @@ def age_of(storage: Storage, name: str, now: float) -> float | None:
         return max(0.0, now - storage.mtime(name))
     except (OSError, ValueError, AttributeError, NotImplementedError):
         return None
+
+
+def check_run(root: Storage, *, checkpoint_ok: bool = False, missing_ok: bool = False) -> None:
+    """Raise CheckpointNotFoundError (with a hint) unless ``root`` is a directory that
+    can hold steps: not a missing path, not a file; not one checkpoint either, unless
+    ``checkpoint_ok`` (``gc`` and promotion take one checkpoint too). ``missing_ok``
+    lets an empty prefix of an object store pass (it may hold incomplete uploads)."""
+    if root.isdir(""):
+        if checkpoint_ok or not root.exists(fmt.MANIFEST_NAME):
+            return
+        hint = (f"this is one checkpoint, not a run directory; look at it with `ckptstore inspect "
+                f"{root.url}` or verify it with `ckptstore fsck {root.url}`")
+    elif missing_ok and root_file(root) is None:
+        return
+    else:
+        hint = describe(root) or "this is not a directory"
+    raise CheckpointNotFoundError(f"no run directory at {root.url}: {hint}", hint)
 
 
 def list_steps(root: Storage) -> list[StepInfo]:

@@ -16,6 +16,7 @@ from ckptstore.runs.gc import gc
 from ckptstore.runs.layout import committed_steps, read_step, step_name
 from ckptstore.runs.retention import Policy, drop_steps, referenced_files, select_keep
 from ckptstore.storage import Storage
+from ckptstore.storage.preflight import check_writable
 from ckptstore.verify.checks import check_quick
 from ckptstore.verify.fsck import fsck
 
@@ -123,6 +124,14 @@ def retain(tier: Tier, protected: Iterable[int] = frozenset()) -> None:
     else:
         if removed:
             log.info("retention on %s reclaimed %d unreferenced files", tier.root.url, len(removed))
+
+
+def prepare_step(root: Storage, step: int) -> None:
+    """Before a Checkpointer saves ``step`` below ``root``: refuse a destination that
+    cannot be written (DestinationNotWritableError, before anything is staged), then
+    :func:`retire_damaged`."""
+    check_writable(root)
+    retire_damaged(root, step)
 
 
 def retire_damaged(root: Storage, step: int) -> None:

@@ -25,11 +25,12 @@ parallel, each streamed straight into the caller's new buffer.
 """
 from __future__ import annotations
 
+import errno
 import io
 import posixpath
 from typing import Any
 
-from ckptstore.errors import StorageError, UnsupportedOperationError
+from ckptstore.errors import DestinationNotWritableError, StorageError, UnsupportedOperationError
 from ckptstore.storage import object_requests, transfer
 from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
 from ckptstore.storage.capabilities import IncompleteUpload
@@ -37,6 +38,8 @@ from ckptstore.storage.retry import retrying
 
 #: protocols whose create-only put is enforced by the server
 _CREATE_ONLY = {"s3", "s3a", "gs", "gcs"}
+#: fsspec filesystems that cannot write (a save to them is refused before it starts)
+_READ_ONLY = {"http", "https", "zip", "tar", "libarchive", "github", "gist", "reference", "dask"}
 #: protocols whose filesystem lives in the memory of one process
 _PROCESS_LOCAL = {"memory"}
 
@@ -138,6 +141,15 @@ class FsspecStorage(Storage):
         return retrying(lambda: fn(*args, **kwargs), f"{what} on {self._url}")
 
     # -- write side ---------------------------------------------------------
+    def check_writable(self) -> None:
+        """Refuse a read-only protocol before a save stages anything (cheap: no request;
+        permissions on object stores show at the first upload)."""
+        if self.protocol in _READ_ONLY:
+            raise DestinationNotWritableError(
+                errno.EROFS, f"cannot save to {self._url}: fsspec's {self.protocol!r} file "
+                "system is read-only; save to a local directory or an object store "
+                "(s3://, gs://)", self._url)
+
     def makedirs(self) -> None:
         if self.protocol not in _CREATE_ONLY:  # object stores have no directories
             self._call("makedirs", self.fs.makedirs, self.root, exist_ok=True)

@@ -6,7 +6,7 @@ import mmap
 import os
 import stat
 
-from ckptstore.errors import StorageError, UnsafeCheckpointError
+from ckptstore.errors import DestinationNotWritableError, StorageError, UnsafeCheckpointError
 from ckptstore.storage import direct
 from ckptstore.storage.base import Capabilities, Storage, WriteHandle, check_name
 
@@ -108,6 +108,24 @@ class LocalStorage(Storage):
         # New directory entries are only durable once their parents are fsynced.
         for d in reversed(missing):
             _fsync_dir(os.path.dirname(d))
+
+    def check_writable(self) -> None:
+        """Refuse, before a save stages anything, a root that cannot be created or
+        written: a file on the way, a read-only file system, no write permission."""
+        p = self.root
+        while not os.path.lexists(p):
+            p = os.path.dirname(p)
+        if not os.path.isdir(p):
+            raise DestinationNotWritableError(
+                errno.ENOTDIR, f"cannot save to {self.root}: {p} is a file, not a directory; "
+                "save to a directory path (a checkpoint is a directory)", p)
+        if not os.access(p, os.W_OK | os.X_OK):
+            readonly = bool(os.statvfs(p).f_flag & os.ST_RDONLY)
+            why = "is on a read-only file system" if readonly else "is not writable by this user"
+            raise DestinationNotWritableError(
+                errno.EROFS if readonly else errno.EACCES,
+                f"cannot save to {self.root}: {p} {why}; save to a writable directory "
+                "(or fix its permissions)", p)
 
     def open_write(self, name: str) -> LocalWriteHandle:
         path = self._file(name)
