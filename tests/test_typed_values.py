@@ -131,3 +131,25 @@ def test_a_checkpoint_cannot_name_a_callable(node):
 def test_malformed_typed_nodes_are_corrupt(node):
     with pytest.raises(CorruptCheckpointError):
         unflatten(node, lambda kind, i: None)
+
+
+@pytest.mark.parametrize("node", [
+    {"T": "path", "cls": "EvilPath", "v": "/x"},
+    {"T": "datetime", "v": "yesterday"},
+    {"T": "dataclass", "cls": "m:C", "fields": [[1, 2]]},
+    {"T": "pickle", "v": "gASVAAAAAAAAAAB9lC4="},
+])
+def test_fsck_names_a_malformed_or_unknown_value_node(tmp_path, node):
+    from fuzz.parsers import seal
+
+    ckptstore.save({"w": torch.ones(2), "v": pathlib.Path("a")}, tmp_path / "c", blocking=True)
+    path = tmp_path / "c" / fmt.MANIFEST_NAME
+    obj = json.loads(path.read_text())
+    items = obj["tree"]["items"]
+    assert items[1][0] == "v"
+    items[1][1] = node
+    path.write_bytes(seal(obj))
+    report = ckptstore.fsck(tmp_path / "c")
+    assert not report.ok and any("state tree" in d.problem for d in report.damage)
+    with pytest.raises(CorruptCheckpointError):
+        ckptstore.load(tmp_path / "c")

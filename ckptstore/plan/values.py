@@ -37,11 +37,11 @@ from typing import Any
 import torch
 
 from ckptstore.errors import CorruptCheckpointError
+from ckptstore.manifest.treetags import VALUE_TAGS, check_value_node
 
 log = logging.getLogger(__name__)
 
-TAGS = frozenset({"path", "enum", "dataclass", "namespace", "set", "frozenset", "datetime",
-                  "date", "time", "timedelta", "complex", "device"})
+TAGS = VALUE_TAGS
 
 _PATHS: dict[str, type] = {"PosixPath": pathlib.Path, "WindowsPath": pathlib.Path, "Path": pathlib.Path,
                            "PurePosixPath": pathlib.PurePosixPath,
@@ -88,6 +88,7 @@ def encode(obj: Any, visit: Visit) -> Any | None:
 
 def decode(t: str, node: dict, build: Visit) -> Any:
     """Rebuild the value of typed node ``node`` (tag ``t``, one of :data:`TAGS`)."""
+    check_value_node(t, node)  # the same shape checks as fsck
     if t == "path":
         cls = _PATHS.get(node["cls"])
         if cls is None:
