@@ -208,3 +208,16 @@ def test_check_names_every_unsupported_value():
     assert [name for name, _ in report.problems] == ["fn", "nested.0.obj", "file"]
     with pytest.raises(UnsupportedTypeError, match="3 cannot be saved.*nested.0.obj"):
         ckptstore.check(bad)
+
+
+def test_partial_load_reaches_stateful_objects_by_name(tmp_path):
+    model, opt, sched, _ = _parts()
+    _step(model, opt, sched, Counter())
+    ckptstore.save({"model": model, "optim": opt, "sched": sched}, tmp_path / "c", blocking=True)
+    model2, opt2, sched2, _ = _parts(seed=4)
+    # only the optimizer: the model and scheduler are neither loaded nor reported missing
+    report = ckptstore.load(tmp_path / "c", into={"model": model2, "optim": opt2, "sched": sched2},
+                            keys=["optim."])
+    assert report.ok and report.loaded == ("optim",)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert sched2.last_epoch == 0 and not torch.equal(model2[0].weight, model[0].weight)

@@ -206,7 +206,7 @@ def apply_into(state: Any, into: Any, *, strict: bool = True, cast: bool = False
     refuse_state_dict_copies(into)
     dst = leaves_of(into)
     if target_filter is not None:
-        dst = {k: v for k, v in dst.items() if target_filter(k) or isinstance(v[0], StatefulSlot)}
+        dst = {k: v for k, v in dst.items() if target_filter(k)}
     slots = {name: v[0].path for name, v in dst.items() if isinstance(v[0], StatefulSlot)}
     src_leaves = {k: v[0] for k, v in leaves_of(state).items()}
     claimed: dict[str, Any] = {}  # the part of the checkpoint each Stateful object takes whole

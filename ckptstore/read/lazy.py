@@ -16,6 +16,7 @@ from ckptstore import manifest as fmt
 from ckptstore.errors import CorruptCheckpointError, KeyNotFoundError, UnsupportedOperationError
 from ckptstore.manifest.io import read_manifest
 from ckptstore.plan.keymap import RenameSpec, rename_names
+from ckptstore.plan.stateful import holds_stateful
 from ckptstore.plan.tree import path_name, unflatten
 from ckptstore.read.into import apply_into, leaves_of, rename_tree
 from ckptstore.read.reader import read_tensors
@@ -230,9 +231,12 @@ def partial_load(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
     pick = key_filter(keys)
     if pick is not None:
         reached = set(rename_names(flat, rename)[0].values())
-        target_filter = lambda name: name in reached or pick(name)  # noqa: E731
-
-    return apply_into(flat, into, strict=strict, cast=cast, rename=rename,
+        # a Stateful object of the target is reached when a name inside it is
+        inside = {".".join(n.split(".")[:i]) for n in reached for i in range(1, n.count(".") + 1)}
+        target_filter = lambda name: name in reached or name in inside or pick(name)  # noqa: E731
+    # Stateful objects take their part as a tree: int keys (an optimizer's) stay ints
+    state = ckpt.tree(keys) if holds_stateful(into) else flat
+    return apply_into(state, into, strict=strict, cast=cast, rename=rename,
                       target_filter=target_filter)
 
 
