@@ -4,7 +4,9 @@ The pool is spawned (never forked: the parent may hold CUDA state), started once
 reused. Each job writes one complete file through :class:`ckptstore.commit.AtomicFile`
 and returns the chunk records; the parent writes the manifest after every job of a
 save has succeeded. Workers exit when their parent dies (a watchdog polls the parent
-pid), so a SIGKILLed trainer leaves no orphans.
+pid), so a SIGKILLed trainer leaves no orphans; the pool's named semaphores are
+unlinked as soon as every writer has opened them (``semaphores.py``), so a SIGKILL
+of the whole group leaves nothing in ``/dev/shm`` either.
 
 Pipeline state machine of one job::
 
@@ -30,7 +32,7 @@ from typing import Any
 
 from ckptstore.commit.atomic import AtomicFile
 from ckptstore.manifest.records import ChunkRecord
-from ckptstore.pipeline import codec
+from ckptstore.pipeline import codec, semaphores
 from ckptstore.staging.ref import ArenaRef
 from ckptstore.storage.base import Storage
 from ckptstore.verify.checks import stored_problem
@@ -302,12 +304,20 @@ def spawn_pool(workers: int) -> cf.ProcessPoolExecutor:
     now (so the first job does not pay for it) and without re-running the user's
     ``__main__`` (a training script that lacks an ``if __name__ == "__main__"``
     guard must not train twice)."""
+    semaphores.clean_stale()  # names left by killed processes (see semaphores.py)
     pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                   initializer=_init_worker, initargs=(os.getpid(), writer_nice()))
+    rec = semaphores.record(semaphores.pool_names(pool))
     with _without_main_module():
+        launch = getattr(pool, "_launch_processes", None)
+        if launch is not None:  # every writer now: a started pool never spawns again
+            launch()
         futures = [pool.submit(_ping) for _ in range(workers)]
     for f in futures:
         f.result()
+    procs = list(getattr(pool, "_processes", {}))
+    if len(procs) == workers and getattr(pool, "_max_tasks_per_child", None) is None:
+        semaphores.release(pool, procs, rec)
     return pool
 
 
