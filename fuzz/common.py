@@ -1,10 +1,14 @@
 """Shared pieces of the fuzz harness: reports, deterministic states, the oracle."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +17,12 @@ import torch
 
 import ckptstore
 from ckptstore.errors import CheckpointNotFoundError, CkptError
+
+# Before anything starts a writer pool: writer processes live across families and
+# keep the environment they started with, and with gcsfs's default (on) every GCS
+# operation of a writer against fake-gcs-server first spends 60 s failing a gRPC
+# bucket-layout lookup (the GCS tier took minutes at any budget).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 MODES = ("none", "zstd", "lz4")
 #: small chunks and shards so a tiny state still has several files and chunks
@@ -29,6 +39,8 @@ class Report:
     counts: dict = field(default_factory=lambda: {k: 0 for k in COUNTERS})
     details: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    #: what a budgeted run left out or cut short, and why (not failures)
+    skipped: list = field(default_factory=list)
 
     def add(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
@@ -47,23 +59,72 @@ class Report:
         for k, v in other.counts.items():
             self.add(k, v)
         self.details.extend(other.details[: 50 - len(self.details)])
+        self.skipped.extend(other.skipped)
 
     def to_json(self) -> dict:
         return dict(self.counts, seconds=round(time.monotonic() - self.started, 2),
-                    failure_details=self.details)
+                    failure_details=self.details, skipped=self.skipped)
 
 
 class Budget:
-    """A wall-clock budget; ``left()`` is what remains."""
+    """A wall-clock budget; ``left()`` is what remains. ``within`` caps it by an
+    enclosing budget (``python -m fuzz all``: one deadline for the whole run)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.deadline = time.monotonic() + seconds
+    def __init__(self, seconds: float, within: "Budget | None" = None) -> None:
+        self.deadline = time.monotonic() + max(seconds, 0.0)
+        if within is not None:
+            self.deadline = min(self.deadline, within.deadline)
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
 
     def out(self) -> bool:
         return self.left() <= 0
+
+    def afford(self, seconds: float) -> bool:
+        """Whether ``seconds`` of setup (servers, child start-ups) fit in what is left."""
+        return self.left() >= seconds
+
+
+class BudgetSpent(BaseException):
+    """Raised in the main thread by :func:`hard_stop` at its deadline. A BaseException,
+    so that a family's ``except Exception`` does not count it as a failure; its
+    ``finally`` blocks and context managers (servers, fork servers, temp dirs) run."""
+
+
+@contextlib.contextmanager
+def hard_stop(deadline: float) -> Iterator[None]:
+    """Raise :class:`BudgetSpent` in the main thread at ``deadline`` (monotonic), even
+    inside a blocking call: a watchdog thread sends the main thread SIGUSR2. Not
+    SIGALRM: a family uses that timer itself. A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = threading.Event()
+    done = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        if fired.is_set() and not done.is_set():
+            done.set()
+            raise BudgetSpent()
+
+    def watchdog() -> None:
+        if not done.wait(max(deadline - time.monotonic(), 0.0)):
+            fired.set()
+            while not done.is_set():  # until the main thread has taken it
+                signal.pthread_kill(main, signal.SIGUSR2)
+                done.wait(0.2)
+
+    main = threading.main_thread().ident or 0
+    old = signal.signal(signal.SIGUSR2, on_signal)
+    dog = threading.Thread(target=watchdog, name="fuzz-hard-stop", daemon=True)
+    dog.start()
+    try:
+        yield
+    finally:
+        done.set()
+        dog.join()
+        signal.signal(signal.SIGUSR2, old)
 
 
 def make_state(seed: int, scale: int = 1) -> dict:

@@ -34,6 +34,7 @@ from ckptstore.errors import (
     UnsupportedTypeError,
 )
 from ckptstore.interop.diff import DiffReport, diff
+from ckptstore.interop.guard import is_damage, load_safetensors, pickle_reason, torch_load
 from ckptstore.interop.hfread import LOOKED_FOR, hf_weights, read_hf
 from ckptstore.interop.select import InteropUsageError, select
 from ckptstore.read.lazy import KeySpec, open as open_lazy
@@ -163,15 +164,24 @@ def read_source(src: "str | os.PathLike", progress: Callable[[int], None] | None
                 ) -> tuple[Any, dict, str]:
     """(state, metadata, format name) of a foreign checkpoint, without arbitrary unpickling."""
     src = os.fspath(src)
-    if hf_weights(src) is not None and not os.path.isfile(os.path.join(src, ".metadata")):
-        state, metadata = read_hf(src, progress)
-        return state, metadata, "hf"
-    kind = _format(src)
-    state = read_dcp(src) if kind == "dcp" else (
-        read_safetensors(src) if kind == "safetensors" else read_torch_save(src))
+    kind = "hf" if hf_weights(src) is not None and not os.path.isfile(os.path.join(src, ".metadata")) \
+        else _format(src)
+    metadata: dict = {}
+    try:
+        if kind == "hf":
+            state, metadata = read_hf(src, progress)
+            return state, metadata, kind
+        state = read_dcp(src) if kind == "dcp" else (
+            read_safetensors(src) if kind == "safetensors" else read_torch_save(src))
+    except (CkptError, FileNotFoundError, PermissionError):
+        raise
+    except Exception as e:  # a damaged file of a known format: one typed line, not a traceback
+        msg = str(e).splitlines()[0][:300] if str(e) else ""
+        raise CorruptCheckpointError(f"{src} is not a readable {kind} checkpoint: {type(e).__name__} "
+                                     f"{msg}".rstrip()) from None
     if progress is not None:
         progress(_size(src))
-    return state, {}, kind
+    return state, metadata, kind
 
 
 def read_foreign(src: "str | os.PathLike") -> Any:
@@ -191,8 +201,8 @@ def _format(src: str) -> str:
         raise CheckpointNotFoundError(f"{src} does not exist")
     with open(src, "rb") as f:
         head = f.read(9)
-    if len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (100 << 20):
-        return "safetensors"
+    if (len(head) == 9 and head[8:9] == b"{") or src.endswith(".safetensors"):
+        return "safetensors"  # read_safetensors checks the header length and size
     if head[:4] == b"PK\x03\x04" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
         return "torch"  # a zip (torch.save) or a pickle (legacy torch.save)
     raise CheckpointNotFoundError(f"{src} is none of the formats ckptstore imports: {KNOWN_FORMATS}")
@@ -211,7 +221,7 @@ def source_bytes(src: "str | os.PathLike") -> int:
             with open(os.path.join(folder, weights), "rb") as f:
                 names = {v for v in json.load(f)["weight_map"].values() if isinstance(v, str)}
         return sum(os.path.getsize(os.path.join(folder, check_name(n))) for n in names)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return 0  # read_source reports what is wrong
 
 
@@ -223,37 +233,14 @@ def _size(src: str) -> int:
 
 
 def read_safetensors(src: str) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(src)
-    except SafetensorError as e:
-        raise CorruptCheckpointError(f"{src} is not a valid safetensors file: {e}") from None
+    """The tensors of a ``.safetensors`` file, its header checked first (limits,
+    offsets, dtypes: see :mod:`ckptstore.interop.guard`)."""
+    return load_safetensors(src)
 
 
 def read_torch_save(src: str) -> Any:
     """``torch.load(weights_only=True)``: tensors, containers and plain values only."""
-    try:
-        return torch.load(src, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(
-            f"{src} cannot be loaded with torch.load(weights_only=True): it needs arbitrary "
-            "unpickling, which could run code, so ckptstore refuses it. If you trust the file, "
-            "load it yourself, convert the objects to tensors and plain values, and save that "
-            f"({_pickle_reason(e)})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CorruptCheckpointError(f"{src} is not a readable torch.save file: {e}") from None
-
-
-def _pickle_reason(e: BaseException) -> str:
-    """The line of torch's weights_only refusal that names the offending global
-    (the rest of its message explains how to load the file unsafely)."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    for ln in lines:
-        if "Unsupported global" in ln or "WeightsUnpickler error" in ln:
-            return ln.split(" Please use")[0]  # not advice to allow-list it
-    return lines[-1] if lines else type(e).__name__
+    return torch_load(src)
 
 
 # -- DCP ----------------------------------------------------------------------
@@ -334,9 +321,12 @@ def read_dcp(src: str) -> Any:
             try:
                 obj = torch.load(value, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
+                if is_damage(pickle_reason(e)):
+                    raise CorruptCheckpointError(f"DCP item {read_item.dest_index.fqn!r} is damaged "
+                                                 f"({pickle_reason(e)})") from None
                 raise UnsafeCheckpointError(
                     f"DCP item {read_item.dest_index.fqn!r} needs arbitrary unpickling; "
-                    f"refused ({_pickle_reason(e)})") from None
+                    f"refused ({pickle_reason(e)})") from None
             # dcp.load hands the planner a shallow copy of ``state``: keep our own
             byte_items[read_item.dest_index.fqn] = obj
 
@@ -345,11 +335,15 @@ def read_dcp(src: str) -> Any:
         dcp.load(state, storage_reader=_Reader(src), planner=_Planner(flatten_state_dict=False))
     except CheckpointException as e:
         # DCP gathers per-rank failures; ours (refusals, damage) keep their own type
+        why = []
         for err in getattr(e, "failures", {}).values():
             err = err[0] if isinstance(err, tuple) else err  # (exception, traceback) pairs
             if isinstance(err, CkptError):
                 raise err from None
-        raise CorruptCheckpointError(f"DCP could not read {src}: {e}") from None
+            first = str(err).strip().splitlines()[:1]
+            why.append(f"{type(err).__name__}: {first[0][:300]}" if first else type(err).__name__)
+        raise CorruptCheckpointError(f"DCP could not read {src} (missing or truncated data files?): "
+                                     f"{'; '.join(why) or type(e).__name__}") from None
     missing = [k for k, v in state.items() if v is None and k not in byte_items]
     if missing:
         raise CorruptCheckpointError(f"DCP checkpoint {src} did not provide {missing}")

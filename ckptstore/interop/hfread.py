@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
-import zipfile
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ckptstore.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafeCheckpointError
+from ckptstore.interop.guard import load_safetensors, torch_load
 from ckptstore.interop.hf import CONFIG_KEY, CONFIG_NAME, GENERATION_KEY, GENERATION_NAME, INDEX_NAME, SINGLE_NAME
 from ckptstore.storage.base import check_name
 
@@ -91,7 +90,12 @@ def _shards(folder: str, index: str) -> dict[str, list[str]]:
     for name, fname in wmap.items():
         if not isinstance(name, str) or not isinstance(fname, str):
             raise CorruptCheckpointError(f"{index}: weight_map entries must be strings")
-        shards.setdefault(check_name(fname), []).append(name)
+        try:
+            check_name(fname)
+        except UnsafeCheckpointError:
+            raise UnsafeCheckpointError(f"{index} names the shard {fname!r}, which is outside {folder}; "
+                                        "an index may only name files inside its folder") from None
+        shards.setdefault(fname, []).append(name)
     for fname in shards:
         if not os.path.isfile(os.path.join(folder, fname)):
             raise CorruptCheckpointError(f"{index} names {fname}, which is not in {folder}")
@@ -99,22 +103,11 @@ def _shards(folder: str, index: str) -> dict[str, list[str]]:
 
 
 def _read_shard(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of one weights file, memory-mapped (never unpickled freely)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+    """The tensors of one weights file, memory-mapped (never unpickled freely); the
+    header of a safetensors shard is checked first (:mod:`ckptstore.interop.guard`)."""
     if path.endswith(".safetensors"):
-        try:
-            return load_file(path)
-        except SafetensorError as e:
-            raise CorruptCheckpointError(f"{path} is not a valid safetensors file: {e}") from None
-    try:
-        got = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        raise UnsafeCheckpointError(f"{path} cannot be loaded with torch.load(weights_only=True): "
-                                    f"ckptstore does not unpickle arbitrary objects ({e})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
-        raise CorruptCheckpointError(f"{path} is not a readable torch.save file: {e}") from None
+        return load_safetensors(path)
+    got = torch_load(path, mmap=True)
     if not isinstance(got, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                             for k, v in got.items()):
         raise CorruptCheckpointError(f"{path} does not hold a state dict of tensors")
@@ -127,8 +120,8 @@ def _json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except ValueError as e:
-        raise CorruptCheckpointError(f"{path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:
+        raise CorruptCheckpointError(f"{path} is not valid JSON: {str(e)[:200]}") from None
     if not isinstance(data, dict):
         raise CorruptCheckpointError(f"{path} does not hold a JSON object")
     return data
