@@ -36,6 +36,8 @@ Expectations, from README.md and docs/tiers.md:
   and ``load("latest")`` the newest step with an intact copy on some tier, local
   copy first, with one ``CheckpointFallbackWarning`` per damaged copy passed over, or
   ``CheckpointNotFoundError``; ``load(step)`` tries that step's local then remote copy;
+  a damaged local copy whose damaged files have an intact remote copy (same step, or
+  the step holding the file) is repaired from it and loaded, with no warning;
 * ``gc`` leaves no temp file, and no uncommitted step directory except for files a
   committed copy reads.
 
@@ -220,6 +222,30 @@ class CheckpointerModel(RuleBasedStateMachine):
         local, remote = set(self.copies["local"]), set(self.copies["remote"])
         cands = {s for s in local if self._eligible(s)} | remote
         return select(cands, *self.remote_policy) - remote
+
+    def _repaired(self, step: int) -> bool:
+        """Replay the repair ``Checkpointer.load`` runs on a damaged local copy: each
+        damaged file it reads is replaced by the remote copy of the same step (or of
+        the step holding the file) unless that copy is damaged in a chunk some local
+        copy reads. Whether the local copy of ``step`` is intact now."""
+        copy, flips = self.copies["local"][step], self.flips["local"]
+        if "remote" not in self.tiers:
+            return copy.intact(flips)
+        bad = {(d, f) for fd, ff, pos in flips for d, f, off, n in copy.chunks
+               if (d, f) == (fd, ff) and off <= pos < off + n}
+        for d, f in sorted(bad):
+            cover = [(off, n) for c in self.copies["local"].values()
+                     for cd, cf, off, n in c.chunks if (cd, cf) == (d, f)]
+            for src in (step, int(STEP_RE.match(d).group(1))):
+                there = self.copies["remote"].get(src)
+                rd = next((fd for fd, name, _ in there.files if name == f), None) if there else None
+                if rd is None or any((fd, ff) == (rd, f) and off <= pos < off + n
+                                     for fd, ff, pos in self.flips["remote"] for off, n in cover):
+                    continue
+                event("a damaged local file was repaired from the remote tier")
+                flips.difference_update({x for x in flips if x[:2] == (d, f)})
+                break
+        return copy.intact(flips)
 
     def _check_tiers(self) -> None:
         for t in ("local", "remote"):
@@ -415,7 +441,8 @@ class CheckpointerModel(RuleBasedStateMachine):
         """``load(step)``: its local copy, else its remote copy, else not found."""
         step = data.draw(st.integers(1, self.next_step), label="step to load")
         good = [t for t in self.tiers if step in self.copies[t]
-                and self.copies[t][step].intact(self.flips[t])]
+                and (self.copies[t][step].intact(self.flips[t])
+                     or t == "local" and self._repaired(step))][:1]
         skipped = self.tiers.index(good[0]) if good else len(self.tiers)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -462,7 +489,9 @@ class CheckpointerModel(RuleBasedStateMachine):
             assert self.ck.latest() == (every[-1] if every else None)
         assert not caught, [str(w.message) for w in caught]
         order = [(s, t) for s in reversed(every) for t in self.tiers if s in self.copies[t]]
-        good = [i for i, (s, t) in enumerate(order) if self.copies[t][s].intact(self.flips[t])]
+        # the first copy that is intact, or a local one that is repaired
+        good = next(([i] for i, (s, t) in enumerate(order) if self.copies[t][s].intact(self.flips[t])
+                     or t == "local" and self._repaired(s)), [])
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if good:

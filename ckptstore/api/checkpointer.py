@@ -48,7 +48,7 @@ from ckptstore.pipeline.options import SaveOptions
 from ckptstore.runs.chain import IncrementalChain
 from ckptstore.runs.layout import step_name
 from ckptstore.runs.retention import Best, Policy
-from ckptstore.runs.tiers import Tier, candidates, prepare_step, retain, step_metadata, unpromoted
+from ckptstore.runs.tiers import Tier, candidates, prepare_step, repairing, retain, step_metadata, unpromoted
 from ckptstore.storage import open_storage
 from ckptstore.verify.checks import check_quick
 
@@ -222,6 +222,7 @@ class Checkpointer:
         """
         from ckptstore.api.load import load
 
+        load = repairing(load, self.local, None if self.collective else self.remote)  # docs/tiers.md
         self._settle()
         cands = self._agree(lambda: [(s, t.name) for s, t in candidates(self._tiers(), step)],
                             f"choosing step {step!r} to load")

@@ -1,10 +1,15 @@
-"""CLI subcommand ``fsck``: verify a checkpoint, name every damaged tensor and chunk."""
+"""CLI subcommand ``fsck``: verify a checkpoint, name every damaged tensor and chunk.
+
+Besides the report's fields, ``--json`` has ``depends_on`` (the other step
+directories whose files the checkpoint reads: its incremental bases) and, in each
+``damage`` entry, ``held_by`` (the step directory holding the damaged file)."""
 from __future__ import annotations
 
 import argparse
 
 from ckptstore.cli.base import command, common_options, emit, progress_bar, storage_options
 from ckptstore.errors import CheckpointNotFoundError, CkptError
+from ckptstore.runs.deps import depends_on, holder
 
 
 def _fsck_args(p: argparse.ArgumentParser) -> None:
@@ -22,6 +27,8 @@ def _fsck(args) -> int:
 
     storage = open_storage(args.path, storage_options(args))
     total = 0
+    own = storage.url.rstrip("/").rpartition("/")[2]
+    m = None
     try:
         m = read_manifest(storage)
         total = sum(c.length for t in m.tensors for c in t.chunks)
@@ -36,6 +43,16 @@ def _fsck(args) -> int:
         close()
     lines = [f"{report.path}: {'OK' if report.ok else 'DAMAGED'} — {report.tensors} tensors, "
              f"{report.chunks} chunks, {report.files} files, {report.bytes_checked} bytes checked"]
-    lines += [f"  damaged: {d}" for d in report.damage]
-    emit(args, report.to_json(), "\n".join(lines))
+    deps = [] if m is None else depends_on(m)
+    held = {d.file: holder(m, own, d.file) for d in report.damage if m is not None and d.file}
+    if deps:
+        lines.append(f"  reads files of: {', '.join(deps)}")
+    for d in report.damage:
+        home = held.get(d.file or "", own)
+        lines.append(f"  damaged: {d}" + (f" (a file of {home})" if home != own else ""))
+    out = report.to_json()
+    out["depends_on"] = deps
+    for d in out["damage"]:  # the step directory that holds each damaged file
+        d["held_by"] = held.get(d["file"] or "", own)
+    emit(args, out, "\n".join(lines))
     return 0 if report.ok else 1

@@ -1,13 +1,17 @@
-"""``ckptstore ls``, ``gc`` and ``promote``: runs of step checkpoints on any tier.
+"""``ckptstore ls``, ``gc``, ``promote`` and ``repair``: runs of step checkpoints on
+any tier.
 
 Arguments and output only; the work is in :mod:`ckptstore.runs` (``listing``,
-``gc``, ``promote``). None of them imports torch.
+``gc``, ``promote``, ``repair``, ``deps``). None of them imports torch.
 
 ``--json`` fields: ``ls``: ``url``, ``tier``, ``steps`` (``step``, ``name``, ``state``,
 ``committed``, ``added_bytes``, ``stored_bytes``, ``logical_bytes``, ``ratio``,
-``age_seconds``, ``problem``); ``gc``: ``url``, ``dry_run``, ``grace_seconds``,
-``removed``, ``count``; ``promote``: ``src``, ``dst``, ``promoted`` (``name``, ``dst``,
-``files``, ``uploaded_files``, ``uploaded_bytes``, ``already``), ``uploaded_bytes``.
+``age_seconds``, ``problem``, ``depends_on``: the other step directories whose files a
+committed step reads, empty for a full save); ``gc``: ``url``, ``dry_run``,
+``grace_seconds``, ``removed``, ``count``; ``promote``: ``src``, ``dst``, ``promoted``
+(``name``, ``dst``, ``files``, ``uploaded_files``, ``uploaded_bytes``, ``already``),
+``uploaded_bytes``; ``repair``: ``url``, ``remote``, ``ok``, ``steps`` (``name``, ``ok``,
+``damaged``, ``repaired`` (``dir``, ``file``, ``source``), ``unrepaired``).
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from dataclasses import asdict
 
 from ckptstore import manifest as fmt
 from ckptstore.cli.base import command, common_options, emit, progress_bar, storage_options
+from ckptstore.runs.deps import describe as describe_deps
 from ckptstore.runs.gc import DEFAULT_GRACE, gc
 from ckptstore.runs.listing import StepInfo, check_run, list_steps
 from ckptstore.storage import Storage, open_storage
@@ -39,18 +44,19 @@ def _ls_args(p: argparse.ArgumentParser) -> None:
     common_options(p)
 
 
-@command("ls", "list the steps of a run: committed or not, bytes added, ratio, age",
+@command("ls", "list the steps of a run: committed or not, bytes added, ratio, age, bases",
          _ls_args)
 def _ls(args) -> int:
     root = open_storage(args.url, storage_options(args))
     check_run(root)
     steps = list_steps(root)
-    lines = [f"{'step':>12}  {'state':<10} {'added':>10} {'stored':>10} {'ratio':>6}  age"]
+    lines = [f"{'step':>12}  {'state':<10} {'added':>10} {'stored':>10} {'ratio':>6}  {'age':>8}  reads"]
     for s in steps:
         age = "-" if s.age_seconds is None else f"{s.age_seconds:.0f}s"
         ratio = "-" if s.ratio is None else f"{s.ratio:.3f}"
         lines.append(f"{s.step:>12}  {_state(s):<10} {human(s.added_bytes):>10} "
-                     f"{human(s.stored_bytes):>10} {ratio:>6}  {age}")
+                     f"{human(s.stored_bytes):>10} {ratio:>6}  {age:>8}  "
+                     f"{describe_deps(list(s.depends_on)) if s.committed else '-'}")
     if not steps:
         lines.append("(no step directories)")
     scheme, sep, _ = root.url.partition("://")
@@ -127,6 +133,43 @@ def _promote(args) -> int:
     emit(args, {"src": src.url, "dst": dst.url, "promoted": results,
                 "uploaded_bytes": sum(r["uploaded_bytes"] for r in results)}, text)
     return 0
+
+
+# -- repair -----------------------------------------------------------------
+
+
+def _repair_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("url", help="local run directory (holds step-NNNNNNNNNNNN directories)")
+    p.add_argument("remote", help="run directory/URL of the tier holding promoted copies")
+    p.add_argument("--step", type=int, action="append", default=[], metavar="N",
+                   help="repair only this step (repeatable; default: every committed step)")
+    p.add_argument("--remote-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec storage option for REMOTE (repeatable)")
+    common_options(p)
+
+
+@command("repair", "verify a run's steps; replace damaged files by verified copies from REMOTE",
+         _repair_args)
+def _repair(args) -> int:
+    from ckptstore.runs.layout import committed_steps, step_name
+    from ckptstore.runs.repair import repair_step
+
+    root = open_storage(args.url, storage_options(args))
+    remote = open_storage(args.remote, storage_options(argparse.Namespace(storage_option=args.remote_option))
+                          or storage_options(args))
+    check_run(root)
+    names = [step_name(s) for s in (args.step or committed_steps(root))]
+    reports = [repair_step(root, remote, n) for n in names]
+    lines = []
+    for r in reports:
+        lines.append(f"{r.name}: " + ("OK" if not r.damaged else "repaired" if r.ok else "DAMAGED"))
+        lines += [f"  repaired {x.dir}/{x.file} from {x.source}" for x in r.repaired]
+        lines += [f"  not repaired: {u}" for u in r.unrepaired]
+    ok = all(r.ok for r in reports)
+    emit(args, {"url": root.url, "remote": remote.url, "ok": ok,
+                "steps": [{**asdict(r), "ok": r.ok} for r in reports]},
+         "\n".join(lines) or "no committed steps")
+    return 0 if ok else 1
 
 
 def _parent(s: Storage) -> Storage:

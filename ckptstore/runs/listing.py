@@ -1,5 +1,5 @@
 """What ``ckptstore ls`` shows: every step directory of a run, committed or not,
-with the bytes it added and stored and its age."""
+with the bytes it added and stored, its age and the steps whose files it reads."""
 from __future__ import annotations
 
 import time
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ckptstore import manifest as fmt
 from ckptstore.errors import CheckpointNotFoundError
+from ckptstore.runs.deps import depends_on
 from ckptstore.runs.layout import parse_step
 from ckptstore.storage import Storage
 from ckptstore.storage.preflight import describe, root_file
@@ -25,6 +26,8 @@ class StepInfo:
     ratio: float | None  #: stored / logical
     age_seconds: float | None
     problem: str | None = None
+    #: other step directories whose files it reads (its incremental bases); empty: full
+    depends_on: tuple[str, ...] = ()
 
 
 def age_of(storage: Storage, name: str, now: float) -> float | None:
@@ -76,7 +79,7 @@ def list_steps(root: Storage) -> list[StepInfo]:
         logical = sum(t.nbytes for t in m.tensors)
         out.append(StepInfo(step, entry, True, added, stored, logical,
                             round(stored / logical, 4) if logical else None,
-                            age_of(d, fmt.MANIFEST_NAME, now)))
+                            age_of(d, fmt.MANIFEST_NAME, now), depends_on=tuple(depends_on(m))))
     return sorted(out, key=lambda s: s.step)
 
 

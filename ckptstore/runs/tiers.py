@@ -7,13 +7,15 @@ verify through :mod:`ckptstore.verify.checks`. See docs/tiers.md.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from ckptstore import manifest as fmt
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, SchemaVersionError
 from ckptstore.runs.gc import gc
 from ckptstore.runs.layout import committed_steps, read_step, step_name
+from ckptstore.runs.repair import repairing as _repairing
 from ckptstore.runs.retention import Policy, drop_steps, referenced_files, select_keep
 from ckptstore.storage import Storage
 from ckptstore.storage.preflight import check_writable
@@ -21,6 +23,7 @@ from ckptstore.verify.checks import check_quick
 from ckptstore.verify.fsck import fsck
 
 log = logging.getLogger("ckptstore.checkpointer")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +127,13 @@ def retain(tier: Tier, protected: Iterable[int] = frozenset()) -> None:
     else:
         if removed:
             log.info("retention on %s reclaimed %d unreferenced files", tier.root.url, len(removed))
+
+
+def repairing(load: F, local: Tier | None, remote: Tier | None) -> F:
+    """``load`` that repairs a damaged local copy from the remote tier and loads it
+    again (:mod:`ckptstore.runs.repair`); ``load`` itself without both tiers."""
+    return _repairing(load, None if local is None else local.root,
+                      None if remote is None else remote.root)
 
 
 def prepare_step(root: Storage, step: int) -> None:
