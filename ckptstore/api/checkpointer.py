@@ -280,9 +280,9 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until every save, promotion and retention pass has finished;
         raise the first background error (once). Collective."""
-        last = self._last
-        if last is not None:
-            last.wait()  # a sharded save ends alike on every rank (two-phase commit)
+        last = self._last  # a sharded save ends alike on every rank (two-phase commit); its error once
+        if last is not None and last.exception() is not None and (err := last.take_unobserved_error()):
+            raise err  # here, or by the handle's own wait() or the next save(): never twice
 
         def settle() -> None:
             self._queue.join()

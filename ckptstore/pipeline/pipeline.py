@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptstore.errors import WriterDiedError
-from ckptstore.pipeline.engine import Engine
+from ckptstore.pipeline.engine import Engine, typed_os_error
 from ckptstore.pipeline.handoff import Handoff
 from ckptstore.pipeline.options import SaveOptions
 from ckptstore.pipeline.writer import BaseChunk, FileJob, FileResult, PieceJob, write_file
@@ -97,7 +97,10 @@ class SavePipeline:
         eng.writers.start_async()  # the first save overlaps writer start-up with staging
         arena = eng.staging.ensure(self.options.staging_capacity([f.nbytes for f in plan.files]))
         ring = Ring(arena.size)
-        self.storage.makedirs()
+        try:
+            self.storage.makedirs()
+        except OSError as e:  # ENOSPC/EDQUOT/EIO creating the directory: typed like the writes
+            raise typed_os_error(e, self.storage.url) from e
         handoff = Handoff(eng.copier.session(leaves))
         files: list[StagedFile] = []
         try:
