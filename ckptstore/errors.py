@@ -55,6 +55,13 @@ class UnsafeCheckpointError(CorruptCheckpointError):
     absurd sizes, overlapping ranges, duplicate keys, excessive nesting."""
 
 
+class CheckpointTooLargeError(CkptError, MemoryError):
+    """A load would need more memory than this machine (or the process's limit)
+    has: a tensor larger than physical memory, or an allocation the allocator
+    refused. The message names the tensor; load fewer keys (``keys=``) or map the
+    files (``mmap=True``) instead of copying them."""
+
+
 class SchemaVersionError(CkptError, ValueError):
     """The checkpoint was written by a newer, unknown schema version."""
 

@@ -8,7 +8,7 @@ older step reads the same everywhere.
 from __future__ import annotations
 
 from ckptstore.errors import CheckpointNotFoundError, UnsafeCheckpointError
-from ckptstore.manifest.jsonio import decode
+from ckptstore.manifest.jsonio import TEXT_COST, decode, max_parse_memory, too_big
 from ckptstore.manifest.records import MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest
 from ckptstore.storage.base import Storage
 from ckptstore.storage.preflight import describe
@@ -26,6 +26,8 @@ def read_manifest_bytes(storage: Storage) -> tuple[bytes, Manifest]:
         size = storage.size(MANIFEST_NAME)
         if size > MAX_MANIFEST_BYTES:
             raise UnsafeCheckpointError(f"{MANIFEST_NAME} is {size} bytes; refusing to read it")
+        if size * TEXT_COST > max_parse_memory():  # refused unread: its text alone is too much
+            raise too_big(f"{MANIFEST_NAME} is {size} bytes")
         data = storage.read(MANIFEST_NAME)
     except (FileNotFoundError, NotADirectoryError):
         hint = describe(storage)

@@ -7,6 +7,7 @@ no NaN, bounded size and depth) and every record is validated before it is retur
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,41 @@ from ckptstore.storage.base import check_name
 
 _CHECKSUM_KEY = b',"manifest_checksum":"'
 
+#: The memory a manifest's parse may take, estimated from its bytes before parsing
+#: (:func:`parse_estimate`); ``CKPTSTORE_MAX_MANIFEST_MEMORY`` (bytes) raises it.
+MAX_PARSE_MEMORY = 512 << 20
+PARSE_LIMIT_ENV = "CKPTSTORE_MAX_MANIFEST_MEMORY"
+#: bytes one JSON value costs once parsed, at most (an empty dict or list: 64-72
+#: bytes and its slot in the list holding it; a short string or float a little less)
+VALUE_COST = 72
+#: bytes per byte of text: the bytes read, the decoded text, the checksum's slice
+TEXT_COST = 3
+
+
+def max_parse_memory() -> int:
+    """The parse memory cap (``CKPTSTORE_MAX_MANIFEST_MEMORY``, read at call time)."""
+    value = os.environ.get(PARSE_LIMIT_ENV)
+    if not value:
+        return MAX_PARSE_MEMORY
+    try:
+        return max(int(value), 1)
+    except ValueError:
+        raise ValueError(f"{PARSE_LIMIT_ENV}={value!r} is not a number of bytes") from None
+
+
+def parse_estimate(data: bytes) -> int:
+    """An upper bound of the memory parsing ``data`` takes: every ``{``/``[`` opens a
+    container and every ``,``/``:`` separates values (counted inside strings too, which
+    only raises the bound). A legitimate manifest is estimated at about 12 bytes per
+    byte (it takes 7-8); one made of empty objects at 50 (it takes 25)."""
+    values = data.count(b"{") + data.count(b"[") + data.count(b",") + data.count(b":")
+    return VALUE_COST * values + TEXT_COST * len(data)
+
+
+def too_big(what: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{what}, over the {max_parse_memory()}-byte limit on the memory a manifest may take "
+        f"to read; if the checkpoint is trusted, set {PARSE_LIMIT_ENV} to a larger number of bytes")
 
 
 def encode(m: rec.Manifest) -> bytes:
@@ -70,6 +106,9 @@ def parse_json(data: bytes) -> dict:
     """Strict JSON: no duplicate keys, no NaN/Infinity, bounded size and depth."""
     if len(data) > MAX_MANIFEST_BYTES:
         raise UnsafeCheckpointError(f"manifest is {len(data)} bytes, over the {MAX_MANIFEST_BYTES} limit")
+    need = parse_estimate(data)
+    if need > max_parse_memory():
+        raise too_big(f"manifest of {len(data)} bytes would take up to {need} bytes of memory to parse")
     try:
         text = data.decode("utf-8")
         obj = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)

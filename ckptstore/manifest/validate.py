@@ -5,7 +5,7 @@ import math
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ckptstore.manifest.records import MANIFEST_NAME, MAX_SIZE, TORCH_DTYPES, Manifest, TensorRecord
-from ckptstore.pipeline.codec import CODECS
+from ckptstore.pipeline.codec import CHUNK_LIMIT_ENV, CODECS, max_coded_chunk, plane_bound
 
 
 def validate(m: Manifest) -> None:
@@ -21,6 +21,7 @@ def validate(m: Manifest) -> None:
             raise UnsafeCheckpointError(f"file {f.name!r}: header longer than the file")
         files[f.name] = f
     ranges: dict[str, list[tuple[int, int, str]]] = {n: [] for n in files}
+    coded_cap = max_coded_chunk()
     for t in m.tensors:
         if t.kind not in ("torch", "numpy"):
             raise CorruptCheckpointError(f"tensor {t.name!r} has unknown kind {t.kind!r}")
@@ -51,6 +52,12 @@ def validate(m: Manifest) -> None:
                     raise CorruptCheckpointError(f"{where}: unknown codec {codec!r}")
                 if codec == "raw" and length * c.group != c.raw_length:
                     raise CorruptCheckpointError(f"{where}: raw plane of wrong length")
+                check_coded_plane(where, codec, length, c.raw_length // c.group)
+            if c.raw_length > coded_cap and any(codec != "raw" for codec, _ in c.planes):
+                raise UnsafeCheckpointError(
+                    f"{where}: a compressed chunk of {c.raw_length} raw bytes is over the "
+                    f"{coded_cap}-byte limit of what a reader decodes at once; if the checkpoint "
+                    f"is trusted, set {CHUNK_LIMIT_ENV} to a larger number of bytes")
             ranges[c.file].append((c.offset, c.offset + c.length, where))
             total += c.raw_length
         if total != t.nbytes:
@@ -63,6 +70,21 @@ def validate(m: Manifest) -> None:
         for (_a0, a1, wa), (b0, _b1, wb) in zip(rs, rs[1:]):
             if b0 < a1:
                 raise UnsafeCheckpointError(f"{wa} and {wb} overlap in file {name!r}")
+
+
+def check_coded_plane(where: str, codec: str, stored: int, raw: int) -> None:
+    """A compressed plane of ``stored`` bytes claiming ``raw`` bytes: no larger than its
+    raw size (a writer keeps a plane compressed only when that pays) and no more than
+    the codec can decode to (:data:`ckptstore.pipeline.codec.MAX_RATIO`)."""
+    if codec == "raw":
+        return
+    if stored > raw:
+        raise CorruptCheckpointError(f"{where}: a {codec} plane of {stored} bytes is larger than "
+                                     f"the {raw} bytes it decodes to")
+    if raw > plane_bound(codec, stored):
+        raise UnsafeCheckpointError(f"{where}: a {codec} plane of {stored} stored bytes claims {raw} "
+                                    f"raw bytes, more than {codec} can decode to "
+                                    f"(at most {plane_bound(codec, stored)})")
 
 
 def validate_shards(t: TensorRecord) -> None:

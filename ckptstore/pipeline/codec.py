@@ -30,6 +30,7 @@ xxh3-128 over the planes concatenated. Any zstd setting decodes with any decoder
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,7 +61,32 @@ BLOCK = 1 << 18
 _LITERALS = {"strategy": zstandard.STRATEGY_FAST, "window_log": 17, "hash_log": 6, "chain_log": 6,
              "search_log": 1, "min_match": 7, "target_length": 0, "write_content_size": True}
 
+#: The most raw bytes one stored byte of a codec can decode to: a zstd RLE block is
+#: 4 bytes for 128 KiB (frame headers only lower it), an lz4 sequence adds at most
+#: 255 bytes of match length per byte. A claim above this is refused before decoding.
+MAX_RATIO = {"zstd": 32768, "lz4": 256}
+#: The largest raw length of a compressed chunk a reader decodes (its decoder output
+#: is held in memory at once); ``CKPTSTORE_MAX_CHUNK_BYTES`` raises it.
+MAX_CODED_CHUNK = 256 << 20
+CHUNK_LIMIT_ENV = "CKPTSTORE_MAX_CHUNK_BYTES"
+
 Compress = Callable[[Any], bytes]
+
+
+def max_coded_chunk() -> int:
+    """The raw-length cap of a compressed chunk (``CKPTSTORE_MAX_CHUNK_BYTES``, at call time)."""
+    value = os.environ.get(CHUNK_LIMIT_ENV)
+    if not value:
+        return MAX_CODED_CHUNK
+    try:
+        return max(int(value), 1)
+    except ValueError:
+        raise ValueError(f"{CHUNK_LIMIT_ENV}={value!r} is not a number of bytes") from None
+
+
+def plane_bound(codec: str, stored: int) -> int:
+    """The most raw bytes a ``codec`` plane of ``stored`` bytes can decode to."""
+    return stored if codec == "raw" else MAX_RATIO.get(codec, 0) * stored
 
 
 def hash_bytes(data) -> str:
@@ -327,6 +353,8 @@ def _decode_plane(codec: str, data: memoryview, size: int):
             if len(data) != size:
                 raise CorruptCheckpointError(f"raw plane holds {len(data)} bytes, expected {size}")
             return data
+        if size > plane_bound(codec, len(data)):
+            raise CorruptCheckpointError(f"a {codec} plane of {len(data)} bytes cannot decode to {size}")
         if codec == "zstd":
             declared = zstandard.frame_content_size(data)
             if declared != size:

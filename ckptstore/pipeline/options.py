@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ckptstore.errors import UnsupportedTypeError
+from ckptstore.pipeline.codec import CHUNK_LIMIT_ENV, max_coded_chunk
 from ckptstore.storage.base import Storage
 
 COMPRESSION = ("auto", "zstd", "lz4", "none")
@@ -36,6 +37,10 @@ class SaveOptions:
             raise ValueError(f"if_busy must be 'wait' or 'raise', not {self.if_busy!r}")
         if self.chunk_size <= 0 or self.chunk_size % 64:
             raise ValueError("chunk_size must be a positive multiple of 64")
+        if self.compression in ("zstd", "lz4") and self.chunk_size > max_coded_chunk():
+            raise ValueError(f"chunk_size ({self.chunk_size}) is over the {max_coded_chunk()}-byte limit "
+                             f"of a compressed chunk that loads decode ({CHUNK_LIMIT_ENV}); use a "
+                             "smaller chunk_size or compression='none'")
         if self.shard_size < self.chunk_size:
             raise ValueError(f"shard_size ({self.shard_size}) must be at least chunk_size "
                              f"({self.chunk_size}): a file holds whole chunks")

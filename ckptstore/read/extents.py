@@ -10,7 +10,11 @@ the reader's threads, so one extent's hashing overlaps the next one's reads.
 """
 from __future__ import annotations
 
+import errno
 import math
+import os
+import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +22,7 @@ import numpy as np
 import torch
 
 from ckptstore import manifest as fmt
-from ckptstore.errors import CorruptCheckpointError
+from ckptstore.errors import CheckpointTooLargeError, CorruptCheckpointError
 from ckptstore.plan.tree import safe_numpy_dtype, torch_dtype
 from ckptstore.storage import Storage
 from ckptstore.verify.checks import check_chunk, chunk_where
@@ -54,6 +58,61 @@ def contiguous(rec: fmt.TensorRecord) -> bool:
     return pos - c0.offset == rec.nbytes
 
 
+def memory_limit() -> int:
+    """The most bytes a load may copy into memory: physical memory and swap, or the
+    process's address-space limit (``RLIMIT_AS``) where that is lower."""
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") + swap_bytes()
+    except (ValueError, OSError):
+        limit = fmt.MAX_SIZE
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return limit if soft in (resource.RLIM_INFINITY, -1) else min(limit, soft)
+
+
+def swap_bytes() -> int:
+    """Total swap space (Linux ``/proc/meminfo``; 0 where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("SwapTotal:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def too_large(rec: fmt.TensorRecord, why: str) -> CheckpointTooLargeError:
+    return CheckpointTooLargeError(
+        f"tensor {rec.name!r} ({rec.nbytes} bytes, shape {list(rec.shape)}) {why}: load fewer "
+        "keys (keys=...), or map the files instead of copying them (mmap=True)")
+
+
+def check_memory(recs: list[fmt.TensorRecord]) -> None:
+    """Refuse, before allocating, a load whose copied tensors cannot fit in memory."""
+    limit = memory_limit()
+    total = sum(r.nbytes for r in recs)
+    if total > limit:
+        big = max(recs, key=lambda r: r.nbytes)
+        raise too_large(big, f"is part of {total} bytes to copy, more than the {limit} bytes "
+                             "of memory this process can have")
+
+
+def allocating(rec: fmt.TensorRecord, fn: Callable[[], Any]) -> Any:
+    """``fn()``, with the allocator's refusal turned into CheckpointTooLargeError."""
+    try:
+        return fn()
+    except MemoryError:
+        raise too_large(rec, "does not fit in memory") from None
+    except OSError as e:
+        if e.errno != errno.ENOMEM:
+            raise
+        raise too_large(rec, "does not fit in memory") from None
+    except RuntimeError as e:  # torch's allocator: "can't allocate memory"
+        if "allocate" not in str(e):
+            raise
+        raise too_large(rec, "does not fit in memory") from None
+
+
 def plan_extents(wanted: list[tuple[int, fmt.TensorRecord]]) -> list[Extent]:
     """Group contiguous raw tensors into extents, per file, in file order."""
     by_file: dict[str, list[tuple[int, fmt.TensorRecord]]] = {}
@@ -77,7 +136,8 @@ def plan_extents(wanted: list[tuple[int, fmt.TensorRecord]]) -> list[Extent]:
 def read_extent(storage: Storage, ext: Extent, verify: bool) -> dict[int, Any]:
     """Read one extent, verify its chunks, and return its tensors (views of it)."""
     try:
-        view = storage.read_extent(ext.file, ext.start, ext.end - ext.start)
+        view = allocating(ext.tensors[0][1],
+                          lambda: storage.read_extent(ext.file, ext.start, ext.end - ext.start))
     except FileNotFoundError:
         i, rec = ext.tensors[0]
         raise CorruptCheckpointError(f"{chunk_where(rec, 0)}: file {ext.file} is missing") from None

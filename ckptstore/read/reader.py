@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures as cf
+import errno
 import functools
 import math
 from collections.abc import Callable
@@ -25,6 +26,10 @@ WARM = 0.9  #: probed fraction of a file in the page cache above which it is map
 
 def empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
     """Allocate the output array for ``rec`` and a byte view of it."""
+    return extents.allocating(rec, functools.partial(_empty_like_record, rec))
+
+
+def _empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
     if rec.kind == "torch":
         dtype = torch_dtype(rec.dtype)
         if math.prod(rec.shape) * dtype.itemsize != rec.nbytes:
@@ -79,22 +84,25 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
     wanted = [(i, r) for i, r in enumerate(manifest.tensors) if select is None or select(r)]
     outs: dict[int, Any] = {}
     jobs: list[tuple[fmt.TensorRecord, int, memoryview | None]] = []
-    if verify:
-        check_files(storage, manifest, {c.file for _, r in wanted for c in r.chunks})
+    # present at their recorded sizes (which bound every chunk) before allocating
+    check_files(storage, manifest, {c.file for _, r in wanted for c in r.chunks}, headers=verify)
     if mmap is None:
         mmap = _cached(storage, {r.chunks[0].file for _, r in wanted if extents.contiguous(r)})
     maps = _FileMaps(storage, manifest) if mmap else None
     whole: list[tuple[int, fmt.TensorRecord]] = []
+    copied: list[tuple[int, fmt.TensorRecord]] = []
     for i, rec in wanted:
         mapped = maps.tensor(rec) if maps is not None else None
         if mapped is not None:
             outs[i] = mapped
             if verify:
                 jobs.extend((rec, k, None) for k in range(len(rec.chunks)))
-            continue
-        if maps is None and extents.contiguous(rec):
+        elif maps is None and extents.contiguous(rec):
             whole.append((i, rec))
-            continue
+        else:
+            copied.append((i, rec))
+    extents.check_memory([r for _, r in whole + copied])
+    for i, rec in copied:
         arr, raw = empty_like_record(rec)
         outs[i] = arr
         pos = 0
@@ -108,15 +116,29 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
         functools.partial(extents.read_extent, storage, e, verify)
         for e in extents.plan_extents(whole)]
     work += [functools.partial(read_chunk, storage, rec, k, out, verify) for rec, k, out in ready]
-    if threads <= 1 or len(work) <= 1:
-        results = [fn() for fn in work]
-    else:
-        with cf.ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="ckptstore-read") as ex:
-            results = [f.result() for f in [ex.submit(fn) for fn in work]]
-    for r in results:
+    for r in _run(work, threads):
         if isinstance(r, dict):  # an extent's tensors
             outs.update(r)
     return outs
+
+
+def _run(work: list[Callable[[], Any]], threads: int) -> list[Any]:
+    """Every job's result, in order, on up to ``threads`` threads. The first error
+    cancels the jobs not started yet: a damaged chunk of a huge claimed tensor does
+    not go on to fill the rest of it."""
+    if threads <= 1 or len(work) <= 1:
+        return [fn() for fn in work]
+    with cf.ThreadPoolExecutor(min(threads, len(work)), thread_name_prefix="ckptstore-read") as ex:
+        futures = [ex.submit(fn) for fn in work]
+        cf.wait(futures, return_when=cf.FIRST_EXCEPTION)
+        if any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+            for f in futures:
+                f.cancel()
+            cf.wait(futures)  # the ones running finish (they write into our buffers)
+            for f in futures:  # the first error in job order, as without cancelling
+                if not f.cancelled() and f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+        return [f.result() for f in futures]
 
 
 def _cached(storage: Storage, names: set[str]) -> bool:
@@ -154,6 +176,10 @@ class _FileMaps:
             try:
                 mm = self.storage.map_file(name)
             except FileNotFoundError:  # the read path names the missing file, typed
+                mm = None
+            except OSError as e:  # no address space for it (ENOMEM): read it instead
+                if e.errno != errno.ENOMEM:
+                    raise
                 mm = None
             # never map past the end: a shorter file would raise SIGBUS on access
             self.maps[name] = mm if mm is not None and len(mm) == self.sizes.get(name) else None

@@ -20,12 +20,15 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+import xxhash
+
 from ckptstore import manifest as fmt
 from ckptstore.errors import CkptError, CorruptCheckpointError
-from ckptstore.pipeline.codec import decode_planes, hash_bytes
+from ckptstore.pipeline.codec import decode_planes, hash_bytes, max_coded_chunk
 from ckptstore.storage.base import LinkedView, Storage, linked
 
 FILE_MISSING = "file is missing"
+PIECE = 8 << 20  #: bytes fsck reads and hashes at a time (no chunk or header is read whole)
 HEADER_DAMAGED = "safetensors header is damaged"
 
 
@@ -126,15 +129,15 @@ def _chunk_damage(tensor: str, index: int, c: fmt.ChunkRecord, data: "bytes | me
 # -- files --------------------------------------------------------------------
 
 def _file_damage(f: fmt.FileRecord, size: int | None,
-                 header: Callable[[], bytes] | None) -> Iterator[Damage]:
-    """Damage of file ``f`` stored with ``size`` bytes (None: missing) whose header
-    bytes ``header()`` returns (None: not checked)."""
+                 header: Callable[[], str] | None) -> Iterator[Damage]:
+    """Damage of file ``f`` stored with ``size`` bytes (None: missing) whose header's
+    hash ``header()`` returns (None: not checked)."""
     if size is None:
         yield Damage(f.name, None, None, FILE_MISSING)
         return
     if size != f.size:
         yield Damage(f.name, None, None, f"file is {size} bytes, the manifest says {f.size}")
-    if header is not None and f.header_length and hash_bytes(header()) != f.header_hash:
+    if header is not None and f.header_length and header() != f.header_hash:
         yield Damage(f.name, None, None, HEADER_DAMAGED)
 
 
@@ -142,7 +145,7 @@ def bytes_damage(f: fmt.FileRecord, data: bytes,
                  chunks: Iterable[tuple[str, int, fmt.ChunkRecord]]) -> Iterator[Damage]:
     """Damage of file ``f`` read whole as ``data`` (promotion reads each file once):
     size, header, and the hash of each of its ``(tensor, index, chunk)``."""
-    yield from _file_damage(f, len(data), lambda: data[:f.header_length])
+    yield from _file_damage(f, len(data), lambda: hash_bytes(data[:f.header_length]))
     view = memoryview(data)
     for tensor, i, c in chunks:
         d = _chunk_damage(tensor, i, c, view[c.offset:c.offset + c.length], False)
@@ -163,6 +166,7 @@ class Verifier:
         self.sizes: dict[str, int | None] = {}
         self.bytes_checked = 0
         self.chunks_checked = 0
+        self._buf: memoryview | None = None
 
     def _size(self, name: str) -> int | None:
         if name not in self.sizes:
@@ -177,11 +181,39 @@ class Verifier:
         safetensors header matching its hash."""
         for f in self.manifest.files:
             if names is None or f.name in names:
-                # read_extent: O_DIRECT on local disks, so that reading a header does
-                # not pull megabytes of the file into the page cache by readahead
-                head = ((lambda f=f: bytes(self.storage.read_extent(f.name, 0, f.header_length)))
-                        if headers else None)
+                head = (lambda f=f: self._header_hash(f)) if headers else None
                 yield from _file_damage(f, self._size(f.name), head)
+
+    def _header_hash(self, f: fmt.FileRecord) -> str:
+        """The hash of ``f``'s header, read a piece at a time (a claimed header longer
+        than the file stops at its end) with read_extent (O_DIRECT on local disks, so
+        that reading it does not pull megabytes of the file into the page cache by
+        readahead)."""
+        h = xxhash.xxh3_128()
+        for pos in range(0, f.header_length, PIECE):
+            piece = self.storage.read_extent(f.name, pos, min(PIECE, f.header_length - pos))
+            h.update(piece)
+            if len(piece) < min(PIECE, f.header_length - pos):
+                break
+        return h.hexdigest()
+
+    def _stored_hash(self, c: fmt.ChunkRecord, progress: Callable[[int], None] | None) -> tuple[int, str]:
+        """(bytes present, their hash) of chunk ``c``'s stored bytes, read and hashed a
+        piece at a time into one reused buffer: fsck's memory does not grow with a chunk."""
+        if self._buf is None:
+            self._buf = memoryview(bytearray(PIECE))
+        h = xxhash.xxh3_128()
+        pos = 0
+        while pos < c.length:
+            want = min(PIECE, c.length - pos)
+            got = self.storage.readinto(c.file, c.offset + pos, self._buf[:want])
+            h.update(self._buf[:got])
+            pos += got
+            if progress is not None:
+                progress(got)
+            if got < want:
+                break
+        return pos, h.hexdigest()
 
     def chunks(self, *, deep: bool = False,
                progress: Callable[[int], None] | None = None) -> Iterator[Damage]:
@@ -192,13 +224,25 @@ class Verifier:
                 if self._size(c.file) is None:
                     yield Damage(c.file, t.name, i, "its file is missing")
                     continue
-                data = self.storage.read(c.file, c.offset, c.length)
-                self.bytes_checked += len(data)
-                if progress is not None:
-                    progress(len(data))
-                d = _chunk_damage(t.name, i, c, data, deep)
-                if d is not None:
-                    yield d
+                n, digest = self._stored_hash(c, progress)
+                self.bytes_checked += n
+                problem = (f"truncated: {n} of {c.length} bytes present" if n != c.length
+                           else "hash mismatch" if digest != c.hash else None)
+                if problem is None and deep and c.hash != c.raw_hash:
+                    problem = self._decoded(c)
+                if problem is not None:
+                    yield Damage(c.file, t.name, i, problem)
+
+    def _decoded(self, c: fmt.ChunkRecord) -> str | None:
+        """fsck --deep of a chunk whose raw bytes differ from its stored ones: decode it
+        (validation bounds a compressed chunk's raw length) and check the raw hash."""
+        if c.group == 1 and c.planes[0][0] == "raw":  # the stored bytes are the raw bytes
+            return "decoded bytes do not match"
+        if c.raw_length > max_coded_chunk():
+            return (f"a chunk of {c.length} stored bytes claims {c.raw_length} raw bytes, over the "
+                    f"{max_coded_chunk()}-byte limit of what is decoded at once")
+        return decoded_problem(self.storage.read(c.file, c.offset, c.length), c,
+                               memoryview(bytearray(c.raw_length)))
 
     def structure(self) -> Iterator[Damage]:
         """What ``load`` would refuse before reading data: unknown or unsafe dtypes,
@@ -228,10 +272,19 @@ class Verifier:
             yield Damage(fmt.MANIFEST_NAME, None, None, f"state tree: {e}")
 
 
-def check_files(storage: Storage, manifest: fmt.Manifest, names: set[str]) -> None:
-    """Load's check of the files it reads: present, at their size, headers intact;
-    raises CorruptCheckpointError on the first problem."""
-    for d in Verifier(storage, manifest).files(names):
+def check_files(storage: Storage, manifest: fmt.Manifest, names: set[str], *,
+                headers: bool = True) -> None:
+    """Load's check of the files it reads: present, at their size (which bounds every
+    chunk in them, so no claim larger than the file is allocated), headers intact
+    (``headers``); raises CorruptCheckpointError on the first problem."""
+    v = Verifier(storage, manifest)
+    for d in v.files(names, headers=headers):
+        size = v.sizes.get(d.file or "")
+        for t in manifest.tensors:  # name the first chunk that the file cannot hold
+            for i, c in enumerate(t.chunks):
+                if c.file == d.file and (size is None or c.offset + c.length > size):
+                    held = "is missing" if size is None else f"lies past its end ({size} bytes)"
+                    raise d.error(url=storage.url, suffix=f"; {chunk_where(t, i)} {held}")
         raise d.error(url=storage.url)
 
 
