@@ -308,7 +308,7 @@ def test_failed_first_save_raises_once_with_no_thread_traceback(tmp_path, case):
     assert p.stderr.count("Traceback") == 1, p.stderr
     assert "Exception in thread" not in p.stderr and "cannot schedule" not in p.stderr, p.stderr
     last = p.stderr.strip().splitlines()[-1]
-    want = {"makedirs fails": "OSError", "unwritable": "DestinationNotWritableError",
+    want = {"makedirs fails": "StorageError", "unwritable": "DestinationNotWritableError",
             "unsupported value": "UnsupportedTypeError"}[case]
     assert last.split(":")[0].endswith(want), p.stderr
 

@@ -36,7 +36,7 @@ from ckptstore.errors import (
 from ckptstore.interop.diff import DiffReport, diff
 from ckptstore.interop.guard import is_damage, load_safetensors, pickle_reason, torch_load
 from ckptstore.interop.hfread import LOOKED_FOR, hf_weights, read_hf
-from ckptstore.interop.select import InteropUsageError, select
+from ckptstore.interop.select import InteropUsageError, select, split_parent
 from ckptstore.read.lazy import KeySpec, open as open_lazy
 from ckptstore.storage import open_storage
 from ckptstore.storage.base import check_name
@@ -77,21 +77,13 @@ def export_safetensors(path: "str | os.PathLike", out: "str | os.PathLike", *,
         data = st_save(tensors, metadata={"format": "pt", "exported_by": "ckptstore"})
     except (TypeError, ValueError, KeyError) as e:
         raise UnsupportedTypeError(f"safetensors cannot store these tensors: {e}") from None
-    folder, name = _split(os.fspath(out))
+    folder, name = split_parent(os.fspath(out))
     storage = open_storage(folder, storage_options)
     storage.makedirs()
     atomic_write(storage, name, [data])
     if progress is not None:
         progress(sum(e.nbytes for e in sel.entries))
     return list(tensors)
-
-
-def _split(out: str) -> tuple[str, str]:
-    if "://" in out:
-        folder, _, name = out.rstrip("/").rpartition("/")
-        return folder, name
-    folder, name = os.path.split(os.path.abspath(out))
-    return folder, name
 
 
 # -- import -------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 
 from ckptstore.commit.atomic import atomic_write, temp_name
 from ckptstore.errors import CheckpointExistsError, UnsupportedTypeError
-from ckptstore.interop.select import Entry, InteropUsageError, dedupe_aliases, select
+from ckptstore.interop.select import Entry, InteropUsageError, dedupe_aliases, select, split_parent
 from ckptstore.read.lazy import KeySpec, open as open_lazy
 from ckptstore.storage import Storage, open_storage
 
@@ -219,7 +219,7 @@ def write_folder(out: str, files: list[tuple[str, bytes | Callable[[], bytes]]],
                  overwrite: bool = False, storage_options: dict | None = None) -> None:
     """Write ``files`` (name, bytes or a function making them) as the folder ``out``,
     all or nothing: into a temporary sibling that is renamed to ``out`` at the end."""
-    parent_url, name = _split(out)
+    parent_url, name = split_parent(out)
     parent = open_storage(parent_url, storage_options)
     parent.makedirs()
     if parent.exists(name) and (not parent.isdir(name) or parent.listdir(name)) and not overwrite:
@@ -265,14 +265,6 @@ def _remove(parent: Storage, name: str) -> None:
             parent.rmtree(name)
     except OSError as e:  # cleanup must not hide the first error
         log.warning("could not remove %s: %s", name, e)
-
-
-def _split(out: str) -> tuple[str, str]:
-    if "://" in out:
-        folder, _, name = out.rstrip("/").rpartition("/")
-        return folder, name
-    folder, name = os.path.split(os.path.abspath(out))
-    return folder, name
 
 
 __all__ = ["CONFIG_KEY", "GENERATION_KEY", "HFExport", "export_hf", "hf_metadata", "write_folder"]

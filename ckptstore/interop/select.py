@@ -9,6 +9,7 @@ the ``--keys`` to pass.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -180,3 +181,12 @@ def dedupe_aliases(entries: tuple[Entry, ...], tied_targets: set[str] | None
 
 
 __all__ = ["Entry", "InteropUsageError", "NOT_WEIGHTS", "Selection", "dedupe_aliases", "select"]
+
+
+def split_parent(out: str) -> tuple[str, str]:
+    """(parent folder or URL, last name) of a local path or URL an export writes."""
+    if "://" in out:
+        folder, _, name = out.rstrip("/").rpartition("/")
+        return folder, name
+    folder, name = os.path.split(os.path.abspath(out))
+    return folder, name

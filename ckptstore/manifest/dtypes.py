@@ -26,8 +26,8 @@ _NP_DTYPE_RE = re.compile(r"^[<>|=]?[biufcmMSU]\d{1,3}(\[[a-zA-Z]{1,3}\])?$")
 
 
 def numpy_dtype(s: str) -> np.dtype:
-    """Parse a numpy dtype string, allowing only plain, object-free dtypes (the same
-    rule as ``plan.tree.safe_numpy_dtype``)."""
+    """Parse a numpy dtype string, allowing only plain, object-free dtypes (the one rule:
+    ``plan.tree.safe_numpy_dtype`` calls this)."""
     if not isinstance(s, str) or not _NP_DTYPE_RE.match(s):
         raise UnsafeCheckpointError(f"numpy dtype {s!r} is not allowed in a checkpoint")
     try:

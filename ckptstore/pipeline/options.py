@@ -9,7 +9,7 @@ from typing import Any
 
 from ckptstore.errors import UnsupportedTypeError
 from ckptstore.pipeline.codec import CHUNK_LIMIT_ENV, max_coded_chunk
-from ckptstore.storage.base import Storage
+from ckptstore.storage.base import Storage, wrapped_storages
 
 COMPRESSION = ("auto", "zstd", "lz4", "none")
 DEFAULT_CHUNK = 16 << 20
@@ -102,17 +102,10 @@ def check_importable(storage: Storage) -> None:
     """Refuse a Storage (or a Storage it wraps) whose class is defined in ``__main__``:
     writer processes are spawned without re-running the caller's script, so they
     could not unpickle it and would die with the cause only on their stderr."""
-    seen: set[int] = set()
-    todo: list[Any] = [storage]
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
+    for obj in wrapped_storages(storage):
         cls = type(obj)
         if cls.__module__ == "__main__":
             raise UnsupportedTypeError(
                 f"storage class {cls.__qualname__} is defined in __main__; writer processes "
                 "do not run the calling script, so they cannot load it: define it in an "
                 "importable module")
-        todo.extend(v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, Storage))

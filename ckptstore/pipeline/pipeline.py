@@ -100,7 +100,7 @@ class SavePipeline:
         try:
             self.storage.makedirs()
         except OSError as e:  # ENOSPC/EDQUOT/EIO creating the directory: typed like the writes
-            raise typed_os_error(e, self.storage.url) from e
+            raise typed_os_error(e, self.storage.url) from None  # its frames are kept on it
         handoff = Handoff(eng.copier.session(leaves))
         files: list[StagedFile] = []
         try:

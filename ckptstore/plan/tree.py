@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import enum
 import pathlib
-import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,12 +33,12 @@ import numpy as np
 import torch
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError, UnsupportedTypeError
+from ckptstore.manifest.dtypes import numpy_dtype
 from ckptstore.manifest.records import TORCH_DTYPES
 from ckptstore.plan import values
 from ckptstore.plan.stateful import is_stateful
 
 MAX_DEPTH = 128
-_NP_DTYPE_RE = re.compile(r"^[<>|=]?[biufcmMSU]\d{1,3}(\[[a-zA-Z]{1,3}\])?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,15 +227,7 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def safe_numpy_dtype(s: str) -> np.dtype:
     """Parse a numpy dtype string, allowing only plain, object-free dtypes."""
-    if not isinstance(s, str) or not _NP_DTYPE_RE.match(s):
-        raise UnsafeCheckpointError(f"numpy dtype {s!r} is not allowed in a checkpoint")
-    try:
-        dt = np.dtype(s)
-    except (TypeError, ValueError):  # e.g. "<i3": the right shape, not a real dtype
-        raise UnsafeCheckpointError(f"numpy dtype {s!r} is not a numpy dtype") from None
-    if dt.hasobject:
-        raise UnsafeCheckpointError(f"numpy dtype {s!r} holds Python objects")
-    return dt
+    return numpy_dtype(s)  # the one rule, shared with the torch-free fsck
 
 
 def path_name(path: tuple) -> str:

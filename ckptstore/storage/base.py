@@ -21,6 +21,7 @@ import mmap
 import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 from ckptstore.errors import UnsafeCheckpointError, UnsupportedOperationError
 from ckptstore.storage.capabilities import ObjectInfo, plain_class, remake
@@ -322,3 +323,18 @@ def linked(storage: Storage, files) -> Storage:
     (manifest FileRecords) live in sibling checkpoints."""
     bases = {f.name: f.base for f in files if getattr(f, "base", None)}
     return LinkedView(storage, bases) if bases else storage
+
+
+def wrapped_storages(storage: "Storage") -> "list[Storage]":
+    """``storage`` and every Storage it wraps (fault injection, linked views), each once."""
+    seen: set[int] = set()
+    todo: list[Any] = [storage]
+    out: list[Storage] = []
+    while todo:
+        obj = todo.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        out.append(obj)
+        todo.extend(v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, Storage))
+    return out

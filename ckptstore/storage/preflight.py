@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import posixpath
 import struct
-from typing import Any
 
-from ckptstore.storage.base import Storage
+from ckptstore.storage.base import Storage, wrapped_storages
 
 #: the name of the file whose absence means "not committed" (manifest.records.MANIFEST_NAME;
 #: storage sits below manifest, so it is spelled here once more)
@@ -24,17 +23,10 @@ def check_writable(storage: Storage) -> None:
     where a directory must be, a read-only fsspec protocol), naming the path and what
     to do. Wrappers (fault injection) are looked through; backends without a cheap
     check pass."""
-    seen: set[int] = set()
-    todo: list[Any] = [storage]
-    while todo:
-        obj = todo.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
+    for obj in wrapped_storages(storage):
         check = getattr(type(obj), "check_writable", None)
         if callable(check):
             check(obj)
-        todo.extend(v for v in getattr(obj, "__dict__", {}).values() if isinstance(v, Storage))
 
 
 def sniff_file(head: bytes, name: str) -> str | None:
