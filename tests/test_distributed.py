@@ -7,6 +7,7 @@ committed, make every rank raise, and keep the previous checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -296,3 +297,39 @@ def test_failed_rank_commits_nothing(tmp_path):
 
 def test_coordinator_that_cannot_start_fails_every_rank_at_once(tmp_path):
     _spawn(_bad_path_run, 2, tmp_path)
+
+
+@dataclasses.dataclass
+class Holder:
+    """A typed value holding a tensor (the tree stores it as a dataclass node)."""
+
+    w: object
+    note: str
+
+
+def test_sharded_load_fills_arrays_inside_typed_values(saved, tmp_path):
+    """Arrays inside a dataclass or a namespace of a sharded checkpoint load as arrays (they
+    came back as internal references: the sharded path did not look inside typed values)."""
+    import shutil
+
+    from ckptstore.plan.values import type_name
+    from fuzz.parsers import seal
+
+    shutil.copytree(saved / "ckpt", tmp_path / "c")
+    path = tmp_path / "c" / "manifest.json"
+    obj = json.loads(path.read_text())
+    items = obj["tree"]["items"]
+    model = next(v for k, v in items if k == "model")
+    first = model["items"][0][1]  # a sharded tensor node
+    assert first["T"] == "tensor" and obj["tensors"][first["id"]].get("shards")
+    items.append(["typed", {"T": "dataclass", "cls": type_name(Holder),
+                            "fields": [["w", first], ["note", "x"]]}])
+    items.append(["ns", {"T": "namespace", "items": [["w", first]]}])
+    path.write_bytes(seal(obj))
+    whole = ckptstore.load(tmp_path / "c")
+    want = whole["model"][model["items"][0][0]]
+    assert isinstance(whole["typed"], Holder) and whole["typed"].note == "x"
+    assert torch.equal(whole["typed"].w, want) and torch.equal(whole["ns"].w, want)
+    target = {"typed": None, "ns": None}
+    report = ckptstore.load(tmp_path / "c", into=target, strict=False)
+    assert "typed" in report.loaded and torch.equal(target["typed"].w, want)

@@ -10,6 +10,7 @@ understands works, and M = 1 without a process group assembles whole tensors.
 """
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as cf
 import dataclasses
 import math
@@ -183,7 +184,26 @@ def _substitute(tree: Any, values: Callable[[Ref], Any]) -> Any:
         return [_substitute(v, values) for v in tree]
     if isinstance(tree, tuple):
         return tuple(_substitute(v, values) for v in tree)
+    if isinstance(tree, argparse.Namespace):
+        return argparse.Namespace(**{k: _substitute(v, values) for k, v in vars(tree).items()})
+    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):  # rebuilt as plan.values does
+        obj: Any = object.__new__(type(tree))  # type: ignore[arg-type]
+        for f in dataclasses.fields(tree):
+            object.__setattr__(obj, f.name, _substitute(getattr(tree, f.name), values))
+        return obj
     return tree
+
+
+def _refs_in(tree: Any) -> list[Ref]:
+    """Every array reference in ``tree``, typed values (dataclasses, namespaces) included."""
+    found: list[Ref] = []
+
+    def keep(r: Ref) -> Ref:
+        found.append(r)
+        return r
+
+    _substitute(tree, keep)
+    return found
 
 
 def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None,
@@ -196,7 +216,7 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
     """
     tree = _refs(manifest)
     if into is None:
-        refs = [v[0] for v in leaves_of(tree).values() if isinstance(v[0], Ref)]
+        refs = _refs_in(tree)
         whole = _read_whole(storage, manifest, refs, verify)
         return _substitute(tree, lambda r: whole[r.index])
     if isinstance(into, torch.nn.Module):
@@ -231,8 +251,8 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
                 names.append(name)
             elif isinstance(s, Ref):
                 whole.append(s)
-            elif name in slots:  # the whole part of a Stateful object
-                whole += [v[0] for v in leaves_of(s).values() if isinstance(v[0], Ref)]
+            else:  # the whole part of a Stateful object, or arrays inside a typed value
+                whole += _refs_in(s)
         boxes.update(zip(names, read_boxes(storage, manifest, wanted, verify=verify)))
         arrays.update(_read_whole(storage, manifest, whole, verify))
 
