@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -58,8 +59,8 @@ def _run(rank: int, world: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/store-{os.environ['RUN_ID']}",
                             rank=rank, world_size=world)
     try:
+        model, opt, sched = _parts(seed=1)  # the same weights on every rank
         torch.manual_seed(10 + rank)  # each rank draws its own data and dropout masks
-        model, opt, sched = _parts(seed=1)
         _train(model, opt, sched, 2)
         ckptstore.save(_state(model, opt, sched), f"{tmp}/ckpt", distributed=True).wait()
         expected = _train(model, opt, sched, 3)
@@ -89,7 +90,9 @@ def test_fsdp2_stateful_resume_is_bit_exact(tmp_path):
     model, opt, sched = _parts(seed=3)
     saved = ckptstore.load(tmp_path / "ckpt")
     assert set(saved) == {"model", "optim", "sched", "rng", "step"}
-    assert len(saved["rng"]["ranks"]) == 2
+    ranks = saved["rng"]["ranks"]  # gathered without pickle: tensors and arrays come back typed
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    assert isinstance(ranks[1]["numpy"]["keys"], np.ndarray) and ranks[1]["python"]["version"] == 3
     report = ckptstore.load(tmp_path / "ckpt", into={"model": ckptstore.ModelState(model),
                                                      "optim": ckptstore.OptimizerState(model, opt)},
                             strict=False)

@@ -7,6 +7,7 @@ resumed run draws the same numbers as one that never stopped.
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 from typing import Any
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ckptstore.errors import CorruptCheckpointError
+from ckptstore.plan.tree import flatten, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +42,7 @@ class RNGState:
         mine = self.captured if self.captured is not None else capture()
         if not (self.per_rank and _world() > 1):
             return mine
-        import torch.distributed as dist
-
-        ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)  # in-process collective, not a load path
-        return {"ranks": ranks}
+        return {"ranks": gather(mine)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict):
@@ -94,6 +92,50 @@ def restore(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(torch.as_tensor(s, dtype=torch.uint8).cpu(), i)
     elif cuda:
         log.warning("RNG state holds CUDA generators but CUDA is not available; they are not restored")
+
+
+def gather(state: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every rank's :func:`capture` (collective), sent as bytes of typed JSON and raw
+    arrays: no pickle, not even between live ranks."""
+    import torch.distributed as dist
+
+    blob = _encode(state)
+    device = (torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl"
+              else torch.device("cpu"))
+    world = dist.get_world_size()
+    sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(blob)], dtype=torch.int64, device=device))
+    longest = max(int(n.item()) for n in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    mine[:len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    out = [torch.empty(longest, dtype=torch.uint8, device=device) for _ in range(world)]
+    dist.all_gather(out, mine)
+    return [_decode(bytes(t[:int(n.item())].cpu().numpy())) for t, n in zip(out, sizes)]
+
+
+def _encode(state: dict[str, Any]) -> bytes:
+    """One rank's generators as ``len(header) | header JSON | array bytes``."""
+    skeleton, leaves = flatten(state)
+    arrays = [leaf.value.cpu().numpy() if isinstance(leaf.value, torch.Tensor) else leaf.value
+              for leaf in leaves]
+    header = json.dumps({"tree": skeleton, "arrays": [
+        {"torch": isinstance(leaf.value, torch.Tensor), "dtype": a.dtype.str, "shape": list(a.shape)}
+        for leaf, a in zip(leaves, arrays)]}).encode()
+    return len(header).to_bytes(8, "little") + header + b"".join(
+        np.ascontiguousarray(a).tobytes() for a in arrays)
+
+
+def _decode(blob: bytes) -> dict[str, Any]:
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    offset, arrays = 8 + n, []
+    for spec in header["arrays"]:
+        dt = np.dtype(spec["dtype"])
+        count = int(np.prod(spec["shape"], dtype=np.int64))
+        a = np.frombuffer(blob, dtype=dt, count=count, offset=offset).reshape(spec["shape"]).copy()
+        offset += a.nbytes
+        arrays.append(torch.from_numpy(a) if spec["torch"] else a)
+    return unflatten(header["tree"], lambda kind, i: arrays[i])
 
 
 def _world() -> int:
