@@ -68,8 +68,11 @@ def _run(rank: int, world: int, tmp: str) -> None:
 
         torch.manual_seed(99)
         model2, opt2, sched2 = _parts(seed=5)  # other weights, no optimizer state yet
-        report = ckptstore.load(f"{tmp}/ckpt", into=_state(model2, opt2, sched2))
+        target = _state(model2, opt2, sched2)
+        target["step"] = 0
+        report = ckptstore.load(f"{tmp}/ckpt", into=target)
         assert report.ok, report.summary()
+        assert target["step"] == 2  # a plain value beside DTensor-holding objects lands in *this* dict
         assert sched2.last_epoch == 2
         got = _train(model2, opt2, sched2, 3)
         assert got == expected, (got, expected)

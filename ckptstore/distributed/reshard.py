@@ -24,7 +24,6 @@ import torch
 from ckptstore import manifest as fmt
 from ckptstore.distributed.shards import holds_dtensor, is_dtensor
 from ckptstore.errors import CorruptCheckpointError
-from ckptstore.plan.stateful import is_stateful
 from ckptstore.plan.tree import torch_dtype, unflatten
 from ckptstore.read.into import Action, StatefulSlot, copy_into, give_state, leaves_of, subtree
 from ckptstore.read.reader import READ_THREADS, read_chunk, read_tensors
@@ -227,9 +226,13 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
     # Plain dicts from get_state_dict() stay allowed here, as dcp.load allows them:
     # DCP's documented pattern loads into them and then calls set_state_dict().
     objects: list[tuple[Any, Any]] = []
-    into = _templates(into, objects, 0)
+    for value, _parent, _key in leaves_of(into).values():
+        if isinstance(value, StatefulSlot):
+            sd = value.obj.state_dict()
+            if holds_dtensor(sd):
+                objects.append((value.obj, sd))
     src = {k: v[0] for k, v in leaves_of(tree).items()}
-    dst = leaves_of(into)
+    dst = leaves_of(into, expand={id(obj): sd for obj, sd in objects})
     slots = {name: v[0].path for name, v in dst.items() if isinstance(v[0], StatefulSlot)}
     for name, path in slots.items():
         for k in [k for k in src if not path or k == name or k.startswith(name + ".")]:
@@ -271,32 +274,6 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
     if why:
         report = dataclasses.replace(report, mismatched=report.mismatched + tuple(why))
     return report
-
-
-def _templates(into: Any, objects: list[tuple[Any, Any]], depth: int) -> Any:
-    """``into`` with each Stateful object whose state holds DTensors replaced by its
-    ``state_dict()`` (recorded in ``objects``); other objects stay, as whole-part slots."""
-    if depth > 128 or isinstance(into, torch.nn.Module):
-        return into
-    if is_stateful(into):
-        sd = into.state_dict()
-        if not holds_dtensor(sd):
-            return into
-        objects.append((into, sd))
-        return sd
-    if isinstance(into, dict):
-        new = {k: _templates(v, objects, depth + 1) for k, v in into.items()}
-        if all(new[k] is v for k, v in into.items()):
-            return into
-        out = dict(into)
-        out.update(new)
-        return out
-    if isinstance(into, (list, tuple)) and not isinstance(into, torch.Size):
-        items = [_templates(v, objects, depth + 1) for v in into]
-        if all(a is b for a, b in zip(items, into)):
-            return into
-        return items if isinstance(into, list) else tuple(items)
-    return into
 
 
 def _compare(manifest: fmt.Manifest, src: Any, dst: Any, cast: bool) -> str | None:

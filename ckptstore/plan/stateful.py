@@ -46,32 +46,25 @@ def holds_stateful(tree: Any, depth: int = 0) -> bool:
     return False
 
 
-def resolve_stateful(tree: Any, depth: int = 0, found: list[tuple[Any, Any]] | None = None) -> Any:
+def resolve_stateful(tree: Any, depth: int = 0) -> Any:
     """``tree`` with every Stateful object replaced by its ``state_dict()``.
 
     Containers are rebuilt only where something below them changed, so a plain state
-    comes back as the very same object. With ``found`` (targets of a load), modules
-    stay as they are and each other object is appended as ``(obj, its state_dict())``.
+    comes back as the very same object.
     """
     if depth > MAX_DEPTH:
         return tree
-    if found is not None and _is_module(tree):
-        return tree
     if is_stateful(tree):
-        sd = tree.state_dict()
-        if found is not None:
-            found.append((tree, sd))
-            return sd
-        return resolve_stateful(sd, depth + 1)
+        return resolve_stateful(tree.state_dict(), depth + 1)
     if isinstance(tree, dict):
-        new = {k: resolve_stateful(v, depth + 1, found) for k, v in tree.items()}
+        new = {k: resolve_stateful(v, depth + 1) for k, v in tree.items()}
         if all(new[k] is v for k, v in tree.items()):
             return tree
         out = type(tree)() if type(tree) is not dict and _plain_init(tree) else {}
         out.update(new)
         return out
     if isinstance(tree, (list, tuple)):
-        items = [resolve_stateful(v, depth + 1, found) for v in tree]
+        items = [resolve_stateful(v, depth + 1) for v in tree]
         if all(a is b for a, b in zip(items, tree)):
             return tree
         return items if isinstance(tree, list) else tuple(items)

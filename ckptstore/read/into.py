@@ -69,11 +69,14 @@ class StatefulSlot:
     path: tuple[Any, ...]
 
 
-def leaves_of(tree: Any, path: tuple = ()) -> dict[str, tuple[Any, Any, Any]]:
+def leaves_of(tree: Any, path: tuple = (), expand: Mapping[int, Any] | None = None
+              ) -> dict[str, tuple[Any, Any, Any]]:
     """Flatten containers to {name: (value, parent container, key in parent)}.
 
     A module stands for its ``state_dict()`` (whose tensors are its parameters and
-    buffers); any other Stateful object is one :class:`StatefulSlot` leaf.
+    buffers); any other Stateful object is one :class:`StatefulSlot` leaf, unless
+    ``expand`` maps its ``id`` to a target to walk in its place (its state dict, filled
+    in place). The containers of ``tree`` itself are the parents: nothing is copied.
     """
     out: dict[str, tuple[Any, Any, Any]] = {}
 
@@ -82,8 +85,10 @@ def leaves_of(tree: Any, path: tuple = ()) -> dict[str, tuple[Any, Any, Any]]:
             # state_dict() tensors share storage with the parameters: copy_ fills the model
             node = node.state_dict()
         elif is_stateful(node):
-            out[path_name(path)] = (StatefulSlot(node, path), parent, key)
-            return
+            if expand is None or id(node) not in expand:
+                out[path_name(path)] = (StatefulSlot(node, path), parent, key)
+                return
+            node = expand[id(node)]
         if isinstance(node, dict):
             for k, v in node.items():
                 walk(v, path + (k,), node, k)
