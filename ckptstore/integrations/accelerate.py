@@ -249,10 +249,7 @@ def _write(accelerator: Accelerator, objs: Prepared, path: "str | os.PathLike | 
     wait(accelerator)
     target = _save_target(accelerator, path)
     models = [accelerator.unwrap_model(m, keep_torch_compile=False).state_dict() for m in objs.models]
-    if holds_dtensor(models):
-        raise UnsupportedOperationError(
-            "a model holds DTensors (tensor or context parallelism): ckptstore's Accelerate "
-            "integration covers single-process and DDP runs only; use accelerator.save_state")
+    _refuse_dtensors(models, "accelerator.save_state")
     state: dict[str, Any] = {
         "models": models,
         "optimizers": list(objs.optimizers),
@@ -277,6 +274,13 @@ def _write(accelerator: Accelerator, objs: Prepared, path: "str | os.PathLike | 
     return handle
 
 
+def _refuse_dtensors(models: list, instead: str) -> None:
+    if holds_dtensor(models):
+        raise UnsupportedOperationError(
+            "a model holds DTensors (tensor or context parallelism): ckptstore's Accelerate "
+            f"integration covers single-process and DDP runs only; use {instead}")
+
+
 def load_state(accelerator: Accelerator, path: "str | os.PathLike | None" = None, *, strict: bool = True,
                verify: bool = True, storage_options: dict | None = None) -> LoadReport:
     """Restore what :func:`save_state` saved into this accelerator's prepared objects.
@@ -298,10 +302,7 @@ def load_state(accelerator: Accelerator, path: "str | os.PathLike | None" = None
     storage = open_storage(source, storage_options)
     _check_layout(read_manifest(storage).metadata, _layout(accelerator, objs), strict)
     models = [accelerator.unwrap_model(m, keep_torch_compile=False) for m in objs.models]
-    if holds_dtensor([m.state_dict() for m in models]):
-        raise UnsupportedOperationError(
-            "a model holds DTensors (tensor or context parallelism): ckptstore's Accelerate "
-            "integration covers single-process and DDP runs only; use accelerator.load_state")
+    _refuse_dtensors([m.state_dict() for m in models], "accelerator.load_state")
     into: dict[str, Any] = {
         "models": models,
         "optimizers": list(objs.optimizers),

@@ -28,6 +28,7 @@ import torch
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
 from ckptstore.interop.select import InteropUsageError
+from ckptstore.manifest.jsonio import refuse_duplicate_keys
 
 #: a safetensors header (JSON) larger than this is refused (real ones are KBs to a few MBs)
 MAX_HEADER_BYTES = 32 << 20
@@ -67,13 +68,7 @@ def _too_many(src: str, what: str, got: int, allowed: int, env: str) -> UnsafeCh
         f"trusted, raise it, e.g. {env}={max(got, allowed * 2)} ckptstore import ...")
 
 
-def _no_dup_pairs(pairs: list) -> dict:
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise UnsafeCheckpointError(f"the header names {k!r} twice")
-        out[k] = v
-    return out
+_no_dup_pairs = refuse_duplicate_keys("the header names {key} twice")
 
 
 def check_safetensors(src: str) -> int:

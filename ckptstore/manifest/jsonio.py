@@ -7,7 +7,6 @@ no NaN, bounded size and depth) and every record is validated before it is retur
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,7 @@ from ckptstore.errors import CorruptCheckpointError, SchemaVersionError, UnsafeC
 from ckptstore.manifest import migrations, records as rec
 from ckptstore.manifest.records import FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_SIZE
 from ckptstore.manifest.validate import validate
-from ckptstore.pipeline.codec import hash_bytes
+from ckptstore.pipeline.codec import env_bytes, hash_bytes
 from ckptstore.storage.base import check_name
 
 _CHECKSUM_KEY = b',"manifest_checksum":"'
@@ -33,13 +32,7 @@ TEXT_COST = 3
 
 def max_parse_memory() -> int:
     """The parse memory cap (``CKPTSTORE_MAX_MANIFEST_MEMORY``, read at call time)."""
-    value = os.environ.get(PARSE_LIMIT_ENV)
-    if not value:
-        return MAX_PARSE_MEMORY
-    try:
-        return max(int(value), 1)
-    except ValueError:
-        raise ValueError(f"{PARSE_LIMIT_ENV}={value!r} is not a number of bytes") from None
+    return env_bytes(PARSE_LIMIT_ENV, MAX_PARSE_MEMORY)
 
 
 def parse_estimate(data: bytes) -> int:
@@ -89,13 +82,21 @@ def encode(m: rec.Manifest) -> bytes:
 
 # -- decoding ---------------------------------------------------------------
 
-def _no_duplicates(pairs: list) -> dict:
-    out = {}
-    for k, v in pairs:
-        if k in out:
-            raise UnsafeCheckpointError(f"manifest has a duplicate JSON key {k!r}")
-        out[k] = v
-    return out
+def refuse_duplicate_keys(message: str) -> Callable[[list], dict]:
+    """A ``json.loads`` pairs hook raising :class:`UnsafeCheckpointError` (``message``
+    formatted with ``key``) when an object names a key twice."""
+    def pairs_hook(pairs: list) -> dict:
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise UnsafeCheckpointError(message.format(key=repr(k)))
+            out[k] = v
+        return out
+
+    return pairs_hook
+
+
+_no_duplicates = refuse_duplicate_keys("manifest has a duplicate JSON key {key}")
 
 
 def _reject_constant(name: str):

@@ -73,15 +73,20 @@ CHUNK_LIMIT_ENV = "CKPTSTORE_MAX_CHUNK_BYTES"
 Compress = Callable[[Any], bytes]
 
 
-def max_coded_chunk() -> int:
-    """The raw-length cap of a compressed chunk (``CKPTSTORE_MAX_CHUNK_BYTES``, at call time)."""
-    value = os.environ.get(CHUNK_LIMIT_ENV)
+def env_bytes(name: str, default: int) -> int:
+    """A byte limit from environment variable ``name`` (read at call time), or ``default``."""
+    value = os.environ.get(name)
     if not value:
-        return MAX_CODED_CHUNK
+        return default
     try:
         return max(int(value), 1)
     except ValueError:
-        raise ValueError(f"{CHUNK_LIMIT_ENV}={value!r} is not a number of bytes") from None
+        raise ValueError(f"{name}={value!r} is not a number of bytes") from None
+
+
+def max_coded_chunk() -> int:
+    """The raw-length cap of a compressed chunk (``CKPTSTORE_MAX_CHUNK_BYTES``, at call time)."""
+    return env_bytes(CHUNK_LIMIT_ENV, MAX_CODED_CHUNK)
 
 
 def plane_bound(codec: str, stored: int) -> int:
