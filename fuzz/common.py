@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -212,3 +214,46 @@ def write_json(path: str | None, payload: dict) -> None:
         with open(path, "w") as f:
             json.dump(payload, f, indent=2)
             f.write("\n")
+
+
+class ForkServer:
+    """The client side of a fork server (``python -m MODULE --serve``): torch is imported
+    once by the server and every child is a fork of it. One JSON line per request and
+    per answer; the server's stderr goes to ``LOGNAME`` in ``tmp``."""
+
+    def __init__(self, module: str, tmp: str, logname: str) -> None:
+        self.tmp, self.logname = tmp, logname
+        self.log = open(os.path.join(tmp, logname), "w")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "--serve"], cwd=root,
+                                     env=dict(os.environ, CKPTSTORE_WRITERS="1"),
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+
+    def send(self, spec: dict) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(spec) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the fork server died; see {self.logname}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

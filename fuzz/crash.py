@@ -24,8 +24,6 @@ import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 
 import ckptstore
@@ -33,35 +31,24 @@ from ckptstore.errors import CheckpointExistsError
 from ckptstore.storage import Storage, open_storage
 from ckptstore.storage.faulty import Ledger, ops_of
 
-from .common import MODES, SMALL, Budget, Report, fsck_code, make_state, outcome, tree_digest
+from .common import MODES, SMALL, Budget, ForkServer, Report, fsck_code, make_state, outcome, tree_digest
 
 OLD_SEED, NEW_SEED = 1, 2
 
 
-class Zygote:
+class Zygote(ForkServer):
     """A fork server (``python -m fuzz.child --serve``): torch is imported once and
-    every saving process is a fork of it, so a kill point costs a fork, not a start."""
+    every saving process is a fork of it, so a kill point costs a fork, not a start.
+    One writer per save: a deterministic call order."""
 
     def __init__(self, tmp: str) -> None:
-        env = dict(os.environ, CKPTSTORE_WRITERS="1")  # one writer: a deterministic call order
-        self.tmp = tmp
-        self.log = open(os.path.join(tmp, "zygote.log"), "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fuzz.child", "--serve"], env=env,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True,
-                                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        super().__init__("fuzz.child", tmp, "zygote.log")
 
     def run(self, spec: dict) -> tuple[int, dict]:
         """Run one save; returns (exit status, the child's JSON answer or {})."""
         result = os.path.join(self.tmp, "result.json")
-        spec = dict(spec, result=result)
-        assert self.proc.stdin is not None and self.proc.stdout is not None
-        self.proc.stdin.write(json.dumps(spec) + "\n")
-        self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the fuzz fork server died; see zygote.log")
-        status = json.loads(line)["status"]
+        self.send(dict(spec, result=result))
+        status = self.answer()["status"]
         try:
             with open(result) as f:
                 text = f.read().strip()
@@ -69,21 +56,6 @@ class Zygote:
         except FileNotFoundError:
             text = ""
         return status, (json.loads(text.splitlines()[-1]) if text else {})
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-    def __enter__(self) -> "Zygote":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class LocalTier:

@@ -38,14 +38,12 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
-from .common import MODES, SMALL, Budget, Report, make_state, outcome, tree_digest
+from .common import MODES, SMALL, Budget, ForkServer, Report, make_state, outcome, tree_digest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: seconds a child may take to import torch and open its Checkpointer
 START_LIMIT = 120.0
 
@@ -151,45 +149,22 @@ def _gone(pgid: int, limit: float = 10.0) -> None:
         time.sleep(0.01)
 
 
-class Server:
+class Server(ForkServer):
     """A fork server (``python -m fuzz.groupkill --serve``): torch and ckptstore are
     imported once, each life is a fork of it in a session of its own (so a group kill
     takes the life, its writers and its promoter, never the server)."""
 
     def __init__(self, tmp: str) -> None:
-        self.log = open(os.path.join(tmp, "server.log"), "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "fuzz.groupkill", "--serve"], cwd=ROOT,
-                                     env=dict(os.environ, CKPTSTORE_WRITERS="1"),
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
-
-    def _answer(self) -> dict:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("the groupkill fork server died; see server.log")
-        return json.loads(line)
+        super().__init__("fuzz.groupkill", tmp, "server.log")
 
     def start(self, spec: dict) -> int:
         """Fork a life running ``spec``; its pid (= its process group)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(spec) + "\n")
-        self.proc.stdin.flush()
-        return int(self._answer()["pid"])
+        self.send(spec)
+        return int(self.answer()["pid"])
 
     def status(self) -> int:
         """The exit status of the life started last (blocks until it ended)."""
-        return int(self._answer()["status"])
-
-    def close(self) -> None:
-        if self.proc.stdin:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        return int(self.answer()["status"])
 
 
 def serve() -> int:

@@ -110,8 +110,7 @@ def _promote(args) -> int:
     from ckptstore.runs.promote import promote_step
 
     src = open_storage(args.src, storage_options(args))
-    dst = open_storage(args.dst, storage_options(argparse.Namespace(storage_option=args.dst_option))
-                       or storage_options(args))
+    dst = _other_storage(args.dst, args.dst_option, args)
     check_run(src, checkpoint_ok=True)
     if src.exists(fmt.MANIFEST_NAME):  # one checkpoint: SRC's own name is the step name
         name = src.url.rstrip("/").rpartition("/")[2]
@@ -155,8 +154,7 @@ def _repair(args) -> int:
     from ckptstore.runs.repair import repair_step
 
     root = open_storage(args.url, storage_options(args))
-    remote = open_storage(args.remote, storage_options(argparse.Namespace(storage_option=args.remote_option))
-                          or storage_options(args))
+    remote = _other_storage(args.remote, args.remote_option, args)
     check_run(root)
     names = [step_name(s) for s in (args.step or committed_steps(root))]
     reports = [repair_step(root, remote, n) for n in names]
@@ -170,6 +168,13 @@ def _repair(args) -> int:
                 "steps": [{**asdict(r), "ok": r.ok} for r in reports]},
          "\n".join(lines) or "no committed steps")
     return 0 if ok else 1
+
+
+def _other_storage(url: str, own_options: list[str], args) -> Storage:
+    """The second storage of a command (promote's DST, repair's REMOTE): its own
+    ``KEY=VALUE`` options, else the command's ``--storage-option`` ones."""
+    return open_storage(url, storage_options(argparse.Namespace(storage_option=own_options))
+                        or storage_options(args))
 
 
 def _parent(s: Storage) -> Storage:
