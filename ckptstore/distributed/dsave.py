@@ -16,49 +16,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
 from ckptstore import manifest as fmt
 from ckptstore.commit import twophase as pc
-from ckptstore.commit.atomic import commit_manifest, manifest_visible
+from ckptstore.distributed.dcommit import Global, vote_and_commit
 from ckptstore.distributed.shards import GlobalLeaf, LocalShard, describe, flatten_global, local_shards
 from ckptstore.errors import CheckpointExistsError, DistributedSaveError
-from ckptstore.manifest import builder
 from ckptstore.pipeline.engine import engine
 from ckptstore.pipeline.handle import SaveHandle, SaveResult
 from ckptstore.pipeline.options import SaveOptions, check_importable
 from ckptstore.pipeline.pipeline import SavePipeline, Staged
 from ckptstore.plan.tree import Leaf
 from ckptstore.storage import Storage, open_storage
-
-
-@dataclass(frozen=True, slots=True)
-class RankWrite:
-    """What a rank wrote: its boxes, their tensor records (chunks) and its files."""
-
-    rank: int
-    shards: tuple[LocalShard, ...]
-    tensors: tuple[fmt.TensorRecord, ...]  # one per box, parallel to shards
-    files: tuple[fmt.FileRecord, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Global:
-    """What rank 0 decided and every rank shares: where, which save, what state."""
-
-    where: str
-    save_id: str
-    skeleton: Any
-    glob: tuple[GlobalLeaf, ...]
-    metadata: Any
-    options: SaveOptions
 
 
 def _structure_hash(skeleton: Any, glob: tuple[GlobalLeaf, ...]) -> str:
@@ -122,7 +97,7 @@ def save(state: Any, path: str | os.PathLike | Storage, options: SaveOptions, *,
         handle.staged_seconds = time.perf_counter() - t0
 
         def finish() -> SaveResult:
-            logical, stored, nfiles = _vote_and_commit(pipe, storage, group, shared, staged,
+            logical, stored, nfiles = vote_and_commit(pipe, storage, group, shared, staged,
                                                        shards, failure, own_error)
             return SaveResult(storage.url, save_id, logical, stored, nfiles,
                               handle.staged_seconds, time.perf_counter() - t0)
@@ -163,46 +138,6 @@ def _agree_on_target(path: str | os.PathLike | Storage, rank: int, ident: str,
     return where, save_id, ident0
 
 
-def _vote_and_commit(pipe: SavePipeline, storage: Storage, group: Any, shared: Global,
-                     staged: Staged | None, shards: tuple[LocalShard, ...],
-                     vote: pc.Vote | None, own_error: BaseException | None) -> tuple[int, int, int]:
-    """Phase 1: wait for this rank's files and vote; phase 2 (two-phase commit):
-    rank 0 writes the manifest if every rank succeeded. Returns (logical bytes,
-    stored bytes, files); raises the same DistributedSaveError on every rank."""
-    rank = dist.get_rank()
-    if vote is None:
-        assert staged is not None
-        try:
-            tensors, files = builder.file_records(pipe.written(staged))
-            vote = pc.Vote(rank, True, "write", None, RankWrite(rank, shards, tensors, files))
-        except BaseException as e:
-            vote, own_error = pc.failed_vote(rank, "write", e), e
-    # a DistributedSaveError from decide() means the outcome is unknown: keep the files
-    decision = pc.decide(group, vote, lambda writes: _commit_manifest(storage, shared, writes))
-    if not decision.committed:
-        if not decision.keep_files and staged is not None:
-            pipe.discard(staged.files)
-        err = pc.error_for(decision, storage.url)
-        if own_error is not None:
-            err.__cause__ = own_error
-        raise err
-    return decision.result
-
-
-def _commit_manifest(storage: Storage, shared: Global, writes: list[RankWrite]) -> tuple:
-    """Coordinator: merge every rank's records into one manifest and write it last."""
-    manifest = merge(shared, writes)
-    data = fmt.encode(manifest)
-    try:
-        commit_manifest(storage, manifest, overwrite=shared.options.overwrite, data=data)
-    except Exception as e:
-        if manifest_visible(storage, data):  # e.g. the directory fsync failed
-            raise pc.MaybeCommitted(str(e)) from e
-        raise
-    logical = sum(t.nbytes for t in manifest.tensors)
-    return logical, sum(f.size for f in manifest.files), len(manifest.files)
-
-
 def _announce(decided: Any, group: Any) -> Any:
     """Broadcast rank 0's decision (path, save id, ...) with a typed error on failure."""
     try:
@@ -211,22 +146,3 @@ def _announce(decided: Any, group: Any) -> Any:
         raise DistributedSaveError(
             f"the ranks could not agree on where to save: {e}",
             ((None, "collective", type(e).__name__, str(e)),)) from e
-
-
-def merge(shared: Global, writes: list[RankWrite]) -> fmt.Manifest:
-    """The global manifest: each leaf's boxes in offset order, chunks concatenated."""
-    boxes: dict[int, list[builder.Part]] = {}
-    files: list[fmt.FileRecord] = []
-    for w in writes:
-        files.extend(w.files)
-        for s, rec in zip(w.shards, w.tensors):
-            boxes.setdefault(s.leaf, []).append((s.offsets, s.shape, rec.chunks))
-    tensors = [builder.tensor_record(g.name, g.kind, g.dtype, g.shape,
-                                     math.prod(g.shape) * g.itemsize, boxes.get(g.id, []))
-               for g in shared.glob]
-    m = builder.assemble(save_id=shared.save_id, chunk_size=shared.options.chunk_size,
-                         compression=shared.options.compression, metadata=shared.metadata,
-                         tree=shared.skeleton, tensors=tensors, files=files,
-                         world_size=len(writes))
-    fmt.validate(m)  # shards tile every tensor, no overlaps: checked before committing
-    return m
