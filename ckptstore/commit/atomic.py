@@ -161,10 +161,36 @@ def _quietly(fn) -> None:
         pass
 
 
+def check_readable(data: bytes, what: str) -> None:
+    """Refuse, before anything is committed, manifest bytes (or a rank's index of a
+    distributed save) that a reader with this environment would refuse: over
+    ``MAX_MANIFEST_BYTES``, or estimated to take more memory to parse than
+    ``max_parse_memory()`` (``CKPTSTORE_MAX_MANIFEST_MEMORY``). ``what`` names the
+    bytes in the message. Raises UnsafeCheckpointError, as the reader would."""
+    from ckptstore.errors import UnsafeCheckpointError
+    from ckptstore.manifest import records
+    from ckptstore.manifest.jsonio import PARSE_LIMIT_ENV, TEXT_COST, max_parse_memory, parse_estimate
+
+    fewer = ("nothing was committed: save fewer tensors (e.g. concatenate small ones) or use a "
+             "larger chunk_size, so that fewer records are written")
+    size, cap = len(data), records.MAX_MANIFEST_BYTES
+    if size > cap:
+        raise UnsafeCheckpointError(f"{what} would be {size} bytes, over the {cap}-byte limit "
+                                    f"every reader enforces; {fewer}")
+    limit = max_parse_memory()
+    need = max(parse_estimate(data), size * TEXT_COST)
+    if need > limit:
+        raise UnsafeCheckpointError(
+            f"{what} ({size} bytes) would take up to {need} bytes of memory to read, over the "
+            f"{limit}-byte limit of readers; {fewer}; or set {PARSE_LIMIT_ENV} to at least "
+            f"{need} here and in every process that reads this checkpoint")
+
+
 def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False,
                     data: bytes | None = None) -> bytes:
     """Write ``manifest`` last: this is the commit. Returns the bytes written:
     ``data`` when the caller already encoded it (to tell later whether it landed).
+    A manifest a reader would refuse (:func:`check_readable`) is refused first.
 
     Create-only unless ``overwrite``: a manifest already in place (another writer of
     the same path won) raises CheckpointExistsError and this save is discarded. With
@@ -177,6 +203,7 @@ def commit_manifest(storage: Storage, manifest, *, overwrite: bool = False,
 
     if data is None:
         data = fmt.encode(manifest)
+    check_readable(data, f"the manifest of {storage.url}")  # before anything is written
     old = None
     if overwrite and storage.exists(fmt.MANIFEST_NAME):
         try:

@@ -19,6 +19,13 @@ Call order (from DCP): ``reset`` -> ``set_up_storage_writer`` -> ``prepare_local
 -> ``prepare_global_plan`` (coordinator) -> ``write_data`` (every rank) -> ``finish``
 (coordinator, after gathering every rank's WriteResults; DCP raises the same
 CheckpointException on every rank when any rank failed).
+
+A failed save leaves no file of itself. DCP calls ``finish`` only when no rank raised,
+so a rank whose ``write_data`` fails removes its own files and reports the failure as
+its result (:class:`FailedWrite`) instead of raising: ``finish`` then removes every
+rank's files (the path is shared: the manifest names them all) and raises. ``finish``
+does the same when its own commit fails, unless the manifest may already be visible
+(the outcome is unknown): then the files are kept, since it names them.
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
     Metadata,
+    MetadataIndex,
     StorageMeta,
     TensorProperties,
     TensorStorageMetadata,
@@ -54,10 +62,10 @@ from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, W
 from torch.futures import Future
 
 from ckptstore import manifest as fmt
-from ckptstore.commit.atomic import commit_manifest
+from ckptstore.commit.atomic import commit_manifest, manifest_visible
 from ckptstore.distributed.dcp_tree import DcpView, dcp_view, fill, leaves_in, nest, save_bytes, value_json
 from ckptstore.distributed.reshard import read_boxes, whole_shards
-from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError
+from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, DistributedSaveError
 from ckptstore.manifest import builder
 from ckptstore.manifest.io import read_manifest
 from ckptstore.pipeline.engine import engine
@@ -80,6 +88,17 @@ class StoredItem:
     value_json: str | None = None  #: a non-tensor value as typed JSON (no data written)
 
 
+@dataclass(frozen=True, slots=True)
+class FailedWrite:
+    """A rank's failed ``write_data``, sent to the coordinator as its only WriteResult
+    so that ``finish`` runs and removes every rank's files."""
+
+    rank: str  #: the rank's name in the global plan (``r<index>``)
+    error: str  #: the error's type name
+    message: str
+    files: tuple[str, ...]  #: the files it planned (it removed them; removed again)
+
+
 class CkptStoreWriter(StorageWriter):
     """A DCP StorageWriter writing a ckptstore checkpoint at ``path``.
 
@@ -98,6 +117,8 @@ class CkptStoreWriter(StorageWriter):
         self.storage_options = storage_options
         self.save_id = secrets.token_hex(6)
         self.is_coordinator = False
+        self._planned: tuple[str, ...] = ()  #: the names of this rank's files being written
+        self._rank: int | None = None  #: this process's rank in DCP's group, when told
 
     @property
     def storage(self) -> Storage:
@@ -114,6 +135,8 @@ class CkptStoreWriter(StorageWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
+        rank = kwargs.get("rank")  # given by DCP since torch 2.5
+        self._rank = rank if isinstance(rank, int) else None
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=str(self.storage.url), save_id=self.save_id)
@@ -132,6 +155,21 @@ class CkptStoreWriter(StorageWriter):
         return [dataclasses.replace(p, storage_data=f"r{i}") for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future:
+        self._planned = ()
+        try:
+            results = self._write_items(plan, planner)
+        except BaseException as e:  # DCP catches it too: every rank goes on to the gather
+            rank = plan.storage_data or "r0"
+            log.error("rank %s: DCP write to %s failed; the coordinator removes every rank's "
+                      "files of this save", rank, self.storage.url, exc_info=True)
+            failed = FailedWrite(str(rank), type(e).__name__, str(e)[:2000], self._planned)
+            results = [WriteResult(index=MetadataIndex(f"<failed write of {rank}>"),
+                                   size_in_bytes=0, storage_data=failed)]
+        fut: Future = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_items(self, plan: SavePlan, planner: SavePlanner) -> list[WriteResult]:
         leaves: list[Leaf] = []
         data_items = []
         texts: dict[int, str] = {}
@@ -160,20 +198,19 @@ class CkptStoreWriter(StorageWriter):
         if leaves:
             tensors, files = self._write(leaves, plan.storage_data)
             stored.update((k, StoredItem((), t.chunks, t.nbytes)) for k, t in zip(data_items, tensors))
-        results = [WriteResult(index=item.index, size_in_bytes=stored[k].nbytes,
-                               storage_data=dataclasses.replace(stored[k], files=files)
-                               if k == 0 else stored[k])
-                   for k, item in enumerate(plan.items)]
-        fut: Future = Future()
-        fut.set_result(results)
-        return fut
+        return [WriteResult(index=item.index, size_in_bytes=stored[k].nbytes,
+                            storage_data=dataclasses.replace(stored[k], files=files)
+                            if k == 0 else stored[k])
+                for k, item in enumerate(plan.items)]
 
     def _write(self, leaves: list[Leaf], rank: Any) -> tuple[tuple, tuple[fmt.FileRecord, ...]]:
         eng = engine()
         pipe = SavePipeline(eng, self.storage, self.options)
         # held until the files are written: the next save reuses the staging memory
         with eng.admit("wait"):
-            staged = pipe.stage(leaves, pipe.plan(leaves, f"{self.save_id}-{rank or 'r0'}"))
+            planned = pipe.plan(leaves, f"{self.save_id}-{rank or 'r0'}")
+            self._planned = tuple(f.name for f in planned.files)
+            staged = pipe.stage(leaves, planned)
             try:
                 return builder.file_records(pipe.written(staged))
             except BaseException:
@@ -181,6 +218,49 @@ class CkptStoreWriter(StorageWriter):
                 raise
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        written = [f.name for rs in results for r in rs if isinstance(r.storage_data, StoredItem)
+                   for f in r.storage_data.files]
+        failed = [r.storage_data for rs in results for r in rs
+                  if isinstance(r.storage_data, FailedWrite)]
+        if failed:
+            self._remove(written + [n for f in failed for n in f.files])
+            failures = tuple((_rank_number(f.rank), "write", f.error, f.message) for f in failed)
+            parts = "; ".join(f"rank {f.rank[1:]} failed in write: {f.error}: {f.message}"
+                              for f in failed)
+            raise DistributedSaveError(
+                f"DCP save to {self.storage.url} was not committed ({parts}); every rank's "
+                "files of it were removed and the previous checkpoint is untouched: fix the "
+                "failing rank's error and save again", failures)
+        data: bytes | None = None
+        try:
+            manifest = self._manifest(metadata, results)
+            data = fmt.encode(manifest)
+            commit_manifest(self.storage, manifest, overwrite=self.options.overwrite, data=data)
+        except BaseException as e:
+            if manifest_visible(self.storage, data):  # e.g. the directory fsync failed
+                log.error("the commit of %s reported %s but its manifest may be in place: "
+                          "every rank's files were kept", self.storage.url, e)
+                raise DistributedSaveError(
+                    f"the commit of {self.storage.url} failed after its manifest may have "
+                    f"landed ({type(e).__name__}: {e}); the files were kept: check the "
+                    "checkpoint with ckptstore fsck before trusting or removing it",
+                    ((self._rank, "commit", type(e).__name__, str(e)),)) from e
+            self._remove(written)
+            raise
+
+    def _remove(self, names: list[str]) -> None:
+        """Remove a failed save's files (every rank's: the path is shared)."""
+        storage = self.storage
+        for name in dict.fromkeys(names):
+            try:
+                storage.remove(name)
+            except FileNotFoundError:
+                pass
+            except Exception as e:  # the original error matters more; say what is left
+                log.warning("could not remove %s of a failed save from %s: %s",
+                            name, storage.url, e)
+
+    def _manifest(self, metadata: Metadata, results: list[list[WriteResult]]) -> fmt.Manifest:
         stored = {(r.index.fqn, _key(r.index.offset)): r.storage_data
                   for rs in results for r in rs}
         files = [f for rs in results for r in rs for f in r.storage_data.files]
@@ -208,7 +288,12 @@ class CkptStoreWriter(StorageWriter):
             tree=nest(nodes, metadata.planner_data), tensors=tensors, files=files,
             via="torch.distributed.checkpoint")
         fmt.validate(manifest)
-        commit_manifest(self.storage, manifest, overwrite=self.options.overwrite)
+        return manifest
+
+
+def _rank_number(name: str) -> int | None:
+    """The rank of a global-plan name ``r<index>``, or None."""
+    return int(name[1:]) if name[:1] == "r" and name[1:].isdigit() else None
 
 
 def _key(offset: Any) -> tuple | None:
