@@ -15,14 +15,15 @@ from bench.common import Options, machine
 from bench.limits import CacheDropper
 from bench.timing import parse_sizes
 
-DEFAULT_SIZES = {"write": "64M,256M", "load": "64M,256M", "compress": "64M", "train": "16M", "objstore": "256M"}
+DEFAULT_SIZES = {"write": "64M,256M", "load": "64M,256M", "compress": "64M", "train": "16M", "objstore": "256M",
+                 "meta": "1"}
 DEFAULT_MODES = {"write": "all", "load": "none,zstd-1+bg", "compress": "all", "train": "none",
-                 "objstore": "s3,gcs"}
+                 "objstore": "s3,gcs", "meta": "all"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("mode", choices=["write", "load", "compress", "train", "objstore"])
+    p.add_argument("mode", choices=["write", "load", "compress", "train", "objstore", "meta"])
     p.add_argument("--size", help="comma-separated sizes, e.g. 64M,256M,1G (state bytes)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp32,bf16")
     p.add_argument("--repeat", type=int, default=3, help="interleaved repeats per measurement")
@@ -37,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="CUDA tensors: pinned D2H limit, ckptstore CUDA path")
     p.add_argument("--tensors", type=int, help="write: a state of N equal tensors instead of the "
                    "GPT layout (per-tensor overhead), e.g. --size 320M --tensors 5000")
+    p.add_argument("--ranks", default="8,64,256,1024", help="meta: simulated world sizes")
     p.add_argument("--every", type=int, default=20, help="train: save every N steps")
     p.add_argument("--steps", type=int, default=60, help="train: steps per measured segment")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -57,7 +59,8 @@ def options(a: argparse.Namespace) -> Options:
                    drop_caches=a.drop_caches, gpu=a.gpu,
                    staging_budget=parse_size(a.staging_budget) if a.staging_budget else None,
                    every=a.every, steps=a.steps,
-                   extra={"tensors": a.tensors} if a.tensors else {})
+                   extra={**({"tensors": a.tensors} if a.tensors else {}),
+                          "ranks": [int(x) for x in a.ranks.split(",") if x.strip()]})
 
 
 def require_cuda() -> None:
@@ -89,6 +92,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         results = compress.run(opt)
     elif a.mode == "objstore":  # --modes: the stores, s3,gcs
         results = objstore.run(opt)
+    elif a.mode == "meta":
+        from bench import meta
+
+        results = meta.run(opt)
     else:
         results = train.run(opt)
     cmd = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))

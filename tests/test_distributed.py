@@ -19,8 +19,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ckptstore
+from ckptstore import manifest as fmt
 from ckptstore.errors import DistributedSaveError
-from ckptstore.storage import LocalStorage
+from ckptstore.storage import LocalStorage, open_storage
 from conftest import assert_same_tree
 
 pytestmark = pytest.mark.timeout(300)
@@ -236,11 +237,14 @@ def saved(tmp_path_factory):
 
 
 def _rank_bytes(path) -> dict[int, int]:
-    m = json.loads(open(f"{path}/manifest.json").read().split(',"manifest_checksum"')[0] + "}")
+    """Bytes of the data files each rank wrote (their names carry the rank)."""
+    m = fmt.read_manifest(open_storage(path))
     out: dict[int, int] = {}
-    for f in m["files"]:
-        r = int(re.search(r"-r(\d+)\.", f["name"]).group(1))
-        out[r] = out.get(r, 0) + f["size"]
+    for f in m.files:
+        if f.format == "index":
+            continue
+        r = int(re.search(r"-r(\d+)\.", f.name).group(1))
+        out[r] = out.get(r, 0) + f.size
     return out
 
 
@@ -254,8 +258,14 @@ def test_each_rank_writes_its_share(saved):
     for r, n in per_rank.items():  # evenly split FSDP2 shards: about half each
         assert 0.35 * total < n < 0.65 * total, per_rank
     m = json.loads((saved / "ckpt" / "manifest.json").read_text().split(',"manifest_checksum"')[0] + "}")
-    sharded = [t for t in m["tensors"] if t.get("shards")]
-    assert sharded and all(len(t["shards"]) == 2 for t in sharded)
+    # the manifest lists the two rank indexes and each sharded tensor's grid, no chunks
+    assert len(m["indexes"]) == 2 and all(f["format"] == "index" for f in m["files"])
+    sharded = [t for t in m["tensors"] if "grid" in t and t["grid"]["cuts"]
+               and sum(n for _, n in t["grid"]["cuts"][0]) == 2]  # run-length: (size, count)
+    assert sharded and all("chunks" not in t for t in sharded)
+    assert all(t["grid"]["writers"] == [[0, 2, 1]] for t in sharded)
+    full = fmt.read_manifest(open_storage(saved / "ckpt"))
+    assert {t.name for t in full.tensors if len(t.shards) == 2} == {t["name"] for t in sharded}
 
 
 def _plain(tree):
@@ -321,7 +331,7 @@ def test_sharded_load_fills_arrays_inside_typed_values(saved, tmp_path):
     items = obj["tree"]["items"]
     model = next(v for k, v in items if k == "model")
     first = model["items"][0][1]  # a sharded tensor node
-    assert first["T"] == "tensor" and obj["tensors"][first["id"]].get("shards")
+    assert first["T"] == "tensor" and obj["tensors"][first["id"]].get("grid")
     items.append(["typed", {"T": "dataclass", "cls": type_name(Holder),
                             "fields": [["w", first], ["note", "x"]]}])
     items.append(["ns", {"T": "namespace", "items": [["w", first]]}])

@@ -207,4 +207,11 @@ def test_migrate_unit():
     registry[1] = lambda o: {**o, "schema_version": 2, "n": 1}
     out = migrations.migrate(src, target=2, registry=registry)
     assert out == {"schema_version": 2, "n": 1} and src == {"schema_version": 1}
-    assert migrations.MIGRATIONS == {}  # v1 is the first released version
+    assert sorted(migrations.MIGRATIONS) == list(range(1, fmt.SCHEMA_VERSION))
+
+
+def test_v1_manifest_migrates_to_v2_without_indexes():
+    obj = {"schema_version": 1, "tensors": [], "files": []}
+    out = migrations.migrate(obj)
+    assert out["schema_version"] == fmt.SCHEMA_VERSION and out["indexes"] == []
+    assert obj == {"schema_version": 1, "tensors": [], "files": []}

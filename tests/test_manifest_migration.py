@@ -1,8 +1,8 @@
 """After a schema bump, every reader of manifests sees older steps migrated.
 
-A newer library is simulated: ``SCHEMA_VERSION`` is 2 and the registry holds a
-1 -> 2 migration. The steps on disk were written by the "older" library in a
-synthetic version-1 layout the version-2 parser cannot read (chunk records are
+A newer library is simulated: ``SCHEMA_VERSION`` is one more than today's (N+1) and
+the registry holds an N -> N+1 migration. The steps on disk were written by the
+"older" library in a synthetic version-N layout the version-N+1 parser cannot read (chunk records are
 objects, the chunk size is called ``chunk_bytes``, the metrics are ``scores``).
 ``Checkpointer.latest()``/``metadata()``, retention with ``keep_best``, ``ckptstore
 ls``, ``gc``, promotion, overwrite, ``fsck`` and ``load`` must all read them through
@@ -24,6 +24,7 @@ from ckptstore.cli.main import main as cli
 from ckptstore.manifest import migrations, records
 from ckptstore.pipeline.codec import hash_bytes
 
+CURRENT = records.SCHEMA_VERSION  #: the version this library writes: the "older" one
 CHUNK_KEYS = ["file", "offset", "length", "raw_length", "group", "planes", "hash", "raw_hash"]
 
 
@@ -36,7 +37,7 @@ def make_legacy(path: Path) -> bytes:
     valid checksum, as the older library wrote it); returns the bytes written."""
     obj = json.loads((path / fmt.MANIFEST_NAME).read_text())
     del obj["manifest_checksum"]
-    obj["schema_version"] = 1
+    obj["schema_version"] = CURRENT
     obj["chunk_bytes"] = obj.pop("chunk_size")
     for t in obj["tensors"]:
         t["chunks"] = [dict(zip(CHUNK_KEYS, c)) for c in t["chunks"]]
@@ -51,14 +52,14 @@ def make_legacy(path: Path) -> bytes:
 
 @pytest.fixture
 def newer_library(monkeypatch):
-    """The library at schema version 2, with the 1 -> 2 step registered; returns the
-    list of calls to the step."""
-    assert fmt.SCHEMA_VERSION == 1
+    """The library at schema version N+1, with the N -> N+1 step registered; returns
+    the list of calls to the step."""
+    assert fmt.SCHEMA_VERSION == CURRENT
     calls: list[str] = []
-    registry: dict = {}
+    registry: dict = dict(migrations.MIGRATIONS)
 
-    @migrations.register(1, registry)
-    def v1_to_v2(obj: dict) -> dict:
+    @migrations.register(CURRENT, registry)
+    def next_version(obj: dict) -> dict:
         calls.append(obj["save_id"])
         obj["chunk_size"] = obj.pop("chunk_bytes")
         for t in obj["tensors"]:
@@ -66,12 +67,12 @@ def newer_library(monkeypatch):
         meta = obj.get("metadata")
         if isinstance(meta, dict) and "scores" in meta:
             meta["metrics"] = meta.pop("scores")
-        obj["schema_version"] = 2
+        obj["schema_version"] = CURRENT + 1
         return obj
 
-    monkeypatch.setattr(records, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(records, "SCHEMA_VERSION", CURRENT + 1)
     monkeypatch.setattr(migrations, "MIGRATIONS", registry)
-    assert fmt.SCHEMA_VERSION == 2  # the writer reads it through the package
+    assert fmt.SCHEMA_VERSION == CURRENT + 1  # the writer reads it through the package
     return calls
 
 

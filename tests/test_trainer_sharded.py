@@ -15,7 +15,9 @@ import torch
 import torch.multiprocessing as mp
 
 import ckptstore
+from ckptstore import manifest as fmt
 from ckptstore.runs.layout import step_name
+from ckptstore.storage import open_storage
 from trainer.checkpointing import TrainCheckpointer
 from trainer.config import TrainConfig
 from trainer.train import DistContext, build_parts, setup, teardown, train_step
@@ -101,12 +103,12 @@ def saved(tmp_path_factory):
 
 def test_two_rank_checkpoint_is_sharded(saved):
     where = saved / "run" / "checkpoints" / step_name(STEP)
-    manifest = json.loads((where / "manifest.json").read_text())
-    big = [t for t in manifest["tensors"]
-           if t["name"].startswith(("model.", "optim.state.")) and len(t["shape"]) == 2]
-    assert big and all(len(t.get("shards", [])) == WORLD for t in big), \
-        [t["name"] for t in big if len(t.get("shards", [])) != WORLD]
-    sharded_bytes = sum(t["nbytes"] for t in manifest["tensors"] if t.get("shards"))
+    manifest = fmt.read_manifest(open_storage(where))  # with the ranks' indexes
+    big = [t for t in manifest.tensors
+           if t.name.startswith(("model.", "optim.state.")) and len(t.shape) == 2]
+    assert big and all(len(t.shards) == WORLD for t in big), \
+        [t.name for t in big if len(t.shards) != WORLD]
+    sharded_bytes = sum(t.nbytes for t in manifest.tensors if t.shards)
     per_rank = {r: sum(p.stat().st_size for p in where.iterdir() if f"-r{r}." in p.name)
                 for r in range(WORLD)}
     for r, size in per_rank.items():  # about half each: nobody writes the whole model

@@ -5,7 +5,8 @@ import os
 from typing import Any
 
 from ckptstore.errors import CorruptCheckpointError, UnsupportedOperationError
-from ckptstore.manifest.io import read_manifest
+from ckptstore.manifest.io import read_catalog
+from ckptstore.manifest.ranked import resolve
 from ckptstore.plan.stateful import holds_stateful
 from ckptstore.plan.tree import unflatten
 from ckptstore.read.into import LoadReport, apply_into
@@ -46,10 +47,11 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     if into is not None and holds_stateful(into):
         mmap = False  # objects keep what load_state_dict gets: never a map of a file
     storage = open_storage(path, storage_options)
-    manifest = read_manifest(storage)
+    manifest = read_catalog(storage)  # a distributed save's rank indexes are read as needed
     from ckptstore.distributed import holds_dtensor
 
-    if any(t.shards for t in manifest.tensors) or holds_dtensor(into):  # saved or loaded sharded
+    sharded = manifest.indexes or any(t.shards for t in manifest.tensors)
+    if sharded or holds_dtensor(into):  # saved or loaded sharded
         if rename is not None or keys is not None:
             raise UnsupportedOperationError("rename= and keys= are not supported yet for sharded "
                                       "checkpoints or DTensor targets")
@@ -60,8 +62,9 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     if rename is not None or keys is not None:
         from ckptstore.read.lazy import partial_load
 
-        return partial_load(storage, manifest, into=into, strict=strict, verify=verify,
+        return partial_load(storage, resolve(storage, manifest), into=into, strict=strict, verify=verify,
                             cast=cast, rename=rename, keys=keys, mmap=mmap)
+    manifest = resolve(storage, manifest)
     arrays = read_tensors(storage, manifest, verify=verify, mmap=mmap)
     state = unflatten(manifest.tree, lambda kind, i: _leaf(manifest, arrays, kind, i))
     if into is None:

@@ -134,6 +134,10 @@ def run_jobs(storage: Storage, jobs: list, verify: bool, threads: int = READ_THR
 def read_boxes(storage: Storage, manifest: fmt.Manifest, wanted: list[tuple[int, tuple, tuple]],
                *, verify: bool = True) -> list[torch.Tensor]:
     """Read ``(tensor index, offsets, sizes)`` boxes; only the chunks they touch."""
+    want: dict[int, list | None] = {}
+    for i, o, s in wanted:
+        want.setdefault(i, []).append((o, s))  # type: ignore[union-attr]
+    manifest = fmt.resolve(storage, manifest, want)  # the rank indexes holding these boxes
     storage = _storage_for(storage, manifest)
     reads = [BoxRead(manifest.tensors[i], o, s) for i, o, s in wanted]
     jobs = [j for r in reads for j in r.jobs]
@@ -160,6 +164,7 @@ def _read_whole(storage: Storage, manifest: fmt.Manifest, refs: list[Ref],
     """Whole arrays for ``refs``: torch tensors assembled from shards, numpy as saved."""
     torch_ids = sorted({r.index for r in refs if r.kind == "tensor"})
     np_ids = {r.index for r in refs if r.kind != "tensor"}
+    manifest = fmt.resolve(storage, manifest, dict.fromkeys([*torch_ids, *np_ids]))
     recs = manifest.tensors
     out = dict(zip(torch_ids, read_boxes(
         storage, manifest, [(i, (0,) * len(recs[i].shape), recs[i].shape) for i in torch_ids],
@@ -245,6 +250,7 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
 
     def prepare(actions: list[Action]) -> None:
         """Plan every read first, so all chunks are fetched in one parallel pass."""
+        nonlocal manifest
         wanted, names, whole = [], [], []
         for name, value, _parent, _key in actions:
             s = src[name]
@@ -256,6 +262,14 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
                 whole.append(s)
             else:  # the whole part of a Stateful object, or arrays inside a typed value
                 whole += _refs_in(s)
+        # one pass over the rank indexes holding what this rank reads, in parallel
+        want: dict[int, list | None] = dict.fromkeys(r.index for r in whole)
+        for i, o, s in wanted:
+            if i not in want:
+                want.setdefault(i, []).append((o, s))  # type: ignore[union-attr]
+            elif want[i] is not None:
+                want[i].append((o, s))  # type: ignore[union-attr]
+        manifest = fmt.resolve(storage, manifest, want)
         boxes.update(zip(names, read_boxes(storage, manifest, wanted, verify=verify)))
         arrays.update(_read_whole(storage, manifest, whole, verify))
 

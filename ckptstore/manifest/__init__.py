@@ -8,6 +8,8 @@
 * :mod:`.jsonio`: encoding with a self-checksum, strict decoding;
 * :mod:`.validate`: structural checks of a decoded manifest;
 * :mod:`.migrations`: upgrades of older schema versions;
+* :mod:`.rle`: run-length forms of a distributed save's grids;
+* :mod:`.ranked`: rank indexes of a distributed save, and resolving them;
 * :mod:`.io`: reading a committed manifest from storage (every layer uses it).
 
 ``SCHEMA_VERSION`` forwards to ``records.SCHEMA_VERSION``, the one the library reads
@@ -19,16 +21,19 @@ from __future__ import annotations
 from typing import Any
 
 from ckptstore.manifest import records
-from ckptstore.manifest.io import read_manifest, read_manifest_bytes
+from ckptstore.manifest.io import read_catalog, read_manifest, read_manifest_bytes
 from ckptstore.manifest.jsonio import check_checksum, decode, encode, parse_json
+from ckptstore.manifest.ranked import resolve
 from ckptstore.manifest.records import (
     BASE_RE,
     FORMAT_NAME,
+    INDEX_FORMAT,
     MANIFEST_NAME,
     MAX_MANIFEST_BYTES,
     MAX_SIZE,
     ChunkRecord,
     FileRecord,
+    Grid,
     Manifest,
     ShardRecord,
     TensorRecord,
@@ -40,9 +45,9 @@ from ckptstore.pipeline.codec import hash_bytes
 
 __all__ = [
     "BASE_RE", "FORMAT_NAME", "MANIFEST_NAME", "MAX_MANIFEST_BYTES", "MAX_SIZE", "SCHEMA_VERSION",
-    "ChunkRecord", "FileRecord", "Manifest", "ShardRecord", "TensorRecord", "check_base",
+    "ChunkRecord", "FileRecord", "Grid", "INDEX_FORMAT", "Manifest", "ShardRecord", "TensorRecord", "check_base",
     "check_checksum", "decode", "digest_of", "encode", "hash_bytes", "parse_json",
-    "read_manifest", "read_manifest_bytes", "validate", "validate_shards",
+    "read_catalog", "read_manifest", "read_manifest_bytes", "resolve", "validate", "validate_shards",
 ]
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ckptstore.errors import CorruptCheckpointError, SchemaVersionError, UnsafeCheckpointError
-from ckptstore.manifest import migrations, records as rec
+from ckptstore.manifest import migrations, records as rec, rle
 from ckptstore.manifest.records import FORMAT_NAME, MAX_MANIFEST_BYTES, MAX_SIZE
 from ckptstore.manifest.validate import validate
 from ckptstore.pipeline.codec import env_bytes, hash_bytes
@@ -50,7 +50,39 @@ def too_big(what: str) -> UnsafeCheckpointError:
         f"to read; if the checkpoint is trusted, set {PARSE_LIMIT_ENV} to a larger number of bytes")
 
 
+def file_json(f: rec.FileRecord) -> dict:
+    return {"name": f.name, "size": f.size, "format": f.format,
+            "header_length": f.header_length, "header_hash": f.header_hash,
+            **({"base": f.base} if f.base is not None else {})}
+
+
+def chunk_json(c: rec.ChunkRecord) -> list:
+    return [c.file, c.offset, c.length, c.raw_length, c.group, [list(p) for p in c.planes],
+            c.hash, c.raw_hash]
+
+
+def tensor_json(t: rec.TensorRecord) -> dict:
+    """A tensor's entry: its chunks, or (a tensor of a distributed save) its grid."""
+    head = {"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape),
+            "nbytes": t.nbytes}
+    if t.grid is not None:
+        return {**head, "grid": {"cuts": [rle.pack_sizes(c) for c in t.grid.cuts],
+                                 "writers": rle.pack_ranks(t.grid.writers)}}
+    return {**head, "digest": t.digest, "chunks": [chunk_json(c) for c in t.chunks],
+            **({"shards": [[list(h.offsets), list(h.shape), h.nchunks] for h in t.shards]}
+               if t.shards else {})}
+
+
+def seal(body: dict) -> bytes:
+    """``body`` as compact JSON whose last member is the checksum of what precedes it."""
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
+    prefix = text[:-1]  # drop the closing brace
+    return prefix + _CHECKSUM_KEY + hash_bytes(prefix).encode() + b'"}\n'
+
+
 def encode(m: rec.Manifest) -> bytes:
+    if m.indexes and not all(t.grid is not None or not t.chunks for t in m.tensors):
+        raise ValueError("a manifest with rank indexes lists tensors by their grids")
     body = {
         "format": FORMAT_NAME,
         "schema_version": m.schema_version,
@@ -61,23 +93,12 @@ def encode(m: rec.Manifest) -> bytes:
         "chunk_size": m.chunk_size,
         "compression": m.compression,
         "metadata": m.metadata,
-        "files": [{"name": f.name, "size": f.size, "format": f.format,
-                   "header_length": f.header_length, "header_hash": f.header_hash,
-                   **({"base": f.base} if f.base is not None else {})}
-                  for f in m.files],
-        "tensors": [{"name": t.name, "kind": t.kind, "dtype": t.dtype, "shape": list(t.shape),
-                     "nbytes": t.nbytes, "digest": t.digest,
-                     "chunks": [[c.file, c.offset, c.length, c.raw_length, c.group,
-                                 [list(p) for p in c.planes], c.hash, c.raw_hash]
-                                for c in t.chunks],
-                     **({"shards": [[list(h.offsets), list(h.shape), h.nchunks] for h in t.shards]}
-                        if t.shards else {})}
-                    for t in m.tensors],
+        "files": [file_json(f) for f in m.files if not (m.indexes and f.format != rec.INDEX_FORMAT)],
+        "indexes": list(m.indexes),
+        "tensors": [tensor_json(t) for t in m.tensors],
         "tree": m.tree,
     }
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
-    prefix = text[:-1]  # drop the closing brace
-    return prefix + _CHECKSUM_KEY + hash_bytes(prefix).encode() + b'"}\n'
+    return seal(body)
 
 
 # -- decoding ---------------------------------------------------------------
@@ -164,55 +185,77 @@ def decode(data: bytes, *, migrate: Callable[[dict], dict] | None = None) -> rec
     return _build(obj)
 
 
-def _int(v: Any, what: str, hi: int = MAX_SIZE) -> int:
+def as_int(v: Any, what: str, hi: int = MAX_SIZE) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
         raise UnsafeCheckpointError(f"{what} is {v!r}: not an integer in [0, {hi}]")
     return v
 
 
-def _str(v: Any, what: str) -> str:
+def as_str(v: Any, what: str) -> str:
     if not isinstance(v, str):
         raise CorruptCheckpointError(f"{what} is not a string")
     return v
 
 
+def build_file(f: Any) -> rec.FileRecord:
+    return rec.FileRecord(
+        name=check_name(as_str(f["name"], "file name")), size=as_int(f["size"], "file size"),
+        format=as_str(f["format"], "file format"),
+        header_length=as_int(f["header_length"], "header length"),
+        header_hash=as_str(f["header_hash"], "header hash"), base=rec.check_base(f.get("base")))
+
+
+def build_chunk(c: Any) -> rec.ChunkRecord:
+    return rec.ChunkRecord(
+        file=as_str(c[0], "chunk file"), offset=as_int(c[1], "chunk offset"),
+        length=as_int(c[2], "chunk length"), raw_length=as_int(c[3], "chunk raw length"),
+        group=as_int(c[4], "chunk group", 16),
+        planes=tuple((as_str(p[0], "codec"), as_int(p[1], "plane length")) for p in c[5]),
+        hash=as_str(c[6], "chunk hash"), raw_hash=as_str(c[7], "chunk raw hash"))
+
+
+def build_dims(v: Any, what: str) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 64:
+        raise UnsafeCheckpointError(f"{what} is not a list of at most 64 dimensions")
+    return tuple(as_int(d, what, 1 << 48) for d in v)
+
+
+def _grid(g: Any, name: str) -> rec.Grid:
+    if not isinstance(g, dict) or not isinstance(g.get("cuts"), list) or len(g["cuts"]) > 64:
+        raise CorruptCheckpointError(f"tensor {name!r} has a malformed grid")
+    return rec.Grid(tuple(rle.unpack_sizes(c, f"tensor {name!r} cuts") for c in g["cuts"]),
+                    rle.unpack_ranks(g.get("writers"), f"tensor {name!r} writers"))
+
+
+def build_tensor(t: Any) -> rec.TensorRecord:
+    name = as_str(t["name"], "tensor name")
+    kind, dtype = as_str(t["kind"], "tensor kind"), as_str(t["dtype"], "dtype")
+    shape, nbytes = build_dims(t["shape"], "dimension"), as_int(t["nbytes"], "tensor size")
+    if "grid" in t:
+        return rec.TensorRecord(name, kind, dtype, shape, nbytes, "", (), grid=_grid(t["grid"], name))
+    return rec.TensorRecord(
+        name, kind, dtype, shape, nbytes, digest=as_str(t["digest"], "digest"),
+        chunks=tuple(build_chunk(c) for c in t["chunks"]),
+        shards=tuple(rec.ShardRecord(
+            offsets=build_dims(h[0], "shard offset"), shape=build_dims(h[1], "shard dimension"),
+            nchunks=as_int(h[2], "shard chunk count")) for h in t.get("shards", ())))
+
+
 def _build(obj: dict) -> rec.Manifest:
     try:
-        files = []
-        for f in obj["files"]:
-            files.append(rec.FileRecord(
-                name=check_name(_str(f["name"], "file name")), size=_int(f["size"], "file size"),
-                format=_str(f["format"], "file format"),
-                header_length=_int(f["header_length"], "header length"),
-                header_hash=_str(f["header_hash"], "header hash"),
-                base=rec.check_base(f.get("base"))))
-        tensors = []
-        for t in obj["tensors"]:
-            chunks = tuple(rec.ChunkRecord(
-                file=_str(c[0], "chunk file"), offset=_int(c[1], "chunk offset"),
-                length=_int(c[2], "chunk length"), raw_length=_int(c[3], "chunk raw length"),
-                group=_int(c[4], "chunk group", 16),
-                planes=tuple((_str(p[0], "codec"), _int(p[1], "plane length")) for p in c[5]),
-                hash=_str(c[6], "chunk hash"), raw_hash=_str(c[7], "chunk raw hash"))
-                for c in t["chunks"])
-            tensors.append(rec.TensorRecord(
-                name=_str(t["name"], "tensor name"), kind=_str(t["kind"], "tensor kind"),
-                dtype=_str(t["dtype"], "dtype"),
-                shape=tuple(_int(d, "dimension", 1 << 48) for d in t["shape"]),
-                nbytes=_int(t["nbytes"], "tensor size"), digest=_str(t["digest"], "digest"),
-                chunks=chunks, shards=tuple(rec.ShardRecord(
-                    offsets=tuple(_int(d, "shard offset", 1 << 48) for d in h[0]),
-                    shape=tuple(_int(d, "shard dimension", 1 << 48) for d in h[1]),
-                    nchunks=_int(h[2], "shard chunk count")) for h in t.get("shards", ()))))
+        indexes = obj.get("indexes", [])
+        if not isinstance(indexes, list):
+            raise CorruptCheckpointError("manifest indexes is not a list")
         m = rec.Manifest(
             schema_version=obj["schema_version"], writer=obj.get("writer", {}),
-            created=str(obj.get("created", "")), save_id=_str(obj["save_id"], "save_id"),
-            chunk_size=_int(obj["chunk_size"], "chunk_size"),
-            compression=_str(obj["compression"], "compression"),
+            created=str(obj.get("created", "")), save_id=as_str(obj["save_id"], "save_id"),
+            chunk_size=as_int(obj["chunk_size"], "chunk_size"),
+            compression=as_str(obj["compression"], "compression"),
             metadata=obj.get("metadata"), tree=obj["tree"],
-            tensors=tuple(tensors), files=tuple(files))
+            tensors=tuple(build_tensor(t) for t in obj["tensors"]),
+            files=tuple(build_file(f) for f in obj["files"]),
+            indexes=tuple(check_name(as_str(n, "index name")) for n in indexes))
     except (KeyError, IndexError, TypeError) as e:
         raise CorruptCheckpointError(f"manifest is missing or has malformed field: {e!r}") from None
     validate(m)
     return m
-

@@ -20,7 +20,8 @@ Adding a schema version (see docs/compat.md):
 3. add a golden checkpoint and a schema description for the new version under
    ``tests/golden/`` (``python tests/golden/make_golden.py``).
 
-Schema version 1 is the first released one, so the registry is empty for now.
+Version 2 added rank indexes (``indexes``, and tensors listed by ``grid``): a
+version-1 manifest is a version-2 manifest without them.
 """
 from __future__ import annotations
 
@@ -81,6 +82,15 @@ def migrate(obj: dict, *, target: int | None = None,
         log.debug("migrated manifest from schema version %d to %d", version, version + 1)
         version += 1
     return out
+
+
+@register(1)
+def _v1_to_v2(obj: dict) -> dict:
+    """Version 2 lists a distributed save's chunks in rank indexes; a version-1
+    manifest holds every chunk itself, so it has none."""
+    obj["schema_version"] = 2
+    obj.setdefault("indexes", [])
+    return obj
 
 
 __all__ = ["MIGRATIONS", "Migration", "migrate", "register"]

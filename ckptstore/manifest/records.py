@@ -18,7 +18,10 @@ FORMAT_NAME = "ckptstore"
 #: the schema version this library writes and reads up to. Everything reads it here at
 #: call time (``ckptstore.manifest.SCHEMA_VERSION`` forwards to it), so patching this one
 #: attribute simulates a newer library.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: ``FileRecord.format`` of a rank index (schema 2): the whole file is its "header"
+INDEX_FORMAT = "index"
+INDEX_FORMAT_NAME = "ckptstore-index"
 MAX_MANIFEST_BYTES = 1 << 30
 MAX_SIZE = 1 << 50  #: no file, tensor or chunk is larger than a petabyte
 
@@ -65,6 +68,30 @@ class TensorRecord:
     digest: str
     chunks: tuple[ChunkRecord, ...]
     shards: tuple[ShardRecord, ...] = ()
+    grid: Grid | None = None
+
+    @property
+    def resolved(self) -> bool:
+        """False for a tensor of a distributed save whose chunks are still in the
+        rank indexes (:func:`ckptstore.manifest.ranked.resolve` reads them)."""
+        return self.grid is None or bool(self.chunks) or self.nbytes == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """Where a tensor of a distributed save lies (schema 2): each dimension cut into
+    intervals of ``cuts[d]`` elements, the cells in C order, and the rank whose index
+    holds each cell's chunks (``writers``, one per cell)."""
+
+    cuts: tuple[tuple[int, ...], ...]
+    writers: tuple[int, ...]
+
+    def starts(self, dim: int) -> list[int]:
+        out, pos = [], 0
+        for n in self.cuts[dim]:
+            out.append(pos)
+            pos += n
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +134,14 @@ class Manifest:
     tree: Any
     tensors: tuple[TensorRecord, ...]
     files: tuple[FileRecord, ...]
+    #: rank -> name of its index file (a distributed save; schema 2); () when every
+    #: tensor's chunks are in this manifest
+    indexes: tuple[str, ...] = ()
+
+    @property
+    def resolved(self) -> bool:
+        """Every tensor's chunks are known (always true without ``indexes``)."""
+        return all(t.resolved for t in self.tensors)
 
     def file(self, name: str) -> FileRecord:
         for f in self.files:

@@ -4,7 +4,14 @@ from __future__ import annotations
 import math
 
 from ckptstore.errors import CorruptCheckpointError, UnsafeCheckpointError
-from ckptstore.manifest.records import MANIFEST_NAME, MAX_SIZE, TORCH_DTYPES, Manifest, TensorRecord
+from ckptstore.manifest.records import (
+    INDEX_FORMAT,
+    MANIFEST_NAME,
+    MAX_SIZE,
+    TORCH_DTYPES,
+    Manifest,
+    TensorRecord,
+)
 from ckptstore.pipeline.codec import CHUNK_LIMIT_ENV, CODECS, max_coded_chunk, plane_bound
 
 
@@ -15,11 +22,17 @@ def validate(m: Manifest) -> None:
     for f in m.files:
         if f.name in files or f.name == MANIFEST_NAME:
             raise UnsafeCheckpointError(f"file {f.name!r} is listed twice or shadows the manifest")
-        if f.format not in ("safetensors", "chunks"):
+        if f.format not in ("safetensors", "chunks", INDEX_FORMAT):
             raise CorruptCheckpointError(f"file {f.name!r} has unknown format {f.format!r}")
         if f.header_length > f.size:
             raise UnsafeCheckpointError(f"file {f.name!r}: header longer than the file")
+        if f.format == INDEX_FORMAT and (f.header_length != f.size or f.base is not None):
+            raise UnsafeCheckpointError(f"rank index {f.name!r} must be hashed whole, in place")
         files[f.name] = f
+    if len(set(m.indexes)) != len(m.indexes) or any(
+            files.get(n) is None or files[n].format != INDEX_FORMAT for n in m.indexes):
+        raise CorruptCheckpointError("the manifest's rank indexes are not each listed once as "
+                                     "index files")
     ranges: dict[str, list[tuple[int, int, str]]] = {n: [] for n in files}
     coded_cap = max_coded_chunk()
     for t in m.tensors:
@@ -33,6 +46,9 @@ def validate(m: Manifest) -> None:
             raise UnsafeCheckpointError(f"tensor {t.name!r} has {len(t.shape)} dimensions")
         if math.prod(t.shape) > MAX_SIZE:
             raise UnsafeCheckpointError(f"tensor {t.name!r} has an absurd shape {t.shape}")
+        if not t.resolved:  # its chunks are in the rank indexes: check where it lies
+            validate_grid(t, len(m.indexes))
+            continue
         total = 0
         for i, c in enumerate(t.chunks):
             where = f"tensor {t.name!r} chunk {i}"
@@ -126,3 +142,20 @@ def validate_shards(t: TensorRecord) -> None:
             raise UnsafeCheckpointError(f"tensor {t.name!r}: shards do not cover dimension {d}")
     if len(boxes) != math.prod(len(c) for c in cuts):
         raise UnsafeCheckpointError(f"tensor {t.name!r}: shards do not tile its shape")
+
+
+def validate_grid(t: TensorRecord, ranks: int) -> None:
+    """A tensor of a distributed save: its grid tiles its shape, every cell has a
+    writer among the ``ranks`` indexes, and its size fits its shape."""
+    g = t.grid
+    assert g is not None
+    n = math.prod(t.shape)
+    if not n or t.nbytes % n:
+        raise CorruptCheckpointError(f"tensor {t.name!r}: {t.nbytes} bytes do not fit its shape")
+    if len(g.cuts) != len(t.shape) or any(sum(c) != d for c, d in zip(g.cuts, t.shape)):
+        raise UnsafeCheckpointError(f"tensor {t.name!r}: its grid does not tile {t.shape}")
+    if len(g.writers) != math.prod(len(c) for c in g.cuts):
+        raise CorruptCheckpointError(f"tensor {t.name!r}: its grid has {len(g.writers)} writers "
+                                     "for a different number of cells")
+    if g.writers and not (0 <= min(g.writers) and max(g.writers) < ranks):
+        raise UnsafeCheckpointError(f"tensor {t.name!r} names a rank index that is not listed")
