@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ckptstore import manifest as fmt
-from ckptstore.distributed.shards import holds_dtensor, is_dtensor
+from ckptstore.distributed.shards import check_contiguous, holds_dtensor, is_dtensor
 from ckptstore.errors import CorruptCheckpointError
 from ckptstore.plan.tree import torch_dtype, unflatten
 from ckptstore.read.into import Action, StatefulSlot, copy_into, give_state, leaves_of, subtree
@@ -255,6 +255,7 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
         for name, value, _parent, _key in actions:
             s = src[name]
             if isinstance(s, Ref) and is_dtensor(value):
+                check_contiguous(name, value)  # else the box below would be its first part only
                 (c,) = value.__create_chunk_list__()
                 wanted.append((s.index, tuple(c.offsets), tuple(c.sizes)))
                 names.append(name)
