@@ -91,6 +91,12 @@ def generate(where: Path, ranks: int, tensors: int) -> str:
 
 
 def _rss() -> int:
+    """This process's peak RSS in bytes: ``VmHWM``, which execve resets (``ru_maxrss``
+    would carry the driver's peak into this child)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

@@ -206,6 +206,23 @@ def build_file(f: Any) -> rec.FileRecord:
 
 
 def build_chunk(c: Any) -> rec.ChunkRecord:
+    """A chunk record from its JSON array. The loop that reads rank indexes runs this
+    for every chunk of a job, so the usual case is checked with plain type tests; any
+    doubt falls to the field-by-field checks, which name what is wrong."""
+    if type(c) is list and len(c) == 8:
+        file, offset, length, raw, group, planes, h, rh = c
+        if (type(file) is str and type(h) is str and type(rh) is str and type(offset) is int
+                and type(length) is int and type(raw) is int and type(group) is int
+                and type(planes) is list and 0 <= offset <= MAX_SIZE and 0 <= length <= MAX_SIZE
+                and 0 <= raw <= MAX_SIZE and 0 <= group <= 16):
+            ps = tuple((p[0], p[1]) for p in planes if type(p) is list and len(p) == 2
+                       and type(p[0]) is str and type(p[1]) is int and 0 <= p[1] <= MAX_SIZE)
+            if len(ps) == len(planes):
+                return rec.ChunkRecord(file, offset, length, raw, group, ps, h, rh)
+    return _checked_chunk(c)
+
+
+def _checked_chunk(c: Any) -> rec.ChunkRecord:
     return rec.ChunkRecord(
         file=as_str(c[0], "chunk file"), offset=as_int(c[1], "chunk offset"),
         length=as_int(c[2], "chunk length"), raw_length=as_int(c[3], "chunk raw length"),
@@ -215,6 +232,8 @@ def build_chunk(c: Any) -> rec.ChunkRecord:
 
 
 def build_dims(v: Any, what: str) -> tuple[int, ...]:
+    if type(v) is list and len(v) <= 64 and all(type(d) is int and 0 <= d <= 1 << 48 for d in v):
+        return tuple(v)  # the usual case, in one pass
     if not isinstance(v, list) or len(v) > 64:
         raise UnsafeCheckpointError(f"{what} is not a list of at most 64 dimensions")
     return tuple(as_int(d, what, 1 << 48) for d in v)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import gc
 import math
 from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
@@ -86,13 +87,14 @@ def decode_index(data: bytes, name: str) -> RankIndex:
         raise CorruptCheckpointError(f"rank index {name} has a malformed field: {e!r}") from None
 
 
-def _cells(g: rec.Grid, boxes: Sequence[tuple[Sequence[int], Sequence[int]]] | None) -> list[int]:
-    """The cells (C order) of grid ``g`` that overlap any of ``boxes`` (all: None)."""
+def _cells(g: rec.Grid, boxes: Sequence[tuple[Sequence[int], Sequence[int]]] | None,
+           starts: list[list[int]]) -> list[int]:
+    """The cells (C order) of grid ``g`` that overlap any of ``boxes`` (all: None);
+    ``starts`` are ``g.starts(d)`` for every dimension."""
     total = len(g.writers)
     if boxes is None:
         return list(range(total))
     out: set[int] = set()
-    starts = [g.starts(d) for d in range(len(g.cuts))]
     for offsets, shape in boxes:
         if not all(shape):
             continue
@@ -161,16 +163,29 @@ def resolve(storage: Storage, m: rec.Manifest, want: Want | None = None,
     naming the index when one is missing, damaged or inconsistent with the manifest."""
     if not m.indexes:
         return m
+    was = gc.isenabled()
+    gc.disable()  # hundreds of thousands of records, no cycles: collections would only cost
+    try:
+        return _resolve(storage, m, want, threads)
+    finally:
+        if was:
+            gc.enable()
+
+
+def _resolve(storage: Storage, m: rec.Manifest, want: Want | None, threads: int) -> rec.Manifest:
     need: dict[int, list[int]] = {}
+    starts: dict[int, list[list[int]]] = {}  # tensor -> where its cells start, per dimension
     for i, t in enumerate(m.tensors):
         if not t.chunks and t.grid is not None and (want is None or i in want):
-            need[i] = _cells(t.grid, None if want is None else want[i])
+            boxes = None if want is None else want[i]
+            if boxes is not None:
+                starts[i] = [t.grid.starts(d) for d in range(len(t.grid.cuts))]
+            need[i] = _cells(t.grid, boxes, starts.get(i, []))
     ranks = sorted({w for i, cells in need.items() for w in
                     (m.tensors[i].grid.writers[c] for c in cells)})  # type: ignore[union-attr]
     with cf.ThreadPoolExecutor(max(1, min(threads, len(ranks)))) as ex:
         indexes = list(ex.map(lambda r: _read_index(storage, m, r), ranks))
     found: dict[int, dict[int, tuple]] = {i: {} for i in need}
-    lookup: dict[int, list[dict[int, int]]] = {}
     names = {f.name for f in m.files}
     files = list(m.files)
     for ix in indexes:
@@ -182,9 +197,9 @@ def resolve(storage: Storage, m: rec.Manifest, want: Want | None = None,
         for ti, offsets, shape, chunks in ix.boxes:
             g = m.tensors[ti].grid
             assert g is not None
-            if ti not in lookup:
-                lookup[ti] = [{s: k for k, s in enumerate(g.starts(d))} for d in range(len(g.cuts))]
-            cell = _cell_of(m.tensors[ti], g, lookup[ti], offsets, shape, ix)
+            if ti not in starts:
+                starts[ti] = [g.starts(d) for d in range(len(g.cuts))]
+            cell = _cell_of(m.tensors[ti], g, starts[ti], offsets, shape, ix)
             if g.writers[cell] != ix.rank:
                 raise UnsafeCheckpointError(f"rank index {m.indexes[ix.rank]} holds box {offsets} of "
                                             f"{m.tensors[ti].name!r}, which rank {g.writers[cell]} wrote")
@@ -211,15 +226,16 @@ def resolve(storage: Storage, m: rec.Manifest, want: Want | None = None,
     return dataclasses.replace(m, tensors=tuple(tensors), files=tuple(files))
 
 
-def _cell_of(t: rec.TensorRecord, g: rec.Grid, lookup: list[dict[int, int]],
+def _cell_of(t: rec.TensorRecord, g: rec.Grid, starts: list[list[int]],
              offsets: tuple[int, ...], shape: tuple[int, ...], ix: RankIndex) -> int:
-    """The cell of grid ``g`` that box (offsets, shape) is, or an error."""
+    """The cell of grid ``g`` (cells starting at ``starts``) that box (offsets, shape)
+    is, or an error."""
     if len(offsets) != len(t.shape) or len(shape) != len(t.shape):
         raise UnsafeCheckpointError(f"rank {ix.rank}'s box {offsets} of {t.name!r} has the wrong rank")
     cell = 0
     for d, (o, n) in enumerate(zip(offsets, shape)):
-        k = lookup[d].get(o)
-        if k is None or g.cuts[d][k] != n:
+        k = bisect_right(starts[d], o) - 1
+        if k < 0 or starts[d][k] != o or g.cuts[d][k] != n:
             raise UnsafeCheckpointError(f"rank {ix.rank}'s box {offsets}+{shape} of {t.name!r} is not "
                                         "a cell of its grid")
         cell = cell * len(g.cuts[d]) + k

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from ckptstore.errors import UnsafeCheckpointError
@@ -87,11 +88,8 @@ class Grid:
     writers: tuple[int, ...]
 
     def starts(self, dim: int) -> list[int]:
-        out, pos = [], 0
-        for n in self.cuts[dim]:
-            out.append(pos)
-            pos += n
-        return out
+        """Where each interval of dimension ``dim`` starts."""
+        return list(accumulate(self.cuts[dim][:-1], initial=0)) if self.cuts[dim] else []
 
 
 @dataclass(frozen=True, slots=True)
