@@ -36,6 +36,9 @@ def committed_steps(root: Storage) -> list[int]:
     return sorted(out)
 
 
-def read_step(root: Storage, step: int) -> fmt.Manifest:
-    """The manifest of ``step`` below ``root`` (read, migrated and validated)."""
-    return fmt.read_manifest(root.child(step_name(step)))
+def read_step(root: Storage, step: int, *, catalog: bool = False) -> fmt.Manifest:
+    """The manifest of ``step`` below ``root`` (read, migrated and validated); with
+    ``catalog``, without reading a distributed save's rank indexes (enough for its
+    metadata and tree)."""
+    where = root.child(step_name(step))
+    return fmt.read_catalog(where) if catalog else fmt.read_manifest(where)

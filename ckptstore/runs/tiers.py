@@ -42,7 +42,7 @@ class Tier:
         if self.policy.keep_best is None:
             return None
         try:
-            m = read_step(self.root, step)
+            m = read_step(self.root, step, catalog=True)
         except (OSError, ValueError):
             return None
         meta = m.metadata if isinstance(m.metadata, dict) else {}
@@ -53,7 +53,7 @@ def step_metadata(tiers: Iterable[Tier], step: int) -> dict | None:
     """The metadata stored with ``step`` on the first tier that has it readable."""
     for tier in tiers:
         try:
-            return read_step(tier.root, step).metadata
+            return read_step(tier.root, step, catalog=True).metadata
         except (OSError, ValueError):
             continue
     return None
@@ -108,7 +108,7 @@ def retain(tier: Tier, protected: Iterable[int] = frozenset()) -> None:
             return
     for s in drop:  # never delete what this version cannot read
         try:
-            read_step(tier.root, s)
+            read_step(tier.root, s, catalog=True)
         except SchemaVersionError as e:
             log.warning("retention on %s skipped: step %d was written by a newer ckptstore "
                         "and is kept (%s)", tier.root.url, s, e)
