@@ -67,7 +67,7 @@ from ckptstore.distributed.dcp_tree import DcpView, dcp_view, fill, leaves_in, n
 from ckptstore.distributed.reshard import read_boxes, whole_shards
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, DistributedSaveError
 from ckptstore.manifest import builder
-from ckptstore.manifest.io import read_manifest
+from ckptstore.manifest.io import read_catalog
 from ckptstore.pipeline.engine import engine
 from ckptstore.pipeline.options import DEFAULT_CHUNK, SaveOptions
 from ckptstore.pipeline.pipeline import SavePipeline
@@ -326,7 +326,7 @@ class CkptStoreReader(StorageReader):
 
     def manifest(self) -> fmt.Manifest:
         if self._manifest is None:
-            self._manifest = read_manifest(self.storage)
+            self._manifest = read_catalog(self.storage)  # rank indexes: read as boxes need them
         return self._manifest
 
     def view(self) -> DcpView:
@@ -420,6 +420,7 @@ class CkptStoreReader(StorageReader):
         raw = set(self.dcp_meta().get("bytes") or ())  # items DCP stored as its own pickled bytes
         values = {it.storage_index.fqn: view.values[it.storage_index.fqn] for it in items}
         needed = set().union(*(leaves_in(v, view) for v in values.values()))
+        m = fmt.resolve(storage, m, dict.fromkeys(needed))
         wanted = [m.tensors[i] for i in sorted(needed)]
         arrays = read_tensors(storage, m, verify=self.verify,
                               select=lambda rec: any(rec is w for w in wanted)) if wanted else {}

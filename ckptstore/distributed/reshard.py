@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,13 @@ def _storage_for(storage: Storage, manifest: fmt.Manifest) -> Storage:
 
 
 def whole_shards(rec: fmt.TensorRecord) -> tuple:
-    """A record's shards; an unsharded tensor is one shard covering it."""
+    """A record's shards; an unsharded tensor is one shard covering it. A tensor of a
+    distributed save not resolved yet gives its grid's cells (``nchunks`` 0)."""
+    if not rec.resolved and rec.grid is not None:
+        starts = [rec.grid.starts(d) for d in range(len(rec.shape))]
+        return tuple(fmt.ShardRecord(tuple(starts[d][k] for d, k in enumerate(cell)),
+                                     tuple(rec.grid.cuts[d][k] for d, k in enumerate(cell)), 0)
+                     for cell in itertools.product(*(range(len(c)) for c in rec.grid.cuts)))
     return rec.shards or (fmt.ShardRecord((0,) * len(rec.shape), tuple(rec.shape),
                                           len(rec.chunks)),)
 
