@@ -135,6 +135,9 @@ def test_a_damaged_index_is_named(copy):
         ckptstore.load(copy)
     with pytest.raises(CorruptCheckpointError, match=name):
         fmt.read_manifest(open_storage(copy))
+    report = ckptstore.fsck(copy)  # names the broken index, not "the manifest"
+    assert not report.ok and [d.file for d in report.damage] == [name]
+    assert "rank 2" in report.damage[0].problem
 
 
 def test_a_missing_index_is_named(copy):

@@ -120,7 +120,9 @@ def _product(ranges: list[range]) -> Iterable[tuple[int, ...]]:
             yield (i, *rest)
 
 
-def _read_index(storage: Storage, m: rec.Manifest, rank: int) -> RankIndex:
+def read_index(storage: Storage, m: rec.Manifest, rank: int) -> RankIndex:
+    """Rank ``rank``'s index of the distributed save ``m``, checked against the manifest
+    and validated (CorruptCheckpointError / UnsafeCheckpointError naming it)."""
     name = m.indexes[rank]
     f = m.file(name)
     try:
@@ -184,7 +186,7 @@ def _resolve(storage: Storage, m: rec.Manifest, want: Want | None, threads: int)
     ranks = sorted({w for i, cells in need.items() for w in
                     (m.tensors[i].grid.writers[c] for c in cells)})  # type: ignore[union-attr]
     with cf.ThreadPoolExecutor(max(1, min(threads, len(ranks)))) as ex:
-        indexes = list(ex.map(lambda r: _read_index(storage, m, r), ranks))
+        indexes = list(ex.map(lambda r: read_index(storage, m, r), ranks))
     found: dict[int, dict[int, tuple]] = {i: {} for i in need}
     names = {f.name for f in m.files}
     files = list(m.files)
@@ -242,5 +244,5 @@ def _cell_of(t: rec.TensorRecord, g: rec.Grid, starts: list[list[int]],
     return cell
 
 
-__all__ = ["Box", "RankIndex", "Want", "decode_index", "encode_index", "index_name",
+__all__ = ["Box", "RankIndex", "Want", "read_index", "decode_index", "encode_index", "index_name",
            "index_record", "resolve"]

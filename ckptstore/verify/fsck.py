@@ -17,6 +17,7 @@ from typing import Any
 
 from ckptstore import manifest as fmt
 from ckptstore.errors import CheckpointNotFoundError, CkptError, CorruptCheckpointError, UnsafeCheckpointError
+from ckptstore.manifest import ranked
 from ckptstore.manifest.dtypes import itemsize, numpy_dtype
 from ckptstore.manifest.treetags import VALUE_TAGS, check_value_node
 from ckptstore.storage import Storage, open_storage
@@ -45,6 +46,22 @@ class FsckReport:
         return d
 
 
+def _broken_indexes(storage: Storage) -> tuple[int, int, tuple[Damage, ...]] | None:
+    """When the manifest itself is sound but rank indexes of a distributed save are
+    not: (tensors, files, one Damage naming each broken index); None otherwise."""
+    try:
+        m = fmt.read_catalog(storage)
+    except CorruptCheckpointError:
+        return None
+    damage = []
+    for rank, name in enumerate(m.indexes):
+        try:
+            ranked.read_index(storage, m, rank)
+        except CorruptCheckpointError as e:
+            damage.append(Damage(name, None, None, f"rank {rank}'s index: {e}"))
+    return (len(m.tensors), len(m.files), tuple(damage)) if damage else None
+
+
 def fsck(path: "str | os.PathLike | Storage", *, deep: bool = False,
          progress: Callable[[int], None] | None = None,
          storage_options: dict | None = None) -> FsckReport:
@@ -57,7 +74,10 @@ def fsck(path: "str | os.PathLike | Storage", *, deep: bool = False,
         v = Verifier(storage)
     except CheckpointNotFoundError:
         raise
-    except CorruptCheckpointError as e:
+    except CorruptCheckpointError as e:  # UnsafeCheckpointError included
+        broken = _broken_indexes(storage)
+        if broken is not None:
+            return FsckReport(storage.url, False, broken[0], 0, broken[1], 0, broken[2])
         return FsckReport(storage.url, False, 0, 0, 0, 0,
                           (Damage(fmt.MANIFEST_NAME, None, None, f"manifest is damaged: {e}"),))
     try:
