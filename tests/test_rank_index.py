@@ -209,3 +209,29 @@ def test_run_length_forms_roundtrip_and_are_bounded():
         rle.unpack_ranks([[0, 1 << 40, 1]], "w")
     with pytest.raises(CorruptCheckpointError):
         rle.unpack_sizes([[2, 0]], "cuts")
+
+
+def test_open_and_keys_read_only_the_indexes_holding_the_selection(saved, monkeypatch):
+    read: list[int] = []
+    real = ranked.read_index
+
+    def counted(storage, m, rank):
+        read.append(rank)
+        return real(storage, m, rank)
+
+    monkeypatch.setattr(ranked, "read_index", counted)
+    raw = _raw(saved)
+    plain_writer = raw["tensors"][[t["name"] for t in raw["tensors"]].index("plain")]["grid"]
+    (writer,) = rle.unpack_ranks(plain_writer["writers"], "plain")
+    got = ckptstore.load(saved, keys=["plain", "step"])
+    assert read == [writer] and torch.equal(got["plain"], _full()["plain"]) and got["step"] == 3
+    read.clear()
+    ckpt = ckptstore.open(saved)
+    assert read == []  # opening reads the manifest alone
+    assert ckpt.info("v").shape == (9,) and sorted(read) == [0, 1, 2]  # 9 rows: 3, 3, 3, 0
+    full = fmt.read_manifest(open_storage(saved))
+    assert ckpt.info("w").digest == next(t.digest for t in full.tensors if t.name == "w")
+    for k in ("w", "m"):
+        assert torch.equal(ckpt[k], _full()[k])
+    renamed = ckptstore.load(saved, keys=["w"], rename={"w": "weight"})
+    assert list(renamed) == ["weight"] and torch.equal(renamed["weight"], _full()["w"])

@@ -51,10 +51,10 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     from ckptstore.distributed import holds_dtensor
 
     sharded = manifest.indexes or any(t.shards for t in manifest.tensors)
-    if sharded or holds_dtensor(into):  # saved or loaded sharded
+    if (sharded and rename is None and keys is None) or holds_dtensor(into):  # saved or loaded sharded
         if rename is not None or keys is not None:
-            raise UnsupportedOperationError("rename= and keys= are not supported yet for sharded "
-                                      "checkpoints or DTensor targets")
+            raise UnsupportedOperationError("rename= and keys= are not supported yet for DTensor "
+                                            "targets; load into plain tensors, or without them")
         from ckptstore.distributed.reshard import load_resharded
 
         return load_resharded(storage, manifest, into=into, strict=strict, verify=verify,
@@ -62,7 +62,8 @@ def load(path: "str | os.PathLike | Storage", *, into: Any = None, strict: bool 
     if rename is not None or keys is not None:
         from ckptstore.read.lazy import partial_load
 
-        return partial_load(storage, resolve(storage, manifest), into=into, strict=strict, verify=verify,
+        # of a distributed save, only the rank indexes holding the selected tensors are read
+        return partial_load(storage, manifest, into=into, strict=strict, verify=verify,
                             cast=cast, rename=rename, keys=keys, mmap=mmap)
     manifest = resolve(storage, manifest)
     arrays = read_tensors(storage, manifest, verify=verify, mmap=mmap)

@@ -64,7 +64,6 @@ from torch.futures import Future
 from ckptstore import manifest as fmt
 from ckptstore.commit.atomic import commit_manifest, manifest_visible
 from ckptstore.distributed.dcp_tree import DcpView, dcp_view, fill, leaves_in, nest, save_bytes, value_json
-from ckptstore.distributed.reshard import read_boxes, whole_shards
 from ckptstore.errors import CheckpointExistsError, CorruptCheckpointError, DistributedSaveError
 from ckptstore.manifest import builder
 from ckptstore.manifest.io import read_catalog
@@ -72,6 +71,7 @@ from ckptstore.pipeline.engine import engine
 from ckptstore.pipeline.options import DEFAULT_CHUNK, SaveOptions
 from ckptstore.pipeline.pipeline import SavePipeline
 from ckptstore.plan.tree import Leaf, torch_dtype
+from ckptstore.read.boxes import read_boxes, whole_shards
 from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage, open_storage
 

@@ -1,20 +1,15 @@
 """Loading sharded checkpoints on any number of ranks: each rank reads only the
-chunks that hold the boxes it needs.
+chunks that hold the boxes it needs (:mod:`ckptstore.read.boxes`), and of a
+distributed save only the rank indexes that list them.
 
-A box read intersects the wanted box with every stored shard of the tensor; for each
-overlap it reads the rows of that shard the overlap spans (a contiguous byte range
-of the shard, so chunk-granular and row-aligned), verifies each chunk's hash, and
-copies the overlap into place. Saved at N ranks, loaded at M: the boxes of the M
-ranks come from their own DTensors (``__create_chunk_list__``), so any placement DCP
-understands works, and M = 1 without a process group assembles whole tensors.
+Saved at N ranks, loaded at M: the boxes of the M ranks come from their own DTensors
+(``__create_chunk_list__``), so any placement DCP understands works, and M = 1 without
+a process group assembles whole tensors.
 """
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
 import dataclasses
-import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,12 +20,12 @@ import torch
 from ckptstore import manifest as fmt
 from ckptstore.distributed.shards import check_contiguous, holds_dtensor, is_dtensor
 from ckptstore.errors import CorruptCheckpointError
-from ckptstore.plan.tree import torch_dtype, unflatten
+from ckptstore.plan.tree import unflatten
+from ckptstore.read.boxes import read_boxes
 from ckptstore.read.into import Action, StatefulSlot, copy_into, give_state, leaves_of, subtree
-from ckptstore.read.reader import READ_THREADS, read_chunk, read_tensors
+from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
-from ckptstore.verify.checks import check_files
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,115 +38,6 @@ class Ref:
 
 def _storage_for(storage: Storage, manifest: fmt.Manifest) -> Storage:
     return linked(storage, manifest.files)  # incremental saves name older steps' files
-
-
-def whole_shards(rec: fmt.TensorRecord) -> tuple:
-    """A record's shards; an unsharded tensor is one shard covering it. A tensor of a
-    distributed save not resolved yet gives its grid's cells (``nchunks`` 0)."""
-    if not rec.resolved and rec.grid is not None:
-        starts = [rec.grid.starts(d) for d in range(len(rec.shape))]
-        return tuple(fmt.ShardRecord(tuple(starts[d][k] for d, k in enumerate(cell)),
-                                     tuple(rec.grid.cuts[d][k] for d, k in enumerate(cell)), 0)
-                     for cell in itertools.product(*(range(len(c)) for c in rec.grid.cuts)))
-    return rec.shards or (fmt.ShardRecord((0,) * len(rec.shape), tuple(rec.shape),
-                                          len(rec.chunks)),)
-
-
-class BoxRead:
-    """Plan the chunk reads of one box of one tensor, then assemble it.
-
-    ``jobs`` are ``(record, chunk index, byte view)`` to run (in any order, in
-    parallel); ``finish()`` returns the box as a tensor of shape ``sizes``.
-    """
-
-    def __init__(self, rec: fmt.TensorRecord, offsets: tuple, sizes: tuple) -> None:
-        self.rec, self.offsets, self.sizes = rec, tuple(offsets), tuple(sizes)
-        self.dtype = torch_dtype(rec.dtype)
-        itemsize = self.dtype.itemsize
-        if math.prod(rec.shape) * itemsize != rec.nbytes:
-            raise CorruptCheckpointError(f"tensor {rec.name!r}: {rec.nbytes} bytes do not fit "
-                                         f"shape {list(rec.shape)} of {rec.dtype}")
-        if len(self.offsets) != len(rec.shape) or any(
-                o < 0 or o + n > d for o, n, d in zip(self.offsets, self.sizes, rec.shape)):
-            raise ValueError(f"box {self.offsets}+{self.sizes} is outside tensor {rec.name!r} "
-                             f"of shape {list(rec.shape)}")
-        self.out = torch.empty(self.sizes, dtype=self.dtype)
-        self.jobs: list[tuple] = []
-        self._parts: list[tuple] = []
-        if self.out.numel() == 0:
-            return
-        first = 0
-        for h in whole_shards(rec):
-            lo = [max(o, so) for o, so in zip(self.offsets, h.offsets)]
-            hi = [min(o + n, so + sn) for o, n, so, sn in
-                  zip(self.offsets, self.sizes, h.offsets, h.shape)]
-            if all(a < b for a, b in zip(lo, hi)):
-                self._plan_overlap(h, first, lo, hi, itemsize)
-            first += h.nchunks
-
-    def _plan_overlap(self, h: fmt.ShardRecord, first: int, lo: list, hi: list,
-                      itemsize: int) -> None:
-        rec = self.rec
-        if h.shape:  # rows [r0, r1) of the shard hold the overlap
-            row = math.prod(h.shape[1:]) * itemsize
-            r0, r1 = lo[0] - h.offsets[0], hi[0] - h.offsets[0]
-            b0, b1 = r0 * row, r1 * row
-        else:
-            r0 = r1 = 0
-            b0, b1 = 0, itemsize
-        pos, ks = 0, []
-        for k in range(first, first + h.nchunks):
-            n = rec.chunks[k].raw_length
-            if pos < b1 and pos + n > b0:
-                ks.append((k, pos))
-            pos += n
-        start = ks[0][1]
-        end = ks[-1][1] + rec.chunks[ks[-1][0]].raw_length
-        buf = torch.empty(end - start, dtype=torch.uint8)
-        view = buf.numpy().data
-        for k, p in ks:
-            self.jobs.append((rec, k, view[p - start:p - start + rec.chunks[k].raw_length]))
-        self._parts.append((h, lo, hi, buf, b0 - start, b1 - start, r1 - r0))
-
-    def finish(self) -> torch.Tensor:
-        for h, lo, hi, buf, a, b, nrows in self._parts:
-            block = buf[a:b].view(self.dtype)
-            if h.shape:
-                block = block.reshape((nrows, *h.shape[1:]))
-                src = block[(slice(None),) + tuple(
-                    slice(l_ - so, h_ - so) for l_, h_, so in zip(lo[1:], hi[1:], h.offsets[1:]))]
-            else:
-                src = block.reshape(())
-            dst = self.out[tuple(slice(l_ - o, h_ - o) for l_, h_, o in zip(lo, hi, self.offsets))]
-            dst.copy_(src)
-        return self.out
-
-
-def run_jobs(storage: Storage, jobs: list, verify: bool, threads: int = READ_THREADS) -> None:
-    """Read and verify chunks into their views, in parallel."""
-    if threads <= 1 or len(jobs) <= 1:
-        for rec, k, view in jobs:
-            read_chunk(storage, rec, k, view, verify)
-        return
-    with cf.ThreadPoolExecutor(min(threads, len(jobs)), thread_name_prefix="ckptstore-read") as ex:
-        for f in [ex.submit(read_chunk, storage, rec, k, view, verify) for rec, k, view in jobs]:
-            f.result()
-
-
-def read_boxes(storage: Storage, manifest: fmt.Manifest, wanted: list[tuple[int, tuple, tuple]],
-               *, verify: bool = True) -> list[torch.Tensor]:
-    """Read ``(tensor index, offsets, sizes)`` boxes; only the chunks they touch."""
-    want: dict[int, list | None] = {}
-    for i, o, s in wanted:
-        want.setdefault(i, []).append((o, s))  # type: ignore[union-attr]
-    manifest = fmt.resolve(storage, manifest, want)  # the rank indexes holding these boxes
-    storage = _storage_for(storage, manifest)
-    reads = [BoxRead(manifest.tensors[i], o, s) for i, o, s in wanted]
-    jobs = [j for r in reads for j in r.jobs]
-    if verify:
-        check_files(storage, manifest, {rec.chunks[k].file for rec, k, _ in jobs})
-    run_jobs(storage, jobs, verify)
-    return [r.finish() for r in reads]
 
 
 def _refs(manifest: fmt.Manifest) -> Any:

@@ -187,15 +187,16 @@ def _resolve(storage: Storage, m: rec.Manifest, want: Want | None, threads: int)
                     (m.tensors[i].grid.writers[c] for c in cells)})  # type: ignore[union-attr]
     with cf.ThreadPoolExecutor(max(1, min(threads, len(ranks)))) as ex:
         indexes = list(ex.map(lambda r: read_index(storage, m, r), ranks))
-    found: dict[int, dict[int, tuple]] = {i: {} for i in need}
+    found: dict[int, dict[int, tuple]] = {}  # every tensor's cells these indexes hold
     names = {f.name for f in m.files}
     files = list(m.files)
     for ix in indexes:
-        for f in ix.files:
-            if f.name in names:
-                raise UnsafeCheckpointError(f"file {f.name!r} is listed by two rank indexes")
-            names.add(f.name)
-        files += ix.files
+        if ix.rank not in m.indexes_read:  # its files are listed already when it was read before
+            for f in ix.files:
+                if f.name in names:
+                    raise UnsafeCheckpointError(f"file {f.name!r} is listed by two rank indexes")
+                names.add(f.name)
+            files += ix.files
         for ti, offsets, shape, chunks in ix.boxes:
             g = m.tensors[ti].grid
             assert g is not None
@@ -205,27 +206,36 @@ def _resolve(storage: Storage, m: rec.Manifest, want: Want | None, threads: int)
             if g.writers[cell] != ix.rank:
                 raise UnsafeCheckpointError(f"rank index {m.indexes[ix.rank]} holds box {offsets} of "
                                             f"{m.tensors[ti].name!r}, which rank {g.writers[cell]} wrote")
-            if ti in found:
-                if cell in found[ti]:
-                    raise UnsafeCheckpointError(f"box {offsets} of {m.tensors[ti].name!r} is listed twice")
-                found[ti][cell] = (offsets, shape, chunks)
+            held = found.setdefault(ti, {})
+            if cell in held:
+                raise UnsafeCheckpointError(f"box {offsets} of {m.tensors[ti].name!r} is listed twice")
+            held[cell] = (offsets, shape, chunks)
+    # a tensor whose every cell was in the indexes just read is resolved too: reading
+    # tensors one by one (ckptstore.open) then reads each index once, not once a tensor
+    read = set(ranks)
+    for i, t in enumerate(m.tensors):
+        if i not in need and not t.chunks and t.grid is not None and i in found and all(
+                w in read for w in t.grid.writers):
+            need[i] = list(range(len(t.grid.writers)))
     tensors = list(m.tensors)
     for i, cells in need.items():
         tr = tensors[i]
-        missing = [c for c in cells if c not in found[i]]
+        have = found.get(i, {})
+        missing = [c for c in cells if c not in have]
         if missing:
             assert tr.grid is not None
             raise CorruptCheckpointError(
                 f"tensor {tr.name!r}: rank index {m.indexes[tr.grid.writers[missing[0]]]} does not hold "
                 "its box; run ckptstore fsck on the checkpoint")
-        parts = [found[i][c] for c in cells]
+        parts = [have[c] for c in cells]
         chunks = tuple(c for _, _, cs in parts for c in cs)
         whole = len(parts) == 1 and tuple(parts[0][1]) == tr.shape
         complete = len(cells) == len(tr.grid.writers)  # type: ignore[union-attr]
         tensors[i] = dataclasses.replace(
             tr, chunks=chunks, digest=rec.digest_of([c.raw_hash for c in chunks]) if complete else "",
             shards=() if whole else tuple(rec.ShardRecord(o, s, len(cs)) for o, s, cs in parts))
-    return dataclasses.replace(m, tensors=tuple(tensors), files=tuple(files))
+    return dataclasses.replace(m, tensors=tuple(tensors), files=tuple(files),
+                               indexes_read=m.indexes_read | read)
 
 
 def _cell_of(t: rec.TensorRecord, g: rec.Grid, starts: list[list[int]],

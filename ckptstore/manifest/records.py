@@ -135,6 +135,9 @@ class Manifest:
     #: rank -> name of its index file (a distributed save; schema 2); () when every
     #: tensor's chunks are in this manifest
     indexes: tuple[str, ...] = ()
+    #: ranks whose index has been read into this manifest (not stored: how far a reader
+    #: resolved it, see :func:`ckptstore.manifest.ranked.resolve`)
+    indexes_read: frozenset[int] = frozenset()
 
     @property
     def resolved(self) -> bool:

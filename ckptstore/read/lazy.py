@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Union
 
 from ckptstore import manifest as fmt
-from ckptstore.errors import CorruptCheckpointError, KeyNotFoundError, UnsupportedOperationError
-from ckptstore.manifest.io import read_manifest
+from ckptstore.errors import CorruptCheckpointError, KeyNotFoundError
+from ckptstore.manifest.io import read_catalog
 from ckptstore.plan.keymap import RenameSpec, rename_names
 from ckptstore.plan.stateful import holds_stateful
 from ckptstore.plan.tree import path_name, unflatten
+from ckptstore.read.boxes import read_boxes
 from ckptstore.read.into import apply_into, leaves_of, rename_tree
 from ckptstore.read.reader import read_tensors
 from ckptstore.storage import Storage, open_storage
@@ -108,12 +109,6 @@ class LazyCheckpoint(Mapping):
 
     def __init__(self, storage: Storage, manifest: fmt.Manifest, *, verify: bool = True,
                  mmap: bool | None = None) -> None:
-        if any(getattr(t, "shards", ()) for t in manifest.tensors):
-            # a sharded tensor's chunks are its shards' bytes in turn, not its own
-            # C-order bytes: ckptstore.distributed reassembles those
-            raise UnsupportedOperationError(f"{storage.url} holds tensors saved sharded by several "
-                                      "ranks; lazy and partial reads do not support them yet, "
-                                      "use ckptstore.load")
         self.storage = storage
         self.manifest = manifest
         self.verify = verify
@@ -144,8 +139,27 @@ class LazyCheckpoint(Mapping):
 
     def __getitem__(self, name: str) -> Any:
         i = self._index(name)
-        return read_tensors(self.storage, self.manifest, verify=self.verify, mmap=self.mmap,
-                            select=_indices(self.manifest, {i}))[i]
+        return self._arrays({i})[i]
+
+    def _resolved(self, wanted: set[int]) -> fmt.Manifest:
+        """The manifest with the ``wanted`` tensors' chunks known: a distributed save's
+        rank indexes holding them are read now (once)."""
+        self.manifest = fmt.resolve(self.storage, self.manifest, dict.fromkeys(wanted))
+        return self.manifest
+
+    def _arrays(self, wanted: set[int]) -> dict[int, Any]:
+        """The ``wanted`` arrays, read and verified: a tensor saved sharded by several
+        ranks is assembled from its shards, the others read as stored."""
+        m = self._resolved(wanted)
+        sharded = sorted(i for i in wanted if m.tensors[i].shards)
+        out = dict(zip(sharded, read_boxes(
+            self.storage, m, [(i, (0,) * len(m.tensors[i].shape), m.tensors[i].shape)
+                              for i in sharded], verify=self.verify)))
+        rest = wanted - set(sharded)
+        if rest:
+            out.update(read_tensors(self.storage, m, verify=self.verify, mmap=self.mmap,
+                                    select=_indices(m, rest)))
+        return out
 
     def __contains__(self, name: object) -> bool:  # fast: no suggestions for a miss
         return name in self._names
@@ -164,9 +178,12 @@ class LazyCheckpoint(Mapping):
 
     # -- metadata ---------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:
-        """Metadata of the array called ``name`` (no data is read)."""
+        """Metadata of the array called ``name`` (no data is read; of a distributed
+        save, the rank indexes holding it are, for its digest)."""
         i = self._index(name)
         r = self.manifest.tensors[i]
+        if not r.resolved:
+            r = self._resolved({i}).tensors[i]
         return TensorInfo(name, r.kind, r.dtype, tuple(r.shape), r.nbytes, r.digest, i)
 
     def infos(self) -> dict[str, TensorInfo]:
@@ -206,8 +223,7 @@ class LazyCheckpoint(Mapping):
     def _read(self, pick: Callable[[str], bool] | None) -> Any:
         """The tree with the picked arrays read and the others left as placeholders."""
         wanted = {i for n, i in self._names.items() if pick is None or pick(n)}
-        arrays = read_tensors(self.storage, self.manifest, verify=self.verify, mmap=self.mmap,
-                              select=_indices(self.manifest, wanted))
+        arrays = self._arrays(wanted)
         return unflatten(self.manifest.tree,
                          lambda kind, i: arrays[i] if i in arrays else self._ref(kind, i))
 
@@ -278,14 +294,15 @@ def _prune(node: Any, path: tuple, pick: Callable[[str], bool]) -> Any:
 
 def open(path: "str | os.PathLike | Storage", *, verify: bool = True,  # noqa: A001
          storage_options: dict | None = None) -> LazyCheckpoint:
-    """Open a committed checkpoint lazily: only the manifest is read now.
+    """Open a committed checkpoint lazily: only the manifest is read now (of a
+    distributed save, each rank index when a tensor it holds is first read).
 
     >>> ckpt = ckptstore.open("runs/step-1000")       # doctest: +SKIP
     >>> ckpt.info("model.lm_head.weight").shape       # doctest: +SKIP
     >>> w = ckpt["model.lm_head.weight"]              # reads just this tensor
     """
     storage = open_storage(path, storage_options)
-    return LazyCheckpoint(storage, read_manifest(storage), verify=verify)
+    return LazyCheckpoint(storage, read_catalog(storage), verify=verify)
 
 
 __all__ = ["open", "LazyCheckpoint", "TensorInfo", "check_keys", "key_filter", "node_names"]
