@@ -116,8 +116,9 @@ class DistributedSaveError(CkptError, RuntimeError):
     """A save by several ranks was not committed because some ranks failed.
 
     Every rank raises the same error; ``failures`` holds one
-    ``(rank, phase, error type, message)`` tuple per failure (phase is ``"plan"``,
-    ``"stage"``, ``"write"``, ``"commit"`` or ``"collective"``)."""
+    ``(rank, phase, error type, message)`` tuple per failure (phase is ``"join"``,
+    ``"plan"``, ``"stage"``, ``"write"``, ``"commit"`` or ``"collective"``; the rank is
+    None when a rank that never joined cannot be named)."""
 
     def __init__(self, message: str, failures: tuple = ()) -> None:
         super().__init__(message)

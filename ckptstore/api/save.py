@@ -22,7 +22,7 @@ from typing import Any
 
 from ckptstore import manifest as fmt
 from ckptstore.commit.atomic import commit_manifest, manifest_visible
-from ckptstore.distributed.dsave import save as distributed_save
+from ckptstore.distributed.dsave import collective_in_flight, refuse_plain_commit, save as distributed_save
 from ckptstore.distributed.shards import wants_distributed_save
 from ckptstore.errors import CheckpointExistsError
 from ckptstore.manifest import builder
@@ -102,6 +102,9 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "a
         return distributed_save(state, path, opts, metadata=metadata, blocking=blocking,
                                 storage_options=storage_options, overlap=overlap)
     storage = open_storage(path, storage_options)
+    if distributed is None and collective_in_flight(storage):  # the others hold DTensors
+        return distributed_save(state, path, opts, metadata=metadata, blocking=blocking,
+                                storage_options=storage_options, stray=True)
     check_importable(storage)
     check_writable(storage)
     opts = opts.for_storage(storage)
@@ -132,6 +135,8 @@ def save(state: Any, path: str | os.PathLike | Storage, *, compression: str = "a
                     save_id=save_id, chunk_size=written.plan.chunk_size, compression=opts.compression,
                     metadata=metadata, tree=skeleton, tensors=tensors, files=files)
                 data = fmt.encode(manifest)  # kept to tell, on error, whether it landed anyway
+                if distributed is None:  # never over a collective save begun meanwhile
+                    refuse_plain_commit(storage)
                 commit_manifest(storage, manifest, overwrite=overwrite, data=data)
             except BaseException:
                 if not manifest_visible(storage, data):  # else removing shards would tear it

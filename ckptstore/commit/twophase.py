@@ -13,6 +13,10 @@ that died or hangs turns into an error on the others instead of a hang)::
 
 A rank that cannot learn the decision (a collective failed after the votes) keeps
 its files: the coordinator may have committed a manifest that names them.
+
+Before all this, :func:`join` (an all-gather with the shorter join timeout) tells every
+rank whether every other one could start. A failed or timed-out collective leaves the
+gloo groups unusable; every rank that took part makes new ones at its next save.
 """
 from __future__ import annotations
 
@@ -31,6 +35,10 @@ log = logging.getLogger("ckptstore.distributed")
 
 COORDINATOR = 0
 DEFAULT_TIMEOUT = 1800.0  #: seconds; gloo's own default, overridden by CKPTSTORE_DIST_TIMEOUT
+#: seconds the first collective of a save waits for every rank, overridden by
+#: CKPTSTORE_DIST_JOIN_TIMEOUT (and never above the collective timeout)
+DEFAULT_JOIN_TIMEOUT = 300.0
+
 
 def timeout_seconds() -> float:
     """The collective timeout: ``CKPTSTORE_DIST_TIMEOUT`` seconds, default 30 minutes."""
@@ -38,26 +46,71 @@ def timeout_seconds() -> float:
     return float(env) if env else DEFAULT_TIMEOUT
 
 
+def join_timeout_seconds() -> float:
+    """How long the first collective of a save (every rank says it is there, and whether
+    it could start) waits: ``CKPTSTORE_DIST_JOIN_TIMEOUT`` seconds, default 5 minutes,
+    at most :func:`timeout_seconds`. It bounds how long the others wait for a rank that
+    never calls ``save`` (hung, or saving alone); a rank that fails before it still
+    joins, so its failure reaches the others at once."""
+    env = os.environ.get("CKPTSTORE_DIST_JOIN_TIMEOUT")
+    return min(float(env) if env else DEFAULT_JOIN_TIMEOUT, timeout_seconds())
+
+
 class CoordinationGroup:
-    """The gloo group (all ranks) that carries the protocol.
+    """The gloo groups (all ranks) that carry the protocol.
 
     A separate gloo group keeps our object collectives off the training backend
-    (NCCL would need device tensors) and gives them their own timeout. It lives as
-    long as the default process group it was made from: creating a group is a
-    collective, so it is made once, on first use by every rank, and made again
-    only when the default group (or the timeout) changed."""
+    (NCCL would need device tensors) and gives them their own timeout; a second one,
+    with the shorter join timeout, carries only the first collective of a save.
+    Creating a group is a collective, so they are made on first use by every rank,
+    and made again when the default group (or a timeout) changed, or after a
+    collective on them failed: gloo cannot reuse a group once an operation timed out
+    or lost a peer, and a failed collective fails on every rank that took part, so
+    every rank rebuilds at its next save."""
 
     def __init__(self) -> None:
-        self._group: Any = None
+        self._groups: tuple[Any, Any] | None = None
         self._key: tuple | None = None
+        self._dead = False
+
+    def _current(self) -> tuple[Any, Any]:
+        key = (id(dist.group.WORLD), dist.get_world_size(), timeout_seconds(),
+               join_timeout_seconds())
+        if self._groups is None or self._key != key or self._dead:
+            if self._dead:
+                log.warning("rebuilding the coordination group of distributed saves after a "
+                            "failed collective")
+            main, join = _new_group(timeout_seconds()), _new_group(join_timeout_seconds())
+            self._groups, self._key, self._dead = (main, join), key, False
+        return self._groups
 
     def get(self) -> Any:
-        key = (id(dist.group.WORLD), dist.get_world_size(), timeout_seconds())
-        if self._group is None or self._key != key:
-            self._group = dist.new_group(backend="gloo",
-                                         timeout=_dt.timedelta(seconds=timeout_seconds()))
-            self._key = key
-        return self._group
+        """The group of the protocol (collective timeout)."""
+        return self._current()[0]
+
+    def join(self) -> Any:
+        """The group of a save's first collective (join timeout)."""
+        return self._current()[1]
+
+    def mark_dead(self) -> None:
+        """A collective failed: make new groups on next use (collectively, by every rank)."""
+        self._dead = True
+
+
+def _new_group(seconds: float) -> Any:
+    """A gloo group of every rank whose operations time out after ``seconds``.
+
+    Making it may wait longer, the collective plus the join timeout: after a failed
+    save a late rank reaches the rebuild only once its own join timed out, and a rank
+    whose ``new_group`` gave up would not match the others' groups again (torch names
+    groups by a per-process counter)."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:  # a torch without it: one timeout for both
+        return dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=seconds))
+    wait = timeout_seconds() + join_timeout_seconds()
+    group = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=max(seconds, wait)))
+    setter(_dt.timedelta(seconds=seconds), group)
+    return group
 
 
 _coordination = CoordinationGroup()
@@ -66,6 +119,12 @@ _coordination = CoordinationGroup()
 def coordination_group() -> Any:
     """This process's :class:`CoordinationGroup` for the current default group."""
     return _coordination.get()
+
+
+def abandon() -> None:
+    """This rank left a collective the others are in (they will time out): make new
+    groups at the next save, as they will."""
+    _coordination.mark_dead()
 
 
 #: (rank or None when unknown, phase, error type name, message)
@@ -111,8 +170,34 @@ def error_for(decision: Decision, url: str) -> DistributedSaveError:
 def broadcast(obj: Any, group: Any) -> Any:
     """Broadcast a small picklable object from the coordinator (collective)."""
     box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(group, COORDINATOR), group=group)
+    try:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, COORDINATOR),
+                                   group=group)
+    except RuntimeError:
+        _coordination.mark_dead()
+        raise
     return box[0]
+
+
+def join(vote: Vote) -> list[Vote]:
+    """The first collective of a save: every rank's vote, on every rank (all-gather on
+    the join group). A rank that failed before it votes ``ok=False`` instead of raising,
+    so the others learn it at once. Raises DistributedSaveError (phase ``"join"``) when
+    not every rank joined within :func:`join_timeout_seconds`."""
+    group = _coordination.join()
+    votes: list = [None] * dist.get_world_size(group)
+    try:
+        dist.all_gather_object(votes, vote, group=group)
+    except Exception as e:  # a rank is late, hung, died, or saves alone (no DTensors)
+        _coordination.mark_dead()
+        raise DistributedSaveError(
+            f"not every rank started the distributed save within "
+            f"{join_timeout_seconds():.0f}s (CKPTSTORE_DIST_JOIN_TIMEOUT): a rank died, hangs, "
+            "is late, or did not call save() (a rank whose state holds no DTensors saves "
+            "alone unless every rank passes distributed=True); nothing was written, the next "
+            f"save makes a new coordination group ({type(e).__name__}: {str(e)[:500]})",
+            ((None, "join", type(e).__name__, str(e)[:2000]),)) from e
+    return votes
 
 
 def decide(group: Any, vote: Vote, commit: Callable[[list], Any]) -> Decision:
@@ -145,6 +230,7 @@ def decide(group: Any, vote: Vote, commit: Callable[[list], Any]) -> Decision:
     except DistributedSaveError:
         raise
     except Exception as e:  # a rank died, hung past the timeout, or the transport broke
+        _coordination.mark_dead()  # gloo cannot reuse the group: every rank rebuilds it
         if decision is not None and decision.committed:
             return decision  # the coordinator committed; only the broadcast failed
         raise DistributedSaveError(
