@@ -17,8 +17,9 @@ rank's, not this driver's):
   holding that rank's boxes (``resolve`` with the rank's boxes);
 - **all indexes**: M = 1, or fsck: the catalog and all R indexes;
 - **peak RSS** of the commit process (the interpreter with torch imported included);
-- **train overhead**: a training-like loop (matmuls) on rank 0 while the commit runs
-  in a background thread, as the real save runs it: step time during / before.
+- **train overhead**: a training-like loop (matmuls) on rank 0 while commits run back
+  to back in a background thread for 2 s, as the real save runs its commit: median
+  step time during / before.
 
 DCP's metadata for the same layout (its ``Metadata`` with one ``ChunkStorageMetadata``
 and one ``_StorageInfo`` per box, pickled as DCP writes ``.metadata``) is measured in
@@ -144,37 +145,52 @@ def child(where: Path, ranks: int, tensors: int, save_id: str) -> dict[str, Any]
     assert all(len(t.chunks) == 1 for t in own.tensors), "the resolved boxes are wrong"
     out["all_indexes_s"] = best(lambda: fmt.read_manifest(storage), 1 if ranks > 256 else 3)
     out["rss_end"] = _rss()
-    out["train_overhead"] = _train_overhead(torch, lambda: commit_catalog(storage, _over(shared),
-                                                                          writes))
+    out["train_overhead"], out["train_lost_s"] = _train_overhead(
+        torch, lambda: _commit_again(storage, shared, writes))
     return out
 
 
-def _over(shared: Any) -> Any:
-    """The same save committed again over the first (overwrite)."""
-    import dataclasses
+def _commit_again(storage: Any, shared: Any, writes: list) -> None:
+    """Rank 0's commit of the same votes again, as the next save's would run."""
+    from ckptstore import manifest as fmt
+    from ckptstore.distributed.dcommit import commit_catalog
 
-    return dataclasses.replace(shared, options=dataclasses.replace(shared.options, overwrite=True))
+    storage.remove(fmt.MANIFEST_NAME)
+    commit_catalog(storage, shared, writes)
 
 
-def _train_overhead(torch: Any, commit: Any) -> float:
-    """Median step time of a matmul loop while ``commit`` runs in a thread, over the
-    median step time just before (1.0: no slowdown)."""
-    a = torch.randn(192, 192)
+def _train_overhead(torch: Any, commit: Any, seconds: float = 2.0) -> tuple[float, float]:
+    """A training-like loop (matmuls, about 20 ms a step) while commits run back to back
+    in a background thread for ``seconds``, as the real save runs its commit on rank 0:
+    (median step time during / median step time before, 1.0 meaning no slowdown;
+    training seconds lost per commit)."""
+    torch.set_num_threads(1)
+    a = torch.randn(384, 384)
 
     def step() -> float:
         t = time.perf_counter()
-        for _ in range(4):
+        for _ in range(8):
             a @ a
         return time.perf_counter() - t
 
-    base = [step() for _ in range(60)]
-    th = threading.Thread(target=commit)
+    base = [step() for _ in range(40)]
+    stop = time.perf_counter() + seconds
+
+    done = [0]
+
+    def commits() -> None:
+        while time.perf_counter() < stop:
+            commit()
+            done[0] += 1
+
+    th = threading.Thread(target=commits)
     during: list[float] = []
     th.start()
-    while th.is_alive() or len(during) < 3:
+    while th.is_alive():
         during.append(step())
     th.join()
-    return statistics.median(during) / statistics.median(base)
+    lost = sum(during) - len(during) * statistics.median(base)
+    return statistics.median(during) / statistics.median(base), lost / max(done[0], 1)
 
 
 def dcp_metadata(ranks: int, tensors: int) -> dict[str, Any]:
@@ -239,10 +255,12 @@ def tables(results: list[dict[str, Any]]) -> str:
              f"{r['index_bytes'] / 1e3:.1f}", f"{r['catalog_s']:.4f}", f"{r['own_boxes_s']:.4f}",
              f"{r['all_indexes_s']:.2f}", f"{r['rss_commit'] / 2**20:.0f}",
              f"{r['gathered_bytes'] / mb:.2f}", f"{r['train_overhead']:.2f}",
+             f"{r['train_lost_s'] * 1e3:.0f}",
              f"{r['dcp_bytes'] / mb:.1f}", f"{r['dcp_load_s']:.2f}"] for r in results]
     return table(["ranks", "rank-0 commit s", "manifest MB", "rank index kB", "catalog read s",
                   "own boxes (M=R) s", "all indexes (M=1, fsck) s", "commit peak RSS MiB",
-                  "votes gathered MB", "train step during commit ×", "DCP .metadata MB",
+                  "votes gathered MB", "train step during commit ×",
+                  "train time lost per commit ms", "DCP .metadata MB",
                   "DCP metadata load s"], rows)
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import bench.state
-from bench import cli
+from bench import cli, report
 from bench.common import paired_ratio
 from bench.timing import Stat, parse_size, parse_sizes
 
@@ -136,3 +136,16 @@ def test_train(env: Path) -> None:
 def test_gpu_without_cuda_fails_clearly(env: Path) -> None:
     with pytest.raises(SystemExit, match="CUDA"):
         cli.run(["write", "--gpu", "--size", SIZE, "--dir", str(env / "work")])
+
+
+def test_meta(env: Path) -> None:
+    """The metadata benchmark runs the real commit and reads at two world sizes."""
+    rep = cli.run(["meta", "--ranks", "2,6", "--tensors", "12", "--dir", str(env / "work")])
+    rows = {r["ranks"]: r for r in rep["results"]}
+    assert sorted(rows) == [2, 6]
+    for r in rows.values():
+        assert r["commit_s"] > 0 and r["manifest_bytes"] > 0 and r["dcp_bytes"] > 0
+        assert r["all_indexes_s"] > 0 and r["own_boxes_s"] > 0 and r["train_overhead"] > 0
+    assert rows[6]["gathered_bytes"] > rows[2]["gathered_bytes"]
+    assert {t["target"] for t in rep["targets"]} >= {"rank-0 commit s", "manifest MB"}
+    assert "rank-0 commit s" in report.render(rep)
