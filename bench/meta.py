@@ -276,6 +276,10 @@ def meta_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out.append(check("manifest MB", where, big["manifest_bytes"] / 1e6, "<=", 2.0))
     out.append(check("metadata read s (catalog)", where, big["catalog_s"], "<=", 0.5))
     out.append(check("resharded read of own boxes s", where, big["own_boxes_s"], "<=", 0.1))
+    out.append(check("read of every rank index s (M=1 load, fsck)", where, big["all_indexes_s"], "<=",
+                     0.5, f"all {big['ranks'] * big['tensors']} chunk records, "
+                     f"{big['ranks'] * big['index_bytes'] / 1e6:.0f} MB of indexes parsed and "
+                     "validated in Python; loads at M = N read one index (the line above)"))
     out.append(check("rank-0 commit peak RSS MiB", where, big["rss_commit"] / 2**20, "<=", 300))
     small = min(results, key=lambda r: r["ranks"])
     if big is not small:
