@@ -235,3 +235,24 @@ def test_open_and_keys_read_only_the_indexes_holding_the_selection(saved, monkey
         assert torch.equal(ckpt[k], _full()[k])
     renamed = ckptstore.load(saved, keys=["w"], rename={"w": "weight"})
     assert list(renamed) == ["weight"] and torch.equal(renamed["weight"], _full()["w"])
+
+
+def test_a_schema_1_sharded_checkpoint_still_loads(copy):
+    """As schema 1 wrote a distributed save: every chunk and shard in the manifest."""
+    import dataclasses
+
+    full = fmt.read_manifest(open_storage(copy))
+    v1 = dataclasses.replace(
+        full, schema_version=1, indexes=(), tensors=tuple(dataclasses.replace(t, grid=None)
+                                                          for t in full.tensors),
+        files=tuple(f for f in full.files if f.format != "index"))
+    obj = json.loads(fmt.encode(v1).split(b',"manifest_checksum"')[0] + b"}")
+    del obj["indexes"]  # schema 1 had no such member
+    _reseal(copy, obj)
+    for name in full.indexes:
+        os.remove(copy / name)
+    assert fmt.read_catalog(open_storage(copy)).indexes == ()
+    got = ckptstore.load(copy)
+    for k in ("w", "v", "m", "plain"):
+        assert torch.equal(got[k], _full()[k]), k
+    assert ckptstore.fsck(copy, deep=True).ok
