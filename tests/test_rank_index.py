@@ -147,17 +147,21 @@ def test_a_missing_index_is_named(copy):
         ckptstore.load(copy)
 
 
+def _replace_index(path, raw: dict, name: str, data: bytes) -> None:
+    """Write ``data`` as index ``name`` and reseal the manifest with its new size and hash."""
+    (path / name).write_bytes(data)
+    for f in raw["files"]:
+        if f["name"] == name:
+            f["size"] = f["header_length"] = len(data)
+            f["header_hash"] = hash_bytes(data)
+    _reseal(path, raw)
+
+
 def test_an_index_of_another_rank_is_refused(copy):
     """Index 1 swapped for index 0, its record in the manifest resealed to match."""
     raw = _raw(copy)
     a, b = raw["indexes"][0], raw["indexes"][1]
-    shutil.copy(copy / b, copy / a)
-    data = (copy / a).read_bytes()
-    for f in raw["files"]:
-        if f["name"] == a:
-            f["size"] = f["header_length"] = len(data)
-            f["header_hash"] = hash_bytes(data)
-    _reseal(copy, raw)
+    _replace_index(copy, raw, a, (copy / b).read_bytes())
     with pytest.raises(CorruptCheckpointError, match="rank 1, not to this one"):
         ckptstore.load(copy)
 
@@ -169,13 +173,8 @@ def test_an_index_claiming_a_box_another_rank_wrote_is_refused(copy):
     ix = ranked.decode_index((copy / name).read_bytes(), name)
     w = next(i for i, t in enumerate(raw["tensors"]) if t["name"] == "w")
     boxes = tuple((t, (2, 0) if t == w else o, s, cs) for t, o, s, cs in ix.boxes)
-    data = ranked.encode_index(ranked.RankIndex(ix.save_id, 0, ix.files, boxes))
-    (copy / name).write_bytes(data)
-    for f in raw["files"]:
-        if f["name"] == name:
-            f["size"] = f["header_length"] = len(data)
-            f["header_hash"] = hash_bytes(data)
-    _reseal(copy, raw)
+    _replace_index(copy, raw, name, ranked.encode_index(ranked.RankIndex(ix.save_id, 0, ix.files,
+                                                                         boxes)))
     with pytest.raises(UnsafeCheckpointError, match="which rank 1 wrote"):
         ckptstore.load(copy)
 
