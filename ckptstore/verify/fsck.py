@@ -46,20 +46,17 @@ class FsckReport:
         return d
 
 
-def _broken_indexes(storage: Storage) -> tuple[int, int, tuple[Damage, ...]] | None:
-    """When the manifest itself is sound but rank indexes of a distributed save are
-    not: (tensors, files, one Damage naming each broken index); None otherwise."""
-    try:
-        m = fmt.read_catalog(storage)
-    except CorruptCheckpointError:
-        return None
+def _broken_indexes(storage: Storage, m: fmt.Manifest) -> tuple[Damage, ...]:
+    """One Damage naming each rank index of the distributed save ``m`` that does not
+    read (missing, damaged, inconsistent with the manifest)."""
     damage = []
     for rank, name in enumerate(m.indexes):
         try:
             ranked.read_index(storage, m, rank)
-        except CorruptCheckpointError as e:
+        except CorruptCheckpointError as e:  # UnsafeCheckpointError included
             damage.append(Damage(name, None, None, f"rank {rank}'s index: {e}"))
-    return (len(m.tensors), len(m.files), tuple(damage)) if damage else None
+    return tuple(damage) or (Damage(None, None, None, "the rank indexes do not agree with each "
+                                    "other (a file or box listed twice)"),)
 
 
 def fsck(path: "str | os.PathLike | Storage", *, deep: bool = False,
@@ -71,15 +68,17 @@ def fsck(path: "str | os.PathLike | Storage", *, deep: bool = False,
     manifest at all."""
     storage = open_storage(path, storage_options)
     try:
-        v = Verifier(storage)
+        catalog = fmt.read_catalog(storage)  # read once: a manifest may be large
     except CheckpointNotFoundError:
         raise
     except CorruptCheckpointError as e:  # UnsafeCheckpointError included
-        broken = _broken_indexes(storage)
-        if broken is not None:
-            return FsckReport(storage.url, False, broken[0], 0, broken[1], 0, broken[2])
         return FsckReport(storage.url, False, 0, 0, 0, 0,
                           (Damage(fmt.MANIFEST_NAME, None, None, f"manifest is damaged: {e}"),))
+    try:
+        v = Verifier(storage, fmt.resolve(storage, catalog))
+    except CorruptCheckpointError:  # a rank index of a distributed save: name each one
+        return FsckReport(storage.url, False, len(catalog.tensors), 0, len(catalog.files), 0,
+                          _broken_indexes(storage, catalog))
     try:
         damage = [*structure(v.manifest), *v.files(), *v.chunks(deep=deep, progress=progress)]
     except UnsafeCheckpointError as e:  # e.g. a base that resolves outside the run
