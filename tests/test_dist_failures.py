@@ -195,3 +195,15 @@ def test_a_late_rank_fails_one_save_and_the_next_commits(tmp_path):
 
 def test_a_rank_without_dtensors_cannot_commit_over_a_collective_save(tmp_path):
     _spawn(_stray_rank_run, 2, tmp_path)
+
+
+def test_a_mark_being_written_counts_as_fresh(tmp_path):
+    """put_exclusive creates the mark empty, then writes it: a rank reading it in between
+    must not take it for a stale mark and remove it (both ranks then claimed the path)."""
+    from ckptstore.distributed import dsave
+    from ckptstore.storage import LocalStorage
+
+    (tmp_path / dsave.MARKER).write_bytes(b"")
+    assert dsave._marked(LocalStorage(tmp_path))
+    (tmp_path / dsave.MARKER).write_bytes(b'{"since": 0}')  # a crashed save's, long ago
+    assert not dsave._marked(LocalStorage(tmp_path))

@@ -180,7 +180,7 @@ def _fail_run(rank: int, world: int, tmp: str) -> None:
     assert isinstance(err, RuntimeError) and isinstance(err, ckptstore.CkptError)
     dist.barrier()
     # nothing committed, nothing of the failed save left, the first checkpoint intact
-    assert sorted(os.listdir(path)) == before
+    assert sorted(os.listdir(path)) == before, (sorted(os.listdir(path)), before)
     again = json.loads(open(f"{path}/manifest.json").read().split(',"manifest_checksum"')[0] + "}")
     assert again["save_id"] == first["save_id"]
     if rank == 0:

@@ -224,8 +224,13 @@ def _marked(storage: Storage) -> bool:
     """A fresh mark of a collective save is at ``storage``."""
     try:
         since = float(json.loads(storage.read(MARKER))["since"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except FileNotFoundError:
         return False
+    except (OSError, ValueError, KeyError, TypeError):  # e.g. being written right now
+        try:
+            since = storage.mtime(MARKER)
+        except OSError:
+            return False
     return time.time() - since < pc.join_timeout_seconds()
 
 
