@@ -133,3 +133,17 @@ class DistributedSaveError(CkptError, RuntimeError):
 class UnsupportedOperationError(CkptError, NotImplementedError):
     """The request is valid but not supported for this checkpoint or backend
     (e.g. rename rules on a checkpoint saved sharded by several ranks)."""
+
+
+class PeerUnavailableError(StorageError, ConnectionError):
+    """The keeper at ``address`` cannot be reached or went away mid-request
+    (refused, reset, closed, silent past the timeout). Nothing it did not commit is
+    visible there; retry once the keeper runs again, or use another tier."""
+
+    def __init__(self, address: str, why: str) -> None:
+        super().__init__(f"peer keeper at {address} is unavailable: {why}; start it "
+                         f"(python -m ckptstore.peer.keeper) or restore from another tier")
+        self.address = address
+
+    def __str__(self) -> str:  # OSError would format errno/filename
+        return str(self.args[0])

@@ -9,7 +9,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "ckptstore"
 LAYERS = ("api", "plan", "staging", "pipeline", "commit", "storage", "manifest", "verify",
-          "read", "runs", "distributed", "interop", "integrations", "cli")
+          "read", "runs", "distributed", "interop", "integrations", "cli", "peer")
 MAX_LINES = 450
 
 
