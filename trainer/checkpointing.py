@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 # Fields that may differ between a checkpoint's config and the resuming run without a warning.
 _BENIGN_CONFIG_KEYS = {"resume", "out_dir", "config", "remote", "remote_keep_last", "step_delay",
                        "ckpt_every_steps", "ckpt_every_seconds", "keep_last", "keep_every",
-                       "keep_best", "log_every", "compression", "find_batch_size"}
+                       "keep_best", "log_every", "compression", "find_batch_size",
+                       "memory"}
 
 
 class Backend(Protocol):
@@ -72,7 +73,7 @@ def make_backend(cfg: TrainConfig) -> Backend:
     return ckptstore.Checkpointer(cfg.ckpt_dir, cfg.remote, keep_last=cfg.keep_last,
                                   keep_every=cfg.keep_every, keep_best=keep_best,
                                   remote_keep_last=cfg.remote_keep_last,
-                                  compression=cfg.compression)
+                                  compression=cfg.compression, memory=cfg.memory)
 
 
 def _distributed() -> bool:
@@ -200,6 +201,11 @@ class TrainCheckpointer:
             p.scaler.load_state_dict(dict(kept["scaler"].value))
         step = int(kept["step"].value)
         log.info("resumed from checkpoint %d (data position %s)", step, p.data.state_dict())
+        source = getattr(self.backend, "loaded_from", None)
+        if source is not None and self.rank == 0:  # where the state came from, and what it cost
+            timings = getattr(self.backend, "load_timings", [])
+            log.info("resume source: %s in %.3f s (%s)", source, sum(t[1] for t in timings),
+                     ", ".join(f"{t}: {s * 1e3:.1f} ms {o}" for t, s, o in timings))
         return step
 
 

@@ -4,13 +4,14 @@ One save, in order::
 
     caller:      ckptstore.save(state, <primary>/step-NNNNNNNNNNNN, base=<previous step>)
                  -> handle                      (the stall ends here)
-    background:  wait for the local commit -> local retention
-                 -> promote wanted steps to the remote tier (spawned process; data
-                    objects, then the manifest, create-only) -> remote retention
+    background:  wait for the commit -> [memory: promote it to local disk, push it to
+                 the peer] -> promote wanted steps to the remote tier (spawned process;
+                 data, then the manifest, create-only) -> retention -> [memory eviction]
 
-The primary tier is local when ``local_dir`` is given, else the remote one. A
-background failure is kept with its own type and raised once, by ``wait()`` or the
-next ``save()``; the local checkpoint stays whatever happens to its promotion.
+The primary tier is the memory tier when ``memory`` is on, else local when
+``local_dir`` is given, else the remote one (docs/tiers.md). A background failure
+is kept with its own type and raised once, by ``wait()`` or the next ``save()``; the
+committed checkpoint stays whatever happens to its promotion.
 
 Retention never deletes the newest committed step (and skips a round when that step
 fails verification), a kept-best step, or a local step whose wanted promotion has
@@ -29,34 +30,25 @@ import logging
 import os
 import queue
 import threading
-import warnings
-from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
-from ckptstore import errors as _errors
-from ckptstore.errors import (
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
-    DistributedSaveError,
-    SchemaVersionError,
-    StorageError,
-)
+from ckptstore.errors import UnsupportedOperationError
 from ckptstore.pipeline.handle import SaveHandle
 from ckptstore.pipeline.options import SaveOptions
+from ckptstore.runs import memory as mem
+from ckptstore.runs.agreement import Agreement, world_size
 from ckptstore.runs.chain import IncrementalChain
 from ckptstore.runs.layout import step_name
+from ckptstore.runs.recovery import CheckpointFallbackWarning, Copies, order, recover, warn
+from ckptstore.runs.replica import Replicator, drop_all
 from ckptstore.runs.retention import Best, Policy
-from ckptstore.runs.tiers import Tier, candidates, prepare_step, repairing, retain, step_metadata, unpromoted
-from ckptstore.storage import open_storage
+from ckptstore.runs.tiers import Tier, prepare_step, repairing, retain, step_metadata, unpromoted
+from ckptstore.storage import Storage, open_storage
 from ckptstore.verify.checks import check_quick
 
 log = logging.getLogger("ckptstore.checkpointer")
-
-
-class CheckpointFallbackWarning(UserWarning):
-    """A copy of a checkpoint failed verification; an older or other copy was used."""
+__all__ = ["CheckpointFallbackWarning", "Checkpointer"]
 
 
 class Checkpointer:
@@ -87,6 +79,17 @@ class Checkpointer:
             module docstring). Default: when a process group of more than one rank
             is initialized. Pass False for the ``if rank == 0:`` pattern. Collective
             saves are never incremental (sharded saves do not support it yet).
+        memory: True for a memory tier in node-local tmpfs (one directory per run in
+            ``$CKPTSTORE_MEMORY_DIR`` or ``/dev/shm/ckptstore-<uid>``), or its directory.
+            Saves commit there, are promoted in the background; a restart resumes
+            from it. Not for collective Checkpointers yet.
+        memory_keep, memory_bytes: it keeps the newest ``memory_keep`` steps within
+            ``memory_bytes`` (None: no cap), each until it is on the next tier.
+        peer: ``"host:port"`` of a buddy's keeper (:mod:`ckptstore.peer`) that gets
+            each memory step in the background and is a tier of ``load``.
+
+    ``load`` sets ``loaded_step``, ``loaded_from`` (``"memory"``, ``"peer"``,
+    ``"local"``, ``"remote"``) and ``load_timings`` (``(tier, seconds, outcome)``).
     """
 
     def __init__(self, local_dir: "str | os.PathLike | None", remote: str | None = None, *,
@@ -95,12 +98,16 @@ class Checkpointer:
                  remote_keep_last: int | None = None, remote_keep_every: int | None = None,
                  compression: str = "zstd", incremental: bool = True,
                  full_every: int | None = 10, save_options: dict | None = None,
-                 distributed: bool | None = None) -> None:
+                 distributed: bool | None = None, memory: "bool | str | os.PathLike" = False,
+                 memory_keep: int = 1, memory_bytes: int | None = None,
+                 peer: str | None = None) -> None:
         if local_dir is None and remote is None:
             raise ValueError("Checkpointer needs a local_dir, a remote URL, or both")
         best = Best.parse(keep_best)
         self.local: Tier | None = None
         self.remote: Tier | None = None
+        self.memory: Tier | None = None
+        self._replica: Replicator | None = None
         if local_dir is not None:
             self.local = Tier("local", open_storage(local_dir),
                               Policy(keep_last, keep_every, best))
@@ -113,12 +120,27 @@ class Checkpointer:
             self.remote = Tier("remote", open_storage(remote, storage_options),
                                Policy(remote_keep_last, remote_keep_every,
                                       best if prunes else None))
-        self.primary: Tier = self.local or self.remote  # type: ignore[assignment]
+        self.collective = world_size() > 1 if distributed is None else bool(distributed)
+        if self.collective and world_size() < 1:
+            raise ValueError("distributed=True needs an initialized torch.distributed process group")
+        self._sync = Agreement(self.collective)
+        self.coordinator = self._sync.coordinator
+        #: the first durable tier: memory steps are promoted to it
+        self.durable: Tier = self.local or self.remote  # type: ignore[assignment]
+        self.memory_path: Path | None = None
+        self.memory_keep, self.memory_bytes = memory_keep, memory_bytes
+        self.peer = peer
+        self.peer_error: BaseException | None = None  #: the first failed peer push
+        if memory or peer is not None:
+            self._open_memory(memory, local_dir, remote)
+        self.primary: Tier = self.memory or self.durable
         self.compression = SaveOptions(compression).for_storage(self.primary.root).compression
         self.incremental = incremental and self.compression != "none"
         self._chain = IncrementalChain(full_every)
         self.save_options = dict(save_options or {})
         self.loaded_step: int | None = None
+        self.loaded_from: str | None = None
+        self.load_timings: list[tuple[str, float, str]] = []
         self._last: SaveHandle | None = None  # the newest save
         self._error: BaseException | None = None
         self._lock = threading.Lock()
@@ -126,11 +148,20 @@ class Checkpointer:
         self._worker: threading.Thread | None = None
         self._promoter: cf.Executor | None = None
         self._closed = False
-        self.collective = _world_size() > 1 if distributed is None else bool(distributed)
-        if self.collective and _world_size() < 1:
-            raise ValueError("distributed=True needs an initialized torch.distributed process group")
-        #: rank 0 of a collective Checkpointer (or the only process) owns the run directory
-        self.coordinator = not self.collective or dist.get_rank() == 0
+
+    def _open_memory(self, memory: Any, local_dir: Any, remote: str | None) -> None:
+        if not memory:
+            raise ValueError("peer= replicates the memory tier: pass memory=True (or a path) too")
+        if self.collective:
+            raise UnsupportedOperationError(
+                "the memory tier is not supported yet for collective (multi-rank) Checkpointers: "
+                "pass memory=False, or use it from one process with distributed=False")
+        mem.check_limits(self.memory_keep, self.memory_bytes)
+        self.memory_path = mem.memory_dir(memory, local_dir, remote)
+        self.memory = Tier("memory", mem.claim(self.memory_path), Policy(self.memory_keep, None, None))
+        if self.peer is not None:
+            self._replica = Replicator(self.peer, self.memory_path.name, self.memory.root,
+                                       self._peer_failed)
 
     # -- context manager ------------------------------------------------------
     def __enter__(self) -> "Checkpointer":
@@ -152,7 +183,8 @@ class Checkpointer:
     # -- save -----------------------------------------------------------------
     def save(self, step: int, state: Any, metrics: dict | None = None, **kwargs: Any):
         """Snapshot ``state`` as ``step`` and return its :class:`SaveHandle`
-        (asynchronous, as :func:`ckptstore.save`). ``metrics`` (JSON numbers) are
+        (asynchronous, as :func:`ckptstore.save`; with a memory tier it completes
+        once the step is committed in memory). ``metrics`` (JSON numbers) are
         stored in the manifest and drive ``keep_best``."""
         from ckptstore.api.save import save
         from ckptstore.distributed import wants_distributed_save
@@ -166,7 +198,7 @@ class Checkpointer:
             self._raise_background()
             prepare_step(self.primary.root, step)
 
-        self._agree(prepare, f"preparing the save of step {step}")
+        self._sync.agree(prepare, f"preparing the save of step {step}")
         opts = {**self.save_options, **kwargs}
         if self.collective:
             opts["distributed"] = True  # every rank writes its part of one checkpoint
@@ -185,34 +217,41 @@ class Checkpointer:
 
     # -- queries --------------------------------------------------------------
     def steps(self) -> list[int]:
-        """Every step committed on any tier, ascending (not verified)."""
+        """Every step committed on any own tier, ascending (not verified)."""
         return sorted({s for t in self._tiers() for s in t.committed()})
 
     def latest(self) -> int | None:
         """The newest step that is committed and passes verification (manifest
         checksum and structure, every file present at its size) on some tier, or
-        None. Chunk hashes are checked by ``load``, which falls back further.
-        Collective: rank 0 decides, every rank gets its answer."""
+        None; a step the peer holds counts as committed there (its keeper commits
+        manifest last; ``load`` verifies it). Chunk hashes are checked by ``load``,
+        which falls back further. Collective: rank 0 decides, every rank gets its
+        answer."""
         self._settle()
-        return self._agree(self._latest_here, "finding the latest step")
+        return self._sync.agree(self._latest_here, "finding the latest step")
 
     def _latest_here(self) -> int | None:
-        for step, tier in candidates(self._tiers(), "latest"):
-            problem = check_quick(tier.root.child(step_name(step)))
+        copies = self._copies()
+        for step, tname in order(copies.committed(), copies.names(), "latest"):
+            if tname == "peer":
+                return step
+            where = copies.locate(step, tname)
+            problem = check_quick(where)
             if problem is None:
                 return step
-            _warn(f"{tier.name} copy of step {step} ({tier.root.url}/{step_name(step)}) "
-                  f"is unusable: {problem}")
+            warn(f"{tname} copy of step {step} ({where.url}) is unusable: {problem}")
         return None
 
     def load(self, step: "int | str" = "latest", *, into: Any = None, strict: bool = True,
              verify: bool = True, cast: bool = False) -> Any:
         """Load ``step`` (or the newest intact one) like :func:`ckptstore.load`.
 
-        Copies are tried local first; a copy that fails verification is reported
-        with a :class:`CheckpointFallbackWarning` and the next one is tried: the
-        other tier's copy of the same step, then (for ``"latest"``) older steps.
-        ``self.loaded_step`` tells which step was loaded. Tensors are copied into
+        Copies are tried in the order own memory, peer, local, remote; a copy that
+        fails verification is reported with a :class:`CheckpointFallbackWarning`
+        and the next one is tried: another tier's copy of the same step, then (for
+        ``"latest"``) older steps. A peer copy is fetched into the memory tier and
+        loaded from there. ``loaded_step``, ``loaded_from`` and ``load_timings`` tell
+        what was loaded, from where, and what each try cost. Tensors are copied into
         memory of their own, never maps of the run's files (retention and ``gc`` may
         remove or rewrite those).
 
@@ -224,53 +263,23 @@ class Checkpointer:
 
         load = repairing(load, self.local, None if self.collective else self.remote)  # docs/tiers.md
         self._settle()
-        cands = self._agree(lambda: [(s, t.name) for s, t in candidates(self._tiers(), step)],
-                            f"choosing step {step!r} to load")
-        tiers = {t.name: t for t in self._tiers()}
-        problems = []
-        for s, tname in cands:
-            tier = tiers[tname]
-            where = tier.root.child(step_name(s))
-            out: Any = None
-            outcome: tuple[str, ...] | None = None
-            err: Exception | None = None
-            try:
-                out = load(where, into=into, strict=strict, verify=verify, cast=cast, mmap=False)
-            except SchemaVersionError as e:
-                if not self.collective:
-                    raise
-                outcome, err = ("fatal", type(e).__name__, str(e)), e
-            except (CorruptCheckpointError, CheckpointNotFoundError, StorageError,
-                    FileNotFoundError, ConnectionError, TimeoutError) as e:
-                outcome = ("fallback", f"{type(e).__name__}: {e}")
-            except Exception as e:
-                if not self.collective:
-                    raise
-                outcome, err = ("fatal", type(e).__name__, str(e)), e
-            outcomes = self._exchange(outcome)
-            fatal = [(r, o) for r, o in enumerate(outcomes) if o and o[0] == "fatal"]
-            if fatal:  # every rank raises: its own error, or the first rank's
-                if err is not None:
-                    raise err
-                r, (_, name, msg) = fatal[0]
-                raise _rebuild_error(name, f"rank {r} failed to load step {s}: {msg}", r,
-                                     "load")
-            bad = [(r, o[1]) for r, o in enumerate(outcomes) if o]
-            if bad:
-                why = "; ".join(msg if len(outcomes) == 1 else f"rank {r}: {msg}"
-                                for r, msg in bad)
-                problems.append(f"{tier.name} step {s}: {why}")
-                if self.coordinator:
-                    _warn(f"{tier.name} copy of step {s} ({where.url}) is unusable: "
-                          f"{why}; falling back")
-                continue
-            self.loaded_step = s
-            return out
+        copies = self._copies()
+        cands = self._sync.agree(lambda: order(copies.committed(), copies.names(), step),
+                                 f"choosing step {step!r} to load")
         what = "any step" if step == "latest" else f"step {step}"
-        raise CheckpointNotFoundError(
-            f"no intact committed checkpoint of {what} on "
-            f"{' or '.join(t.root.url for t in self._tiers())}"
-            + (": " + "; ".join(problems) if problems else ""))
+        got = recover(cands, copies.locate,
+                      lambda where: load(where, into=into, strict=strict, verify=verify,
+                                         cast=cast, mmap=self._maps(where)),
+                      self._sync, what, " or ".join(t.root.url for t in self._tiers()))
+        self.loaded_step, self.loaded_from = got.step, got.tier
+        self.load_timings = [(a.tier, a.seconds, a.outcome) for a in got.attempts]
+        return got.value
+
+    def _maps(self, where: Storage) -> bool:
+        """Tensors loaded from the memory tier map its tmpfs pages (copy-on-write: no
+        copy, only the hash check); retention unlinks files but never truncates them,
+        so a map outlives an evicted step. Elsewhere loads never map."""
+        return self.memory is not None and where.url.startswith(self.memory.root.url)
 
     def metadata(self, step: int) -> dict | None:
         """The ``{"step", "metrics"}`` stored with ``step`` (first tier that has it)."""
@@ -288,23 +297,26 @@ class Checkpointer:
             self._queue.join()
             self._raise_background()
 
-        self._agree(settle, "finishing background work")
+        self._sync.agree(settle, "finishing background work")
 
     def _wait_local(self) -> None:
         """Wait for this process's own save and background work (no collective)."""
-        last = self._last
-        if last is not None:
-            last.exception()
+        self._settle()
         self._queue.join()
 
     def close(self) -> None:
-        """``wait()``, then stop the background thread and promotion process."""
+        """``wait()`` and stop the background work; then promote what the memory tier
+        alone holds and remove it (kept when that fails: it may hold the only copy)."""
         if self._closed:
             return
         try:
             self.wait()
+            if self.memory is not None:
+                self._promote_down()
         finally:
             self._stop()
+        if self.memory_path is not None:
+            self._release_memory(self.memory_path)
 
     def _stop(self) -> None:
         self._closed = True
@@ -315,6 +327,19 @@ class Checkpointer:
         if self._promoter is not None:
             self._promoter.shutdown(wait=True)
             self._promoter = None
+        if self._replica is not None:
+            self._replica.close()
+
+    def _release_memory(self, path: Path) -> None:
+        assert self.memory is not None
+        left = set(self.memory.committed()) - set(self.durable.committed())
+        if left:
+            log.warning("memory tier %s kept: steps %s are not on %s", path, sorted(left),
+                        self.durable.root.url)
+            return
+        if self.peer is not None:  # the run ended cleanly: its peer copies are not needed
+            drop_all(self.peer, path.name)
+        mem.release(path)
 
     # -- background -----------------------------------------------------------
     def _raise_background(self) -> None:
@@ -322,6 +347,12 @@ class Checkpointer:
             err, self._error = self._error, None
         if err is not None:
             raise err
+
+    def _peer_failed(self, err: BaseException) -> None:
+        """A peer push failed: reported once (saves go on; the buddy has an older step)."""
+        self.peer_error = err
+        log.error("replication to the peer %s failed (%s: %s); saves go on without it, "
+                  "later failures are logged as warnings", self.peer, type(err).__name__, err)
 
     def _ensure_worker(self) -> None:
         if self._worker is None:
@@ -347,25 +378,39 @@ class Checkpointer:
     def _after_save(self, step: int, handle) -> None:
         if handle.exception() is not None:
             return  # the save's own error is raised by handle.wait() / the next save()
+        if self._replica is not None:
+            self._replica.offer(step)
+        if self.memory is not None:
+            self._promote_down()  # raises on failure: then nothing is evicted this round
         if self.local is not None and self.remote is not None:
             self._promote_wanted()  # raises on failure: then nothing is deleted this round
             self._retain(self.local, protected=unpromoted(self.local, self.remote))
             self._retain(self.remote)
         else:
-            self._retain(self.primary)
+            self._retain(self.durable)
+        if self.memory is not None:
+            mem.evict(self.memory.root, self.memory_keep, self.memory_bytes,
+                      set(self.durable.committed()), self._replica.busy() if self._replica else frozenset())
+
+    def _promote_down(self) -> None:
+        """Promote every memory step the first durable tier lacks, newest first."""
+        assert self.memory is not None
+        for s in sorted(set(self.memory.committed()) - set(self.durable.committed()), reverse=True):
+            self._promote(self.memory.root, self.durable.root, s)
 
     def _promote_wanted(self) -> None:
+        for s in sorted(unpromoted(self.local, self.remote), reverse=True):  # type: ignore[arg-type]
+            self._promote(self.local.root, self.remote.root, s)  # type: ignore[union-attr]
+
+    def _promote(self, src: Storage, dst: Storage, step: int) -> None:
         from ckptstore.runs.promote import promote_step
 
-        for s in sorted(unpromoted(self.local, self.remote), reverse=True):  # type: ignore[arg-type]
-            fut = self._promotion_pool().submit(promote_step, self.local.root,  # type: ignore
-                                                self.remote.root, step_name(s))  # type: ignore
-            res = fut.result()
-            log.info("step %d promoted to %s (%d bytes uploaded)", s, res.dst, res.uploaded_bytes)
+        res = self._promotion_pool().submit(promote_step, src, dst, step_name(step)).result()
+        log.info("step %d promoted to %s (%d bytes copied)", step, res.dst, res.uploaded_bytes)
 
     def _promotion_pool(self) -> cf.Executor:
         if self._promoter is None:
-            if self.remote.root.capabilities.process_local:  # type: ignore[union-attr]
+            if any(t.root.capabilities.process_local for t in self._tiers()):
                 # per-process filesystem (memory://): upload from this process
                 self._promoter = cf.ThreadPoolExecutor(1, thread_name_prefix="ckptstore-promote")
             else:
@@ -377,73 +422,19 @@ class Checkpointer:
     def _retain(self, tier: Tier, protected: frozenset[int] | set[int] = frozenset()) -> None:
         retain(tier, protected)  # a method: tests count the rounds per rank
 
-    # -- agreement between ranks ---------------------------------------------
     def _settle(self) -> None:
         """Wait until this rank's previous save has committed: its commit thread uses
-        the same gloo group as ``_agree``, and two threads must never interleave
+        the same gloo group as ``agree``, and two threads must never interleave
         collectives on one group."""
         last = self._last
         if last is not None:
             last.exception()
 
-    def _agree(self, fn: Callable[[], Any], what: str) -> Any:
-        """Run ``fn`` on the coordinator only and give every rank its result.
-
-        If ``fn`` raises, rank 0 raises that error itself and the other ranks raise
-        one of the same type (or :class:`DistributedSaveError`) naming rank 0."""
-        if not self.collective:
-            return fn()
-        from ckptstore.commit import twophase as pc
-
-        group = pc.coordination_group()
-        if self.coordinator:
-            try:
-                value = fn()
-            except Exception as e:
-                pc.broadcast(("error", type(e).__name__, str(e)), group)
-                raise
-            return pc.broadcast(("ok", value), group)[1]
-        got = pc.broadcast(None, group)
-        if got[0] == "ok":
-            return got[1]
-        raise _rebuild_error(got[1], f"rank 0 failed {what}: {got[2]}", 0, "checkpointer")
-
-    def _exchange(self, value: Any) -> list:
-        """Every rank's ``value``, in rank order (just ``[value]`` alone)."""
-        if not self.collective:
-            return [value]
-        from ckptstore.commit import twophase as pc
-
-        out: list = [None] * dist.get_world_size()
-        dist.all_gather_object(out, value, group=pc.coordination_group())
-        return out
-
     # -- helpers --------------------------------------------------------------
     def _tiers(self) -> list[Tier]:
-        return [t for t in (self.local, self.remote) if t is not None]
+        return [t for t in (self.memory, self.local, self.remote) if t is not None]
 
-def _world_size() -> int:
-    """Ranks in the initialized default process group, 0 if there is none."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    return dist.get_world_size()
-
-
-def _rebuild_error(name: str, message: str, rank: int, phase: str) -> Exception:
-    """Another rank's error, raised here with the same type where it is one of ours
-    or a builtin (constructible from a message); else a DistributedSaveError."""
-    import builtins
-
-    cls = getattr(_errors, name, None) or getattr(builtins, name, None)
-    if isinstance(cls, type) and issubclass(cls, Exception) and (
-            issubclass(cls, _errors.CkptError) or cls.__module__ == "builtins"):
-        try:
-            return cls(message)
-        except TypeError:  # a constructor that wants more than a message
-            pass
-    return DistributedSaveError(message, ((rank, phase, name, message),))
-
-
-def _warn(message: str) -> None:
-    log.warning("%s", message)
-    warnings.warn(message, CheckpointFallbackWarning, stacklevel=3)
+    def _copies(self) -> Copies:
+        """Where copies of steps are, in the recovery order (own memory, peer, local, remote)."""
+        run = self.memory_path.name if self.memory_path is not None else None
+        return Copies(tuple(self._tiers()), self.peer, run)

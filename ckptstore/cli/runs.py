@@ -8,7 +8,9 @@ Arguments and output only; the work is in :mod:`ckptstore.runs` (``listing``,
 ``committed``, ``added_bytes``, ``stored_bytes``, ``logical_bytes``, ``ratio``,
 ``age_seconds``, ``problem``, ``depends_on``: the other step directories whose files a
 committed step reads, empty for a full save); ``gc``: ``url``, ``dry_run``,
-``grace_seconds``, ``removed``, ``count``; ``promote``: ``src``, ``dst``, ``promoted``
+``grace_seconds``, ``removed``, ``count`` (``gc --memory``: ``parent``, ``dry_run``,
+``removed`` and ``kept``: memory tiers as ``path``, ``owner_pid``, ``alive``, ``bytes``,
+``steps``); ``promote``: ``src``, ``dst``, ``promoted``
 (``name``, ``dst``, ``files``, ``uploaded_files``, ``uploaded_bytes``, ``already``),
 ``uploaded_bytes``; ``repair``: ``url``, ``remote``, ``ok``, ``steps`` (``name``, ``ok``,
 ``damaged``, ``repaired`` (``dir``, ``file``, ``source``), ``unrepaired``).
@@ -72,7 +74,10 @@ def _ls(args) -> int:
 
 
 def _gc_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="run directory or URL (or one checkpoint: its temp files)")
+    p.add_argument("url", nargs="?", help="run directory or URL (or one checkpoint: its temp files)")
+    p.add_argument("--memory", action="store_true",
+                   help="instead: remove the memory tiers of runs whose process is gone "
+                        "(below $CKPTSTORE_MEMORY_DIR or /dev/shm/ckptstore-<uid>)")
     p.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     p.add_argument("--grace", type=float, default=DEFAULT_GRACE,
                    help=f"leave anything younger than this many seconds (default {DEFAULT_GRACE:.0f})")
@@ -82,6 +87,10 @@ def _gc_args(p: argparse.ArgumentParser) -> None:
 @command("gc", "remove temp files, unreferenced shards and incomplete uploads of a run",
          _gc_args)
 def _gc(args) -> int:
+    if args.memory:
+        return _gc_memory(args)
+    if args.url is None:
+        raise ValueError("gc needs a run directory or URL (or --memory for memory tiers)")
     root = open_storage(args.url, storage_options(args))
     # an object store prefix with no objects may still hold incomplete uploads
     check_run(root, checkpoint_ok=True, missing_ok=not root.capabilities.local_path)
@@ -90,6 +99,22 @@ def _gc(args) -> int:
     text = "\n".join(f"{verb} {r}" for r in removed) or "nothing to remove"
     emit(args, {"url": root.url, "dry_run": args.dry_run, "grace_seconds": args.grace,
                 "removed": removed, "count": len(removed)}, text)
+    return 0
+
+
+def _gc_memory(args) -> int:
+    from ckptstore.runs.memory import gc_memory, memory_parent, memory_tiers
+
+    parent = memory_parent()
+    removed = gc_memory(parent, dry_run=args.dry_run)
+    kept = [t for t in memory_tiers(parent) if t.alive]
+    verb = "would remove" if args.dry_run else "removed"
+    lines = [f"{verb} {t.path} ({human(t.bytes)}, steps {list(t.steps)}, owner pid {t.owner_pid} "
+             "is gone)" for t in removed]
+    lines += [f"kept {t.path} ({human(t.bytes)}, owner pid {t.owner_pid} is running)" for t in kept]
+    emit(args, {"parent": str(parent), "dry_run": args.dry_run,
+                "removed": [asdict(t) for t in removed], "kept": [asdict(t) for t in kept]},
+         "\n".join(lines) or f"no memory tiers in {parent}")
     return 0
 
 

@@ -59,18 +59,6 @@ def step_metadata(tiers: Iterable[Tier], step: int) -> dict | None:
     return None
 
 
-def candidates(tiers: list[Tier], step: "int | str") -> list[tuple[int, Tier]]:
-    """(step, tier) pairs to try for ``step`` (or ``"latest"``), newest step first,
-    in the order of ``tiers`` (local before remote)."""
-    if step == "latest":
-        per = {t.name: set(t.committed()) for t in tiers}
-        steps = sorted(set().union(*per.values()), reverse=True)
-        return [(s, t) for s in steps for t in tiers if s in per[t.name]]
-    if not isinstance(step, int) or isinstance(step, bool):
-        raise ValueError(f"step must be an int or 'latest', not {step!r}")
-    return [(step, t) for t in tiers]
-
-
 def unpromoted(local: Tier, remote: Tier) -> set[int]:
     """Local steps the remote policy wants that are not committed remotely."""
     on_local, on_remote = local.committed(), remote.committed()

@@ -1,0 +1,361 @@
+"""The memory tier of the Checkpointer: saves commit in (tmpfs) memory first and are
+promoted in the background; a restarted process resumes from memory; damage falls
+back to local disk; eviction never drops the only copy; ``close()`` leaves nothing;
+``ckptstore gc --memory``; the peer replica (against an in-process fake keeper)."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+from conftest import assert_same_tree, step_state
+
+import ckptstore
+from ckptstore.api.checkpointer import Checkpointer, CheckpointFallbackWarning
+from ckptstore.errors import UnsupportedOperationError
+from ckptstore.runs import memory as mem
+from ckptstore.runs.layout import committed_steps, step_name
+from ckptstore.runs.promote import promote_step
+from ckptstore.runs.replica import Replicator
+from ckptstore.storage import open_storage
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def memdir(tmp_path, monkeypatch) -> Path:
+    """Every memory tier of a test below its own directory (never /dev/shm)."""
+    d = tmp_path / "shm"
+    monkeypatch.setenv(mem.MEMORY_ENV, str(d))
+    return d
+
+
+def _steps(path) -> list[int]:
+    return committed_steps(open_storage(str(path)))
+
+
+def _flip(step_dir: Path) -> None:
+    shard = sorted(p for p in step_dir.iterdir() if p.name.startswith("shard"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    shard.write_bytes(bytes(raw))
+
+
+def test_save_and_load_through_memory_is_bit_exact(tmp_path, memdir, frozen):
+    local = tmp_path / "run"
+    with Checkpointer(local, memory=True, keep_last=5) as ck:
+        assert ck.memory_path == memdir / mem.run_key(local, None)
+        for s in (1, 2):
+            ck.save(s, step_state(s, frozen)).wait()
+            assert s in _steps(ck.memory_path)  # committed in memory when the handle is done
+        ck.wait()
+        assert _steps(local) == [1, 2]  # promoted to local disk in the background
+        assert_same_tree(ck.load("latest"), step_state(2, frozen))
+        assert (ck.loaded_step, ck.loaded_from) == (2, "memory")
+        assert [(t, o) for t, _, o in ck.load_timings] == [("memory", "ok")]
+        assert_same_tree(ck.load(1), step_state(1, frozen))  # evicted from memory: local
+        assert ck.loaded_from == "local"
+
+
+CHILD = textwrap.dedent("""
+    import sys, time, torch
+    sys.path.insert(0, {tests!r})
+    import ckptstore
+    from conftest import step_state
+    frozen = torch.randn(256, 64, generator=torch.Generator().manual_seed(99))
+    ck = ckptstore.Checkpointer({local!r}, memory=True, keep_last=5)
+    for s in (1, 2, 3):
+        ck.save(s, step_state(s, frozen)).wait()
+    ck.wait()
+    print("saved", flush=True)
+    time.sleep(600)
+""")
+
+
+def _run_and_kill(local: Path) -> None:
+    """A trainer-like child saves steps 1..3 through the memory tier, then is SIGKILLed."""
+    code = CHILD.format(tests=str(REPO / "tests"), local=str(local))
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "saved"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()  # reaped: its owner record is dead now
+
+
+def test_sigkilled_process_resumes_from_memory_and_damage_falls_back_to_disk(tmp_path, frozen):
+    local = tmp_path / "run"
+    _run_and_kill(local)
+    where = mem.memory_dir(True, local, None)
+    assert _steps(where) == [3] and mem.owner_alive(where) is False  # the tier outlived it
+    with Checkpointer(local, memory=True, keep_last=5) as ck:
+        assert_same_tree(ck.load("latest"), step_state(3, frozen))
+        assert (ck.loaded_step, ck.loaded_from) == (3, "memory")
+        _flip(where / step_name(3))
+        with pytest.warns(CheckpointFallbackWarning, match="memory copy of step 3"):
+            got = ck.load("latest")
+        assert_same_tree(got, step_state(3, frozen))
+        assert (ck.loaded_step, ck.loaded_from) == (3, "local")
+        assert [(t, o.split(":")[0]) for t, _, o in ck.load_timings] == [
+            ("memory", "fallback"), ("local", "ok")]
+
+
+def test_sigkilled_trainer_resumes_from_memory(tmp_path):
+    from trainer.launch import run, signal_at_step, start
+
+    args = ["--preset", "tiny", "--steps", "8", "--warmup-steps", "2", "--batch-size", "4",
+            "--out-dir", str(tmp_path / "t"),
+            "--ckpt-every-steps", "2", "--val-every", "0", "--log-every", "1", "--step-delay", "0.2",
+            "--memory"]
+    proc = start(args)
+    seen, _ = signal_at_step(proc, 5, signal.SIGKILL, whole_group=True)
+    assert seen is not None
+    rc, out = run([*args, "--resume", "auto"])
+    assert rc == 0, out[-3000:]
+    assert "resume source: memory" in out, out[-3000:]
+    assert list((tmp_path / "shm").iterdir()) == []  # the resumed run ended cleanly
+
+
+def test_eviction_by_count_and_bytes(tmp_path, frozen):
+    local = tmp_path / "run"
+    with Checkpointer(local, memory=True, memory_keep=2, keep_last=10) as ck:
+        for s in (1, 2, 3, 4):
+            ck.save(s, step_state(s, frozen)).wait()
+            ck.wait()
+        assert _steps(ck.memory_path) == [3, 4] and _steps(local) == [1, 2, 3, 4]
+        one = mem.step_bytes(ck.memory.root, 4)  # type: ignore[union-attr]
+        ck.memory_keep, ck.memory_bytes = 10, one + one // 2  # room for one step only
+        ck.save(5, step_state(5, frozen)).wait()
+        ck.wait()
+        assert _steps(ck.memory_path) == [5]
+
+
+def test_eviction_never_drops_the_only_copy(tmp_path, frozen, monkeypatch):
+    local = tmp_path / "run"
+    monkeypatch.setattr(Checkpointer, "_promote_down", lambda self: None)  # next tier lags
+    ck = Checkpointer(local, memory=True, memory_keep=1, memory_bytes=0)
+    for s in (1, 2, 3):
+        ck.save(s, step_state(s, frozen)).wait()
+        ck.wait()
+    assert _steps(ck.memory_path) == [1, 2, 3] and _steps(local) == []
+    ck.close()  # the only copies: the memory tier stays
+    assert _steps(ck.memory_path) == [1, 2, 3]
+    assert mem.select_evictions({1: 10, 2: 10, 3: 10}, 1, 0, on_next={1, 2, 3}) == [1, 2]
+    assert mem.select_evictions({1: 10, 2: 10, 3: 10}, 1, None, on_next={2}) == [2]
+
+
+def test_close_leaves_nothing_in_the_memory_dir(tmp_path, memdir, frozen):
+    ck = Checkpointer(tmp_path / "run", memory=True)
+    ck.save(1, step_state(1, frozen))
+    ck.close()
+    assert not ck.memory_path.exists()  # type: ignore[union-attr]
+    assert list(memdir.iterdir()) == []
+    assert _steps(tmp_path / "run") == [1]
+
+
+def _gc_memory(*extra: str) -> dict:
+    from ckptstore.cli.main import main
+
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(["gc", "--memory", "--json", *extra]) == 0
+    return json.loads(out.getvalue())
+
+
+def test_gc_memory_removes_a_dead_owners_tier_and_keeps_a_live_one(tmp_path, memdir, frozen):
+    dead = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    start = mem.process_start(dead.pid)
+    dead.kill()
+    dead.wait()
+    crashed = memdir / "crashed-0123456789abcdef"
+    (crashed / "step-000000000001").mkdir(parents=True)
+    (crashed / "step-000000000001" / "shard-00000-ab.chunks").write_bytes(b"x" * 1000)
+    (crashed / mem.OWNER_NAME).write_text(json.dumps({"pid": dead.pid, "start": start}))
+    (memdir / "not-ours").mkdir()  # no owner file: never touched
+    with Checkpointer(tmp_path / "run", memory=True) as live:
+        live.save(1, step_state(1, frozen)).wait()
+        report = _gc_memory("--dry-run")
+        assert [t["path"] for t in report["removed"]] == [str(crashed)]
+        assert report["removed"][0]["bytes"] >= 1000 and crashed.exists()
+        report = _gc_memory()
+        assert [t["path"] for t in report["removed"]] == [str(crashed)] and not crashed.exists()
+        assert [t["path"] for t in report["kept"]] == [str(live.memory_path)]
+        assert live.memory_path.exists()  # type: ignore[union-attr]
+    assert (memdir / "not-ours").exists()
+
+
+def test_collective_checkpointer_refuses_the_memory_tier(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(UnsupportedOperationError, match="not supported yet"):
+            Checkpointer(tmp_path / "run", memory=True, distributed=True)
+    finally:
+        dist.destroy_process_group()
+
+
+# -- peer replica, against a fake keeper with the interface of ckptstore.peer ---
+
+
+class FakeKeeper:
+    """A keeper holding runs in a directory; promote's protocol to copy steps."""
+
+    def __init__(self, root: Path, port: int) -> None:
+        self.root, self.address = root, f"127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        pass
+
+
+class FakeClient:
+    """``ckptstore.peer.PeerClient``'s interface: ``push`` takes a step directory,
+    ``fetch`` writes one."""
+
+    keepers: dict[str, FakeKeeper] = {}
+    gate: threading.Event | None = None  # set by a test to hold pushes
+    fail: Exception | None = None
+
+    def __init__(self, address: str, timeout: float = 30.0) -> None:
+        if address not in self.keepers:
+            raise ConnectionRefusedError(f"no keeper at {address}")
+        self.run_root = lambda run: open_storage(str(self.keepers[address].root / run))
+
+    def push(self, src, run: str, step: int) -> int:
+        if FakeClient.gate is not None:
+            FakeClient.gate.wait(30)
+        if FakeClient.fail is not None:
+            raise FakeClient.fail
+        return promote_step(src.parent(), self.run_root(run), step_name(step)).uploaded_bytes
+
+    def steps(self, run: str) -> list[int]:
+        root = self.run_root(run)
+        return committed_steps(root) if root.isdir("") else []
+
+    def fetch(self, run: str, step: int, dst) -> int:
+        return promote_step(self.run_root(run), dst.parent(), step_name(step)).uploaded_bytes
+
+    def drop(self, run: str, step: int) -> None:
+        self.run_root(run).rmtree(step_name(step))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def keeper(tmp_path, monkeypatch):
+    fake = types.ModuleType("ckptstore.peer")
+
+    def start_keeper(root, host="127.0.0.1", port=0):
+        k = FakeKeeper(Path(root), 40000 + len(FakeClient.keepers))
+        FakeClient.keepers[k.address] = k
+        return k
+
+    fake.start_keeper, fake.PeerClient = start_keeper, FakeClient  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ckptstore.peer", fake)
+    monkeypatch.setattr(FakeClient, "keepers", {})
+    monkeypatch.setattr(FakeClient, "gate", None)
+    monkeypatch.setattr(FakeClient, "fail", None)
+    return start_keeper(tmp_path / "buddy")
+
+
+def test_peer_gets_each_step_and_restores_a_lost_memory(tmp_path, keeper, frozen):
+    local = tmp_path / "run"
+    ck = Checkpointer(local, memory=True, peer=keeper.address, keep_last=5)
+    for s in (1, 2):
+        ck.save(s, step_state(s, frozen)).wait()
+        ck.wait()
+    ck._replica.drain(30)  # type: ignore[union-attr]
+    run = ck.memory_path.name  # type: ignore[union-attr]
+    assert 2 in _steps(keeper.root / run)
+    ck._stop()  # the node is lost: no clean close, its memory gone
+    mem.release(ck.memory_path)  # type: ignore[arg-type]
+    with Checkpointer(local, memory=True, peer=keeper.address, keep_last=5) as again:
+        assert again.latest() == 2
+        assert_same_tree(again.load("latest"), step_state(2, frozen))
+        assert (again.loaded_step, again.loaded_from) == (2, "peer")
+        assert _steps(again.memory_path) == [2]  # fetched into the own memory tier
+    assert _steps(keeper.root / run) == []  # a clean close drops the peer's copies
+
+
+def test_an_unreachable_peer_is_passed_over(tmp_path, keeper, frozen):
+    with Checkpointer(tmp_path / "run", memory=True, peer="127.0.0.1:9") as ck:  # nobody there
+        ck.save(1, step_state(1, frozen)).wait()
+        ck.wait()
+        ck._replica.drain(30)  # type: ignore[union-attr]
+        mem.release(ck.memory_path)  # type: ignore[arg-type]
+        assert ck.latest() == 1
+        assert_same_tree(ck.load("latest"), step_state(1, frozen))
+        assert ck.loaded_from == "local" and isinstance(ck.peer_error, ConnectionRefusedError)
+
+
+def test_peer_push_failure_never_fails_saves(tmp_path, keeper, frozen):
+    FakeClient.fail = ConnectionResetError("buddy went away")
+    with Checkpointer(tmp_path / "run", memory=True, peer=keeper.address) as ck:
+        for s in (1, 2):
+            ck.save(s, step_state(s, frozen)).wait()
+            ck.wait()  # no error raised for the peer
+        ck._replica.drain(30)  # type: ignore[union-attr]
+        assert isinstance(ck.peer_error, ConnectionResetError)
+        assert _steps(tmp_path / "run") == [1, 2]
+
+
+def test_a_newer_step_replaces_a_waiting_push(tmp_path, keeper, frozen):
+    FakeClient.gate = threading.Event()
+    with Checkpointer(tmp_path / "src", memory=True, memory_keep=3) as ck:
+        for s in (1, 2, 3):
+            ck.save(s, step_state(s, frozen)).wait()
+        ck.wait()
+        rep = Replicator(keeper.address, "r", ck.memory.root, lambda e: None)  # type: ignore[union-attr]
+        rep.offer(3)  # held by the gate while it runs
+        while rep._busy != 3:
+            time.sleep(0.01)
+        rep.offer(1)
+        rep.offer(2)  # replaces 1, which never started
+        FakeClient.gate.set()
+        rep.close(30)
+        assert rep.pushed == [3, 2] and rep.skipped == [1]
+
+
+def test_memory_options_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="memory_keep"):
+        Checkpointer(tmp_path, memory=True, memory_keep=0)
+    with pytest.raises(ValueError, match="memory=True"):
+        Checkpointer(tmp_path, peer="127.0.0.1:1")
+    assert ckptstore.Checkpointer is Checkpointer
+
+
+def test_real_keeper_restores_a_lost_node(tmp_path, frozen):
+    """The same flow over TCP with ckptstore.peer's keeper (when it is in the tree):
+    the node's memory and disk are gone, the peer's copy comes back."""
+    peer = pytest.importorskip("ckptstore.peer")
+    if not hasattr(peer, "start_keeper"):
+        pytest.skip("ckptstore.peer has no keeper yet")
+    k = peer.start_keeper(tmp_path / "buddy")
+    try:
+        ck = Checkpointer(tmp_path / "run", memory=True, peer=k.address)
+        for s in (1, 2):
+            ck.save(s, step_state(s, frozen)).wait()
+            ck.wait()
+        ck._replica.drain(60)  # type: ignore[union-attr]
+        assert ck.peer_error is None and 2 in ck._replica.pushed  # type: ignore[union-attr]
+        ck._stop()
+        mem.release(ck.memory_path)  # type: ignore[arg-type]
+        shutil.rmtree(tmp_path / "run")
+        with Checkpointer(tmp_path / "run", memory=True, peer=k.address) as again:
+            assert_same_tree(again.load("latest"), step_state(2, frozen))
+            assert (again.loaded_step, again.loaded_from) == (2, "peer")
+    finally:
+        k.stop()
