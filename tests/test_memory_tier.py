@@ -95,6 +95,29 @@ def _run_and_kill(local: Path) -> None:
         proc.wait()  # reaped: its owner record is dead now
 
 
+def test_loads_from_memory_map_its_pages_and_outlive_the_tier(tmp_path, frozen):
+    """A restore from memory maps the tmpfs files (no copy, hashes checked); the tensors
+    stay valid and private after close() removed the files, and writing to them never
+    reaches a file."""
+    import torch
+
+    local = tmp_path / "run"
+    ck = Checkpointer(local, memory=True, compression="none")
+    ck.save(1, {"w": torch.arange(1 << 16, dtype=torch.float32)}).wait()
+    ck.wait()
+    shard = next(p for p in ck.memory_path.glob("step-*/shard-*"))
+    got = ck.load("latest")["w"]
+    assert ck.loaded_from == "memory"
+    maps = open("/proc/self/maps").read()
+    assert str(shard) in maps  # mapped, not read into fresh memory
+    before = shard.read_bytes()
+    got[0] = 123.0  # copy-on-write: the memory copy is unchanged
+    assert shard.read_bytes() == before
+    ck.close()
+    assert not ck.memory_path.exists()
+    assert got[0] == 123.0 and torch.equal(got[1:], torch.arange(1, 1 << 16, dtype=torch.float32))
+
+
 def test_sigkilled_process_resumes_from_memory_and_damage_falls_back_to_disk(tmp_path, frozen):
     local = tmp_path / "run"
     _run_and_kill(local)
