@@ -16,14 +16,15 @@ from bench.limits import CacheDropper
 from bench.timing import parse_sizes
 
 DEFAULT_SIZES = {"write": "64M,256M", "load": "64M,256M", "compress": "64M", "train": "16M", "objstore": "256M",
-                 "meta": "1"}
+                 "meta": "1", "recovery": "256M,1G"}
 DEFAULT_MODES = {"write": "all", "load": "none,zstd-1+bg", "compress": "all", "train": "none",
-                 "objstore": "s3,gcs", "meta": "all"}
+                 "objstore": "s3,gcs", "meta": "all", "recovery": "all"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    p.add_argument("mode", choices=["write", "load", "compress", "train", "objstore", "meta"])
+    p.add_argument("mode", choices=["write", "load", "compress", "train", "objstore", "meta",
+                                       "recovery"])
     p.add_argument("--size", help="comma-separated sizes, e.g. 64M,256M,1G (state bytes)")
     p.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp32,bf16")
     p.add_argument("--repeat", type=int, default=3, help="interleaved repeats per measurement")
@@ -96,6 +97,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         from bench import meta
 
         results = meta.run(opt)
+    elif a.mode == "recovery":
+        from bench import recovery
+
+        results = recovery.run(opt)
     else:
         results = train.run(opt)
     cmd = "python -m bench " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
