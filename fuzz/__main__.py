@@ -11,9 +11,9 @@ import time
 STARTED = time.monotonic()  #: before torch and the families are imported
 
 FAMILIES = ("crash", "power", "errors", "corrupt", "parsers", "malicious", "hostile", "resources", "skew",
-            "enospc", "groupkill")
+            "enospc", "groupkill", "memory")
 #: families whose module has ``run(report, budget, *, seed)`` and nothing else to set up
-SIMPLE = ("hostile", "resources", "skew", "enospc", "groupkill")
+SIMPLE = ("hostile", "resources", "skew", "enospc", "groupkill", "memory")
 #: crash sweep tiers: local files, S3 (moto), GCS (fake-gcs-server), a 2-rank save
 TIERS = ("local", "s3", "gcs", "dist")
 #: what ``all`` sweeps when no --tier is given
@@ -24,7 +24,8 @@ ALL_TIERS = ("local", "s3", "gcs", "dist")
 FLOOR = {"crash:local": 10.0, "crash:s3": 60.0, "crash:gcs": 60.0, "crash:dist": 25.0,
          "crash:kills": 10.0, "power": 3.0, "errors": 6.0, "corrupt": 3.0, "parsers": 8.0,
          "malicious": 3.0, "hostile": 6.0, "resources": 8.0, "skew": 4.0, "enospc": 6.0,
-         "groupkill": 12.0}  # one life of a group kill: 8-16 s measured
+         "groupkill": 12.0,  # one life of a group kill: 8-16 s measured
+         "memory": 10.0}  # fork server, keeper, one kill and restore: 6-8 s measured
 #: the hard stop of ``all`` comes this share of the budget after its deadline,
 #: leaving the rest of the 10% slack for the cut piece's clean-up
 GRACE = 0.03

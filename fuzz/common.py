@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,3 +257,36 @@ class ForkServer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def serve_forks(child: Callable[[dict], int], *, truncate_log: bool = True) -> int:
+    """The loop of a fork server (the other side of :class:`ForkServer`): for each JSON
+    spec line on stdin, fork a child in a session of its own, its stdout and stderr to
+    ``spec["log"]``, running ``child(spec)`` (its return value is the exit code; an
+    exception is printed, code 70); answer ``{"pid"}`` at once and ``{"status"}`` when
+    the child ended."""
+    import traceback
+
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate_log else os.O_APPEND)
+    for line in sys.stdin:
+        spec = json.loads(line)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the loop
+            code = 70
+            try:
+                os.setsid()
+                fd = os.open(spec["log"], flags, 0o644)
+                os.dup2(fd, 1)
+                os.dup2(fd, 2)
+                code = child(spec)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        sys.stdout.write(json.dumps({"pid": pid}) + "\n")
+        sys.stdout.flush()
+        _, status = os.waitpid(pid, 0)
+        sys.stdout.write(json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n")
+        sys.stdout.flush()
+    return 0

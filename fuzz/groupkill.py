@@ -42,7 +42,7 @@ import sys
 import tempfile
 import time
 
-from .common import MODES, SMALL, Budget, ForkServer, Report, make_state, outcome, tree_digest
+from .common import MODES, SMALL, Budget, ForkServer, Report, make_state, outcome, serve_forks, tree_digest
 
 #: seconds a child may take to import torch and open its Checkpointer
 START_LIMIT = 120.0
@@ -169,36 +169,13 @@ class Server(ForkServer):
 
 def serve() -> int:
     """The fork server's loop (see :class:`Server`)."""
-    import traceback
-
     import ckptstore.api.checkpointer  # noqa: F401 - imported once, before the forks
 
     from .servers import tier_env
 
     tier_env()
     make_state(0)
-    for line in sys.stdin:
-        spec = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:  # the life: never returns into the loop
-            code = 70
-            try:
-                os.setsid()
-                fd = os.open(spec["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(fd, 1)
-                os.dup2(fd, 2)
-                code = child(spec)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                os._exit(code)
-        sys.stdout.write(json.dumps({"pid": pid}) + "\n")
-        sys.stdout.flush()
-        _, status = os.waitpid(pid, 0)
-        sys.stdout.write(json.dumps({"status": os.waitstatus_to_exitcode(status)}) + "\n")
-        sys.stdout.flush()
-    return 0
+    return serve_forks(child)
 
 
 def _alive(pid: int) -> bool:
