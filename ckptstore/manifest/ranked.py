@@ -161,8 +161,9 @@ def resolve(storage: Storage, m: rec.Manifest, want: Want | None = None,
 
     A tensor resolved only in part (some of its boxes) has ``digest == ""``; tensors
     not wanted stay unresolved, and tensors that have chunks already are kept as
-    they are (resolving twice reads nothing twice). Raises CorruptCheckpointError / UnsafeCheckpointError
-    naming the index when one is missing, damaged or inconsistent with the manifest."""
+    they are (resolving twice reads nothing twice). Raises CorruptCheckpointError /
+    UnsafeCheckpointError naming the index when one is missing, damaged or
+    inconsistent with the manifest."""
     if not m.indexes:
         return m
     was = gc.isenabled()
@@ -183,6 +184,8 @@ def _resolve(storage: Storage, m: rec.Manifest, want: Want | None, threads: int)
             if boxes is not None:
                 starts[i] = [t.grid.starts(d) for d in range(len(t.grid.cuts))]
             need[i] = _cells(t.grid, boxes, starts.get(i, []))
+    if not need:  # every wanted tensor has its chunks already: nothing to read
+        return m
     ranks = sorted({w for i, cells in need.items() for w in
                     (m.tensors[i].grid.writers[c] for c in cells)})  # type: ignore[union-attr]
     with cf.ThreadPoolExecutor(max(1, min(threads, len(ranks)))) as ex:
