@@ -23,6 +23,7 @@ from ckptstore.errors import (
     UnsafeCheckpointError,
 )
 from ckptstore.peer import Keeper, PeerClient, PeerUnavailableError, loopback_speed, start_keeper, wire
+from ckptstore.peer.speed import landing_speed
 from ckptstore.runs.layout import step_name
 from ckptstore.storage import LocalStorage
 
@@ -379,3 +380,63 @@ def test_after_a_write_failure_the_receiver_reads_the_stream_to_its_end(tmp_path
         a.close()
         b.close()
         dst.ledger.remove()
+
+
+def test_landing_speed_measures_a_transfer_into_a_fresh_file_and_leaves_nothing(tmp_path):
+    assert landing_speed(8 << 20, tmp_path) > 0
+    with pytest.raises(ValueError):
+        landing_speed(0, tmp_path)
+    with pytest.raises(FileNotFoundError):  # no such directory
+        landing_speed(1 << 20, tmp_path / "missing")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_file_damaged_in_the_middle_of_a_multi_file_fetch_commits_nothing(nodes, tmp_path):
+    """Files before and after the damaged one arrive intact, yet nothing stays."""
+    home, k = nodes["b"]
+    g = torch.Generator().manual_seed(11)
+    state = {f"w{i}": torch.randn(64 << 10, generator=g) for i in range(5)}
+    ckptstore.save(state, tmp_path / "src", compression="none", blocking=True, shard_size=256 << 10,
+                   chunk_size=128 << 10)  # one file of two chunks per tensor
+    src = LocalStorage(tmp_path / "src")
+    middle = fmt.read_manifest(src).files[2].name
+    with PeerClient(k.address) as c:
+        c.push(src, "multi", 1)
+        held = home / "keeper" / "multi" / step_name(1)
+        data = bytearray(pristine := (held / middle).read_bytes())
+        data[-1000] ^= 0x01  # in the last chunk of the middle file
+        (held / middle).write_bytes(bytes(data))
+        dst = tmp_path / "dst"
+        with pytest.raises(CorruptCheckpointError, match="nothing was committed") as info:
+            c.fetch("multi", 1, LocalStorage(dst))
+        assert info.value.damage == [("w2", 1)]
+        assert not dst.exists() or _leftovers(dst) == []
+        (held / middle).write_bytes(pristine)
+        assert c.fetch("multi", 1, LocalStorage(dst)) > 0  # the connection still serves
+    assert_same_tree(ckptstore.load(dst), state)
+
+
+def test_splice_reads_a_body_it_cannot_write_to_its_end_and_returns_the_error(tmp_path):
+    """A body of several pipe-fulls into a descriptor that refuses writes: the error
+    is returned after the whole body was read (the stream stays in step)."""
+    import threading
+
+    from ckptstore.peer import splice
+
+    if not splice.AVAILABLE:
+        pytest.skip("no splice(2) here")
+    body = os.urandom(3 * splice.PIPE_SIZE + 12345)
+    a, b = socket.socketpair()
+    sender = threading.Thread(target=lambda: a.sendall(body + b"NEXT" + body))
+    sender.start()
+    target = tmp_path / "f"
+    try:
+        with open(target, "xb") as f, open(target, "rb") as ro:
+            assert isinstance(splice.splice_body(b, ro.fileno(), len(body)), OSError)
+            assert wire.recv_exact(b, 4) == b"NEXT"
+            assert splice.splice_body(b, f.fileno(), len(body)) is None
+    finally:
+        sender.join()
+        a.close()
+        b.close()
+    assert target.read_bytes() == body

@@ -13,6 +13,6 @@ from __future__ import annotations
 from ckptstore.errors import PeerUnavailableError
 from ckptstore.peer.client import PeerClient
 from ckptstore.peer.launch import Keeper, start_keeper
-from ckptstore.peer.speed import loopback_speed
+from ckptstore.peer.speed import landing_speed, loopback_speed
 
-__all__ = ["Keeper", "PeerClient", "PeerUnavailableError", "loopback_speed", "start_keeper"]
+__all__ = ["Keeper", "PeerClient", "PeerUnavailableError", "landing_speed", "loopback_speed", "start_keeper"]
