@@ -46,7 +46,9 @@ def source_files(src: Storage) -> tuple[bytes, fmt.Manifest, tuple[Outgoing, ...
     step (``FileRecord.base``) are sent too and their ``base`` cleared, so a peer
     copy is complete on its own (the manifest is then re-encoded, same save_id)."""
     data, m = fmt.read_manifest_bytes(src)
-    items = tuple(Outgoing(src.sibling(f.base) if f.base else src, f) for f in m.files)
+    first = {f.name for f in fmt.decode(data).files}  # a distributed save's rank indexes
+    items = tuple(Outgoing(src.sibling(f.base) if f.base else src, f)
+                  for f in sorted(m.files, key=lambda f: f.name not in first))
     if any(f.base for f in m.files):
         m = replace(m, files=tuple(replace(f, base=None) for f in m.files))
         data = fmt.encode(m)
@@ -149,13 +151,16 @@ class Landing:
 
 def receive_files(sock: socket.socket, landing: Landing, m: fmt.Manifest, who: str) -> int:
     """Read one ``file`` frame per data file of ``m`` (in any order, each once) and
-    write it durably into ``landing.dst``. A body is always read to its end, even
-    when writing it fails (that error is raised after), so the stream stays in step."""
+    write it durably into ``landing.dst``. A distributed save's rank indexes come
+    first: once they have landed (each checked against its hash in ``m``), the data
+    files they list are expected too. A body is always read to its end, even when
+    writing it fails (that error is raised after), so the stream stays in step."""
     want = {f.name: f.size for f in m.files}
+    indexed = not m.indexes  # the data files of a distributed save are in its indexes
     buf = memoryview(bytearray(wire.PIECE))
     total = 0
     error: OSError | None = None
-    for _ in range(len(want)):
+    while want:
         h = wire.recv(sock)
         assert h is not None
         if h.get("ok") is False:  # the sender could not go on (e.g. its copy is damaged)
@@ -175,9 +180,21 @@ def receive_files(sock: socket.socket, landing: Landing, m: fmt.Manifest, who: s
         except _LocalWriteError as e:  # disk full, ...: read the rest of this body, go on
             error = e.cause
             _fill(sock, buf, size - e.done, drain=True)
+        if not want and not indexed and error is None:
+            indexed = True
+            want = _indexed_files(landing, m)
     if error is not None:
         raise error
     return total
+
+
+def _indexed_files(landing: Landing, m: fmt.Manifest) -> dict[str, int]:
+    """The data files the landed rank indexes of ``m`` list: name -> size."""
+    full = fmt.resolve(landing.dst, m)
+    have = {f.name for f in m.files}
+    for f in full.files:
+        wire.check_file_name(f.name)
+    return {f.name: f.size for f in full.files if f.name not in have}
 
 
 class _LocalWriteError(Exception):
