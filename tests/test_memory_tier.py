@@ -23,7 +23,6 @@ from conftest import assert_same_tree, step_state
 
 import ckptstore
 from ckptstore.api.checkpointer import Checkpointer, CheckpointFallbackWarning
-from ckptstore.errors import UnsupportedOperationError
 from ckptstore.runs import memory as mem
 from ckptstore.runs.layout import committed_steps, step_name
 from ckptstore.runs.promote import promote_step
@@ -217,17 +216,6 @@ def test_gc_memory_removes_a_dead_owners_tier_and_keeps_a_live_one(tmp_path, mem
         assert [t["path"] for t in report["kept"]] == [str(live.memory_path)]
         assert live.memory_path.exists()  # type: ignore[union-attr]
     assert (memdir / "not-ours").exists()
-
-
-def test_collective_checkpointer_refuses_the_memory_tier(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    try:
-        with pytest.raises(UnsupportedOperationError, match="not supported yet"):
-            Checkpointer(tmp_path / "run", memory=True, distributed=True)
-    finally:
-        dist.destroy_process_group()
 
 
 # -- peer replica, against a fake keeper with the interface of ckptstore.peer ---

@@ -137,8 +137,6 @@ class TrainConfig:
              "--ckpt-every-steps/--ckpt-every-seconds must be >= 0 (0 disables the trigger)")
         need(self.val_every >= 0 and self.val_batches > 0, "need --val-every >= 0 and --val-batches > 0")
         need(self.keep_last >= 1, "--keep-last must be >= 1")
-        need(not self.memory or world_size == 1,
-             "--memory needs a single process: the memory tier does not support several ranks yet")
         need(self.log_every >= 1 and self.step_delay >= 0, "need --log-every >= 1 and --step-delay >= 0")
         need(self.resume in ("never", "auto") or self.resume.isdigit(),
              f"--resume must be 'never', 'auto' or a step number, got {self.resume!r}")

@@ -1,6 +1,6 @@
 """``python -m trainer demo``: train on N CPU ranks, SIGKILL the whole job mid-run, resume it
 with ``--resume auto``, run ``ckptstore fsck`` on the newest checkpoint and plot the loss curve.
-With ``--memory`` (one rank) checkpoints commit to the memory tier first and the resume after
+With ``--memory`` checkpoints commit to the memory tier first and the resume after
 the kill comes from memory; the demo prints where the resumed state came from and how long it took.
 """
 
@@ -22,18 +22,14 @@ def main(argv: list[str]) -> int:
     """Run the demo; return a process exit code (0 only if every stage succeeded)."""
     parser = argparse.ArgumentParser(prog="python -m trainer demo", description=__doc__)
     parser.add_argument("--nproc", type=int, default=None,
-                        help="ranks (torchrun) (default 2; 1 with --memory)")
+                        help="ranks (torchrun) (default 2)")
     parser.add_argument("--kill-at", type=int, default=33, help="SIGKILL once this step is logged")
     parser.add_argument("--out-dir", default="runs/demo")
     parser.add_argument("--overwrite", action="store_true", help="delete OUT_DIR first")
     parser.add_argument("--memory", action="store_true",
-                        help="checkpoint to the memory tier first (one rank; --nproc defaults to 1)")
+                        help="checkpoint to the memory tier first (node-local tmpfs, shared by the ranks)")
     args, extra = parser.parse_known_args(argv)  # anything else goes to the trainer
-    if args.memory and args.nproc not in (None, 1):
-        print("--memory runs on one rank: the memory tier does not support several yet",
-              file=sys.stderr)
-        return 2
-    args.nproc = args.nproc or (1 if args.memory else 2)
+    args.nproc = args.nproc or 2
     extra = ["--memory", *extra] if args.memory else extra
     out = Path(args.out_dir)
     if not out.is_absolute():

@@ -33,15 +33,22 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ckptstore.errors import UnsupportedOperationError
 from ckptstore.pipeline.handle import SaveHandle
 from ckptstore.pipeline.options import SaveOptions
 from ckptstore.runs import memory as mem
 from ckptstore.runs.agreement import Agreement, world_size
 from ckptstore.runs.chain import IncrementalChain
 from ckptstore.runs.layout import step_name
-from ckptstore.runs.recovery import CheckpointFallbackWarning, Copies, order, recover, warn
-from ckptstore.runs.replica import Replicator, drop_all
+from ckptstore.runs.memtier import MemoryTier, open_memory, release_memory
+from ckptstore.runs.recovery import (
+    CheckpointFallbackWarning,
+    Copies,
+    fetch_shared,
+    order,
+    recover,
+    warn,
+)
+from ckptstore.runs.replica import Replicator
 from ckptstore.runs.retention import Best, Policy
 from ckptstore.runs.tiers import Tier, prepare_step, repairing, retain, step_metadata, unpromoted
 from ckptstore.storage import Storage, open_storage
@@ -82,7 +89,8 @@ class Checkpointer:
         memory: True for a memory tier in node-local tmpfs (one directory per run in
             ``$CKPTSTORE_MEMORY_DIR`` or ``/dev/shm/ckptstore-<uid>``), or its directory.
             Saves commit there, are promoted in the background; a restart resumes
-            from it. Not for collective Checkpointers yet.
+            from it. Collective: one tier per node, shared by its ranks (rank 0 owns
+            it); ranks on several nodes are refused.
         memory_keep, memory_bytes: it keeps the newest ``memory_keep`` steps within
             ``memory_bytes`` (None: no cap), each until it is on the next tier.
         peer: ``"host:port"`` of a buddy's keeper (:mod:`ckptstore.peer`) that gets
@@ -128,6 +136,7 @@ class Checkpointer:
         #: the first durable tier: memory steps are promoted to it
         self.durable: Tier = self.local or self.remote  # type: ignore[assignment]
         self.memory_path: Path | None = None
+        self._mem: MemoryTier | None = None
         self.memory_keep, self.memory_bytes = memory_keep, memory_bytes
         self.peer = peer
         self.peer_error: BaseException | None = None  #: the first failed peer push
@@ -152,14 +161,10 @@ class Checkpointer:
     def _open_memory(self, memory: Any, local_dir: Any, remote: str | None) -> None:
         if not memory:
             raise ValueError("peer= replicates the memory tier: pass memory=True (or a path) too")
-        if self.collective:
-            raise UnsupportedOperationError(
-                "the memory tier is not supported yet for collective (multi-rank) Checkpointers: "
-                "pass memory=False, or use it from one process with distributed=False")
-        mem.check_limits(self.memory_keep, self.memory_bytes)
-        self.memory_path = mem.memory_dir(memory, local_dir, remote)
-        self.memory = Tier("memory", mem.claim(self.memory_path), Policy(self.memory_keep, None, None))
-        if self.peer is not None:
+        self._mem = open_memory(memory, local_dir, remote, self.memory_keep, self.memory_bytes,
+                                self._sync)
+        self.memory_path, self.memory = self._mem.path, self._mem.tier
+        if self.peer is not None and self.coordinator:  # rank 0 pushes the node's steps
             self._replica = Replicator(self.peer, self.memory_path.name, self.memory.root,
                                        self._peer_failed)
 
@@ -267,9 +272,18 @@ class Checkpointer:
         cands = self._sync.agree(lambda: order(copies.committed(), copies.names(), step),
                                  f"choosing step {step!r} to load")
         what = "any step" if step == "latest" else f"step {step}"
-        got = recover(cands, copies.locate,
-                      lambda where: load(where, into=into, strict=strict, verify=verify,
-                                         cast=cast, mmap=self._maps(where)),
+        fetched: set[str] = set()  # copies the fetch from the peer just verified, chunk by chunk
+
+        def locate(s: int, tier: str) -> Storage:
+            where = fetch_shared(copies, s, self._sync) if tier == "peer" else copies.locate(s, tier)
+            if tier == "peer":
+                fetched.add(where.url)
+            return where
+
+        got = recover(cands, locate,
+                      lambda where: load(where, into=into, strict=strict, cast=cast,
+                                         verify=verify and where.url not in fetched,
+                                         mmap=self._maps(where)),
                       self._sync, what, " or ".join(t.root.url for t in self._tiers()))
         self.loaded_step, self.loaded_from = got.step, got.tier
         self.load_timings = [(a.tier, a.seconds, a.outcome) for a in got.attempts]
@@ -306,17 +320,19 @@ class Checkpointer:
 
     def close(self) -> None:
         """``wait()`` and stop the background work; then promote what the memory tier
-        alone holds and remove it (kept when that fails: it may hold the only copy)."""
+        alone holds and remove it (kept when that fails: it may hold the only copy).
+        Collective."""
         if self._closed:
             return
         try:
             self.wait()
             if self.memory is not None:
-                self._promote_down()
+                self._sync.agree(self._promote_down, "promoting the memory tier")
         finally:
             self._stop()
-        if self.memory_path is not None:
-            self._release_memory(self.memory_path)
+        if (m := self._mem) is not None:  # rank 0, once every rank is done with it
+            self._sync.agree(lambda: release_memory(m, self.durable, self.peer),
+                             "releasing the memory tier")
 
     def _stop(self) -> None:
         self._closed = True
@@ -329,17 +345,6 @@ class Checkpointer:
             self._promoter = None
         if self._replica is not None:
             self._replica.close()
-
-    def _release_memory(self, path: Path) -> None:
-        assert self.memory is not None
-        left = set(self.memory.committed()) - set(self.durable.committed())
-        if left:
-            log.warning("memory tier %s kept: steps %s are not on %s", path, sorted(left),
-                        self.durable.root.url)
-            return
-        if self.peer is not None:  # the run ended cleanly: its peer copies are not needed
-            drop_all(self.peer, path.name)
-        mem.release(path)
 
     # -- background -----------------------------------------------------------
     def _raise_background(self) -> None:

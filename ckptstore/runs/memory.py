@@ -84,12 +84,13 @@ def owner_alive(root: Path) -> bool | None:
     return process_start(pid) == start
 
 
-def claim(root: Path) -> Storage:
+def claim(root: Path, nonce: str | None = None) -> Storage:
     """Make ``root`` this process's memory tier: create it, refuse one a live process
-    owns, write the owner file, and remove a crashed run's uncommitted leftovers."""
+    owns, write the owner file (with ``nonce``, when given: the ranks of a collective
+    run check they see it), and remove a crashed run's uncommitted leftovers."""
     root.mkdir(parents=True, exist_ok=True)
     alive = owner_alive(root)
-    mine = _owner_record()
+    mine = {**_owner_record(), **({"nonce": nonce} if nonce is not None else {})}
     if alive and json.loads((root / OWNER_NAME).read_text()).get("pid") != os.getpid():
         raise DestinationNotWritableError(
             f"the memory tier {root} is in use by a live process ({(root / OWNER_NAME).read_text()}); "
@@ -100,6 +101,11 @@ def claim(root: Path) -> Storage:
         log.info("removing the uncommitted memory step %s left by an earlier run", entry)
         storage.rmtree(entry)
     return storage
+
+
+def open_claimed(root: Path) -> Storage:
+    """The memory tier at ``root`` that another process of this run claimed."""
+    return open_storage(str(root))
 
 
 def release(root: Path) -> None:

@@ -8,6 +8,7 @@ tried. Collective Checkpointers use a copy only if it loaded on every rank.
 """
 from __future__ import annotations
 
+import concurrent.futures as cf
 import logging
 import time
 import warnings
@@ -127,13 +128,18 @@ class Copies:
 
     def committed(self) -> dict[str, list[int]]:
         """Each tier's committed steps (the peer's as its keeper lists them; none
-        when it is unreachable)."""
-        out = {t.name: t.committed() for t in self.tiers}
+        when it is unreachable). The tiers are asked in parallel: a restart pays for
+        the slowest listing (an object store's, a peer's), not for their sum."""
+        jobs: dict[str, Callable[[], list[int] | None]] = {t.name: t.committed for t in self.tiers}
         if self.peer is not None and self.run is not None:
-            got = peer_steps(self.peer, self.run)
-            if got is not None:
-                out["peer"] = got
-        return out
+            peer, run = self.peer, self.run
+            jobs["peer"] = lambda: peer_steps(peer, run)
+        if len(jobs) == 1:
+            return {k: list(fn() or ()) for k, fn in jobs.items()}
+        with cf.ThreadPoolExecutor(len(jobs), thread_name_prefix="ckptstore-list") as pool:
+            futures = {k: pool.submit(fn) for k, fn in jobs.items()}
+        got = {k: f.result() for k, f in futures.items()}  # a tier's error is raised here
+        return {k: v for k, v in got.items() if v is not None}
 
     def locate(self, step: int, tier: str) -> Storage:
         """The directory of ``tier``'s copy of ``step``; a peer copy is fetched into
@@ -143,6 +149,28 @@ class Copies:
         memory = next(t for t in self.tiers if t.name == "memory")
         assert self.peer is not None and self.run is not None
         return fetch_into(self.peer, self.run, step, memory.root)
+
+
+def fetch_shared(copies: Copies, step: int, sync: Agreement) -> Storage:
+    """The peer's copy of ``step``, fetched (and verified) into the memory tier. In a
+    collective run the node's memory tier is shared: rank 0 fetches, every rank then
+    loads from there; a failed fetch falls back on every rank."""
+    if not sync.collective:
+        return copies.locate(step, "peer")
+
+    def fetch() -> tuple[str, ...]:
+        try:
+            copies.locate(step, "peer")
+            return ("ok",)
+        except FALLBACK_ERRORS as e:
+            return ("fallback", type(e).__name__, str(e))
+
+    got = sync.agree(fetch, f"fetching step {step} from the peer")
+    if got[0] != "ok":
+        raise CheckpointNotFoundError(f"rank 0 could not fetch step {step} from the peer: "
+                                      f"{got[1]}: {got[2]}")
+    memory = next(t for t in copies.tiers if t.name == "memory")
+    return memory.root.child(step_name(step))
 
 
 def order(per_tier: dict[str, list[int]], tiers: list[str], step: "int | str"

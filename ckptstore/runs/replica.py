@@ -19,6 +19,9 @@ from ckptstore.storage import Storage
 
 log = logging.getLogger("ckptstore.peer")
 PEER_NICE = 10  #: niceness added to the push thread (Linux: per thread)
+#: seconds a restart waits for a peer's list of steps (connect, then the answer): a
+#: blackholed buddy delays ``latest``/``load`` by this much at most
+QUERY_TIMEOUT = float(os.environ.get("CKPTSTORE_PEER_QUERY_TIMEOUT", "5"))
 
 
 def connect(address: str, timeout: float = 30.0) -> Any:
@@ -114,11 +117,12 @@ def _close(client: Any) -> None:
             log.debug("closing the peer client: %s", e)
 
 
-def peer_steps(address: str, run: str) -> list[int] | None:
-    """The steps of ``run`` the keeper at ``address`` holds; None when it is unreachable
-    or answers nonsense (logged: the other tiers remain)."""
+def peer_steps(address: str, run: str, timeout: float | None = None) -> list[int] | None:
+    """The steps of ``run`` the keeper at ``address`` holds; None when it is unreachable,
+    does not answer within ``timeout`` (default :data:`QUERY_TIMEOUT`) or answers
+    nonsense (logged: the other tiers remain)."""
     try:
-        client = connect(address)
+        client = connect(address, QUERY_TIMEOUT if timeout is None else timeout)
         try:
             return list(client.steps(run))
         finally:
