@@ -370,3 +370,77 @@ def test_real_keeper_restores_a_lost_node(tmp_path, frozen):
             assert (again.loaded_step, again.loaded_from) == (2, "peer")
     finally:
         k.stop()
+
+
+def test_a_peer_copy_is_hashed_once_on_arrival_not_again_by_the_load(tmp_path, frozen, monkeypatch):
+    """The fetch verifies every chunk before it commits the copy; the load from it then
+    skips a second pass over the same bytes (other tiers' loads still verify)."""
+    peer = pytest.importorskip("ckptstore.peer")
+    import ckptstore.api.load as api_load
+
+    k = peer.start_keeper(tmp_path / "buddy")
+    try:
+        ck = Checkpointer(tmp_path / "run", memory=True, peer=k.address)
+        ck.save(1, step_state(1, frozen)).wait()
+        ck.wait()
+        ck._replica.drain(60)  # type: ignore[union-attr]
+        ck._stop()
+        mem.release(ck.memory_path)  # type: ignore[arg-type]
+        real, seen = api_load.load, []
+
+        def spy(where, **kw):
+            seen.append((str(where.url), kw["verify"]))
+            return real(where, **kw)
+
+        monkeypatch.setattr(api_load, "load", spy)
+        with Checkpointer(tmp_path / "run", memory=True, peer=k.address) as again:
+            assert_same_tree(again.load("latest"), step_state(1, frozen))
+            assert again.loaded_from == "peer" and [v for _, v in seen] == [False]
+            again.load(1)  # now an ordinary memory copy: verified
+            assert again.loaded_from == "memory" and seen[-1][1] is True
+    finally:
+        k.stop()
+
+
+def test_tiers_are_listed_in_parallel(tmp_path, frozen, monkeypatch):
+    """A restart pays for the slowest tier's listing, not the sum: both listings must be
+    in flight at once to pass the barrier (one after the other, it breaks)."""
+    from ckptstore.runs.tiers import Tier
+
+    with Checkpointer(tmp_path / "run", memory=True) as ck:
+        ck.save(1, step_state(1, frozen)).wait()
+        ck.wait()
+        both = threading.Barrier(2, timeout=10)
+        real = Tier.committed
+
+        def meeting(self):
+            both.wait()
+            return real(self)
+
+        monkeypatch.setattr(Tier, "committed", meeting)
+        assert ck._copies().committed() == {"memory": [1], "local": [1]}
+        monkeypatch.undo()
+
+
+def test_a_silent_peer_delays_a_restart_by_the_query_timeout_only(tmp_path, monkeypatch):
+    """A buddy that accepts connections and never answers (blackholed) is asked for its
+    steps with the short query timeout, not the transfer timeout, and passed over."""
+    import socket
+
+    from ckptstore.runs import replica
+
+    timeouts: list[float] = []
+    real = replica.connect
+
+    def spy(address, timeout=30.0):
+        timeouts.append(timeout)
+        return real(address, timeout)
+
+    monkeypatch.setattr(replica, "connect", spy)
+    monkeypatch.setattr(replica, "QUERY_TIMEOUT", 0.3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        address = "127.0.0.1:%d" % silent.getsockname()[1]
+        assert replica.peer_steps(address, "run") is None
+    assert timeouts == [0.3]
