@@ -134,17 +134,19 @@ def test_sigkilled_process_resumes_from_memory_and_damage_falls_back_to_disk(tmp
             ("memory", "fallback"), ("local", "ok")]
 
 
-def test_sigkilled_trainer_resumes_from_memory(tmp_path):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigkilled_trainer_resumes_from_memory(tmp_path, nproc):
+    """The trainer, on one process or two FSDP ranks sharing the node's memory tier."""
     from trainer.launch import run, signal_at_step, start
 
     args = ["--preset", "tiny", "--steps", "8", "--warmup-steps", "2", "--batch-size", "4",
             "--out-dir", str(tmp_path / "t"),
             "--ckpt-every-steps", "2", "--val-every", "0", "--log-every", "1", "--step-delay", "0.2",
             "--memory"]
-    proc = start(args)
+    proc = start(args, nproc)
     seen, _ = signal_at_step(proc, 5, signal.SIGKILL, whole_group=True)
     assert seen is not None
-    rc, out = run([*args, "--resume", "auto"])
+    rc, out = run([*args, "--resume", "auto"], nproc)
     assert rc == 0, out[-3000:]
     assert "resume source: memory" in out, out[-3000:]
     assert list((tmp_path / "shm").iterdir()) == []  # the resumed run ended cleanly
