@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import uuid
 from pathlib import Path
 
@@ -83,6 +84,24 @@ def _phase(rank: int, tmp: str, run_id: str, phase: str, peer: str | None) -> No
             return
         ck = Checkpointer(f"{tmp}/run", memory=True, keep_last=5, compression="none", peer=peer)
         out["memory_path"] = str(ck.memory_path)
+        if phase == "killed":  # steps 1, 2; then the job dies inside step 3's memory commit
+            for step in (1, 2):
+                ck.save(step, _state(step)).wait()
+            ck.wait()
+            pids = [None] * WORLD
+            dist.all_gather_object(pids, os.getpid())
+            if rank == 0:  # rank 1 has voted; rank 0 is about to write the manifest
+                from ckptstore.distributed import dcommit
+
+                def die(*_a, **_k):
+                    Path(tmp, f"out-{phase}-{rank}.json").write_text(json.dumps(out))
+                    os.kill(pids[1], signal.SIGKILL)
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                dcommit.commit_manifest = die
+            Path(tmp, f"out-{phase}-{rank}.json").write_text(json.dumps(out))
+            ck.save(3, _state(3)).wait()
+            raise AssertionError("step 3's commit should have killed the job")
         if phase == "save":  # steps 1..3, then a crash: no close()
             for step in (1, 2, 3):
                 ck.save(step, _state(step)).wait()
@@ -166,6 +185,23 @@ def test_after_the_node_memory_is_lost_both_ranks_restore_from_the_peer(tmp_path
         assert o["resume"]["from"] == "peer" and o["resume"]["step"] == 3 and o["resume"]["ok"]
     # rank 0 fetched it into the node's memory tier once; rank 1 loaded it from there
     assert committed_steps(open_storage(resumed[0]["memory_path"])) == [3]
+
+
+def test_a_job_killed_inside_a_memory_commit_resumes_from_the_previous_step(tmp_path, node):
+    """Both ranks SIGKILLed after rank 1's vote, before rank 0's manifest: the torn
+    step 3 is never loaded; the restart resumes step 2 from memory on both ranks, and
+    rank 0's claim removes what the torn commit left in the node's memory tier."""
+    with pytest.raises(mp.ProcessExitedException, match="SIGKILL|signal"):
+        _spawn(tmp_path, "killed")
+    tier = Path(json.loads((tmp_path / "out-killed-0.json").read_text())["memory_path"])
+    assert (tier / step_name(3)).is_dir()  # the torn step: rank files, no manifest
+    assert not (tier / step_name(3) / "manifest.json").exists()
+    resumed = _spawn(tmp_path, "resume")
+    for o in resumed:
+        assert o["resume"] == {**o["resume"], "from": "memory", "step": 2, "ok": True}
+        assert [t for t, _ in o["resume"]["tries"]] == ["memory"]
+    assert not (tier / step_name(3)).exists()
+    assert committed_steps(open_storage(str(tier))) == [2]  # step 1 was evicted (memory_keep=1)
 
 
 def test_ranks_on_different_nodes_are_refused_before_anything_is_saved(tmp_path, node):
