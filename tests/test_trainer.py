@@ -204,6 +204,15 @@ def test_crash_and_resume_is_bit_exact(tmp_path, monkeypatch):
     assert store[8]["data"] == {"seed": 1337, "consumed": 8}
 
 
+def test_resume_auto_without_a_checkpoint_trains_exactly_like_a_fresh_run(tmp_path):
+    """Nothing to resume: the optimizer must stay untouched (creating its state ahead of a
+    restore runs a dummy step, which would change Adam's step count and the run)."""
+    fresh = train(tiny(tmp_path, "fresh", steps=4), MemoryCheckpointer({}), stop=StopFlag())
+    auto = train(tiny(tmp_path, "auto", steps=4, resume="auto"), MemoryCheckpointer({}),
+                 stop=StopFlag())
+    assert losses(auto) == losses(fresh)
+
+
 def test_checkpoint_contents_and_policy(tmp_path):
     backend = MemoryCheckpointer({})
     train(tiny(tmp_path, steps=9), backend, stop=StopFlag())
