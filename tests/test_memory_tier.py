@@ -132,6 +132,34 @@ def test_sigkilled_process_resumes_from_memory_and_damage_falls_back_to_disk(tmp
         assert (ck.loaded_step, ck.loaded_from) == (3, "local")
         assert [(t, o.split(":")[0]) for t, _, o in ck.load_timings] == [
             ("memory", "fallback"), ("local", "ok")]
+        # the damaged memory copy was dropped (local holds the step): not tried again
+        assert _steps(where) == [] and not (where / step_name(3)).exists()
+        assert_same_tree(ck.load("latest"), step_state(3, frozen))
+        assert [t for t, _, _ in ck.load_timings] == ["local"]
+
+
+def test_a_damaged_only_copy_in_memory_is_kept(tmp_path, frozen, monkeypatch):
+    """A memory step that is on no other tier is never dropped for damage (it may be
+    salvaged): the load falls back to an older step, the copy stays, and close()
+    refuses to promote it and keeps the tier."""
+    from ckptstore.errors import CorruptCheckpointError
+
+    local = tmp_path / "run"
+    ck = Checkpointer(local, memory=True, memory_keep=2, keep_last=5)
+    ck.save(1, step_state(1, frozen)).wait()
+    ck.wait()
+    monkeypatch.setattr(Checkpointer, "_promote_down", lambda self: None)  # next tier lags
+    ck.save(2, step_state(2, frozen)).wait()
+    ck.wait()
+    assert _steps(ck.memory_path) == [1, 2] and _steps(local) == [1]
+    _flip(ck.memory_path / step_name(2))  # type: ignore[operator]
+    with pytest.warns(CheckpointFallbackWarning, match="memory copy of step 2"):
+        assert_same_tree(ck.load("latest"), step_state(1, frozen))
+    assert _steps(ck.memory_path) == [1, 2]
+    monkeypatch.undo()
+    with pytest.raises(CorruptCheckpointError, match="never promoted"):
+        ck.close()
+    assert _steps(ck.memory_path) == [1, 2]
 
 
 @pytest.mark.parametrize("nproc", [1, 2])

@@ -39,7 +39,7 @@ from ckptstore.runs import memory as mem
 from ckptstore.runs.agreement import Agreement, world_size
 from ckptstore.runs.chain import IncrementalChain
 from ckptstore.runs.layout import step_name
-from ckptstore.runs.memtier import MemoryTier, open_memory, release_memory
+from ckptstore.runs.memtier import MemoryTier, open_memory, release_memory, retire_damaged
 from ckptstore.runs.recovery import (
     CheckpointFallbackWarning,
     Copies,
@@ -285,6 +285,8 @@ class Checkpointer:
                                          verify=verify and where.url not in fetched,
                                          mmap=self._maps(where)),
                       self._sync, what, " or ".join(t.root.url for t in self._tiers()))
+        if self._mem is not None and self.coordinator:  # not tried again by later loads
+            retire_damaged(self._mem, self.durable, got.attempts)
         self.loaded_step, self.loaded_from = got.step, got.tier
         self.load_timings = [(a.tier, a.seconds, a.outcome) for a in got.attempts]
         return got.value

@@ -192,6 +192,19 @@ def evict(root: Storage, keep: int, max_bytes: int | None, on_next: set[int],
     return drop
 
 
+def retire(root: Storage, step: int) -> None:
+    """Drop memory step ``step`` (a copy that failed verification): its manifest first,
+    then its files that no other committed memory step reads."""
+    from ckptstore import manifest as fmt
+
+    kept = [s for s in committed_steps(root) if s != step]
+    manifests = {step_name(s): fmt.read_manifest(root.child(step_name(s))) for s in kept}
+    drop_steps(root, [step_name(step)], referenced_files(root, manifests))
+    d = root.child(step_name(step))
+    if root.isdir(step_name(step)) and not d.listdir():
+        root.rmtree(step_name(step))
+
+
 # -- gc of memory tiers left by crashed runs ---------------------------------
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 from ckptstore.errors import UnsupportedOperationError
 from ckptstore.runs import memory as mem
 from ckptstore.runs.agreement import Agreement
+from ckptstore.runs.recovery import Attempt
 from ckptstore.runs.replica import drop_all
 from ckptstore.runs.retention import Policy
 from ckptstore.runs.tiers import Tier
@@ -85,3 +87,22 @@ def release_memory(m: MemoryTier, durable: Tier, peer: str | None) -> bool:
     mem.release(m.path)
     log.debug("memory tier %s removed (pid %d)", m.path, os.getpid())
     return True
+
+
+def retire_damaged(m: MemoryTier, durable: Tier, attempts: Iterable[Attempt]) -> list[int]:
+    """Drop the memory copies a load found damaged (CorruptCheckpointError: a hash or
+    size that does not match), so later restarts do not try them again; only copies
+    of steps the durable tier holds (a damaged only copy is kept for salvage).
+    Returns the steps dropped."""
+    bad = {a.step for a in attempts if a.tier == "memory" and a.outcome.startswith("fallback")
+           and "CorruptCheckpointError" in a.outcome}
+    out = []
+    for step in sorted(bad & set(durable.committed())) if bad else []:
+        try:
+            mem.retire(m.tier.root, step)
+            out.append(step)
+            log.warning("memory copy of step %d failed verification: dropped from %s (%s holds "
+                        "the step)", step, m.path, durable.root.url)
+        except (OSError, ValueError) as e:
+            log.warning("could not drop the damaged memory copy of step %d: %s", step, e)
+    return out
