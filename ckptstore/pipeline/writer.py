@@ -25,7 +25,6 @@ import multiprocessing as mp
 import os
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -319,18 +318,7 @@ def spawn_pool(workers: int) -> cf.ProcessPoolExecutor:
     procs = list(getattr(pool, "_processes", {}))
     if len(procs) == workers and getattr(pool, "_max_tasks_per_child", None) is None:
         semaphores.release(pool, procs, rec)
-    # a process started by multiprocessing (mp.spawn, a Pool) exits through os._exit after
-    # joining its children, without the hook that stops a pool's workers: stop them first
-    import multiprocessing.util
-
-    multiprocessing.util.Finalize(None, _stop_pool, args=(weakref.ref(pool),), exitpriority=50)
     return pool
-
-
-def _stop_pool(ref: "weakref.ref[cf.ProcessPoolExecutor]") -> None:
-    pool = ref()
-    if pool is not None:
-        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class WriterPool:
