@@ -170,8 +170,6 @@ def evict(root: Storage, keep: int, max_bytes: int | None, on_next: set[int],
     """One eviction round on memory tier ``root`` (after a newer step committed
     there); returns the evicted steps. Manifests go first, then files no kept step
     references (crash-safe, as retention)."""
-    from ckptstore import manifest as fmt
-
     steps = committed_steps(root)
     sizes = {s: step_bytes(root, s) for s in steps}
     drop = select_evictions(sizes, keep, max_bytes, on_next, busy)
@@ -182,12 +180,7 @@ def evict(root: Storage, keep: int, max_bytes: int | None, on_next: set[int],
                     max_bytes)
     if not drop:
         return []
-    manifests = {step_name(s): fmt.read_manifest(root.child(step_name(s))) for s in kept}
-    drop_steps(root, [step_name(s) for s in drop], referenced_files(root, manifests))
-    for s in drop:  # an evicted step whose files no kept step reads leaves no directory
-        d = root.child(step_name(s))
-        if not d.listdir():
-            root.rmtree(step_name(s))
+    _drop(root, drop, kept)
     log.info("memory tier %s: evicted steps %s", root.url, drop)
     return drop
 
@@ -195,14 +188,19 @@ def evict(root: Storage, keep: int, max_bytes: int | None, on_next: set[int],
 def retire(root: Storage, step: int) -> None:
     """Drop memory step ``step`` (a copy that failed verification): its manifest first,
     then its files that no other committed memory step reads."""
+    _drop(root, [step], [s for s in committed_steps(root) if s != step])
+
+
+def _drop(root: Storage, drop: list[int], kept: list[int]) -> None:
+    """Drop memory steps ``drop`` (manifests first, then files no step of ``kept``
+    reads, as retention); a dropped step left without files leaves no directory."""
     from ckptstore import manifest as fmt
 
-    kept = [s for s in committed_steps(root) if s != step]
     manifests = {step_name(s): fmt.read_manifest(root.child(step_name(s))) for s in kept}
-    drop_steps(root, [step_name(step)], referenced_files(root, manifests))
-    d = root.child(step_name(step))
-    if root.isdir(step_name(step)) and not d.listdir():
-        root.rmtree(step_name(step))
+    drop_steps(root, [step_name(s) for s in drop], referenced_files(root, manifests))
+    for s in drop:
+        if root.isdir(step_name(s)) and not root.child(step_name(s)).listdir():
+            root.rmtree(step_name(s))
 
 
 # -- gc of memory tiers left by crashed runs ---------------------------------
