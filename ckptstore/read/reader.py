@@ -16,6 +16,7 @@ from ckptstore import manifest as fmt
 from ckptstore.errors import CorruptCheckpointError
 from ckptstore.plan.tree import safe_numpy_dtype, torch_dtype
 from ckptstore.read import extents
+from ckptstore.read.alloc import host_empty
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
 from ckptstore.verify.checks import check_chunk, check_files, chunk_where, decode_chunk
@@ -35,7 +36,7 @@ def _empty_like_record(rec: fmt.TensorRecord) -> tuple[Any, memoryview]:
         if math.prod(rec.shape) * dtype.itemsize != rec.nbytes:
             raise CorruptCheckpointError(f"tensor {rec.name!r}: {rec.nbytes} bytes do not fit "
                                          f"shape {list(rec.shape)} of {rec.dtype}")
-        out = torch.empty(rec.shape, dtype=dtype)
+        out = host_empty(rec.shape, dtype)
         if rec.nbytes == 0:
             return out, memoryview(bytearray(0))
         raw = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage(), 0, (rec.nbytes,), (1,))
