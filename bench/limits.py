@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ckptstore.storage.direct import drop_cached
+
 WRITE_CHUNK = 64 << 20  # large os.write calls, like dd bs=64M
 
 
@@ -46,13 +48,7 @@ class CacheDropper:
         if self._global:
             self._write_drop_caches()
             return
-        for f in _files(Path(path)):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)  # only clean pages can be dropped
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+        drop_cached(path)
 
 
 def _files(p: Path) -> list[Path]:

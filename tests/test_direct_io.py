@@ -186,13 +186,13 @@ def test_cold_files_are_read_and_cached_files_are_mapped(tmp_path, monkeypatch):
         pytest.skip("no RWF_NOWAIT here: never mapped by default")
     assert frac < reader.WARM
     mapped = []
-    real = reader._FileMaps
+    real = reader.FileMaps
 
     def spy(*a):
         mapped.append(True)
         return real(*a)
 
-    monkeypatch.setattr(reader, "_FileMaps", spy)
+    monkeypatch.setattr(reader, "FileMaps", spy)
     cold = ckptstore.load(path)
     assert not mapped and torch.equal(cold["w"], state["w"]) and torch.equal(cold["v"], state["v"])
     (path / shard).read_bytes()  # now in the page cache
@@ -292,3 +292,27 @@ def test_checkpointer_auto_compression_follows_its_first_tier(tmp_path):
     assert ckptstore.Checkpointer(tmp_path / "run2").compression == "zstd"  # its default
     with pytest.raises(ValueError, match="compression"):
         ckptstore.Checkpointer(tmp_path / "run3", compression="brotli")
+
+
+def test_drop_cached_evicts_every_file_under_a_directory(tmp_path):
+    files = [tmp_path / "a" / "x", tmp_path / "a" / "b" / "y", tmp_path / "z"]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(os.urandom(1 << 20))
+        f.read_bytes()
+
+    def cached(f) -> float | None:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            return direct.cached_fraction(fd)
+        finally:
+            os.close(fd)
+
+    if any(cached(f) != 1.0 for f in files):
+        pytest.skip("this file system does not show its page cache through mincore")
+    direct.drop_cached(tmp_path / "z")  # one file
+    if cached(tmp_path / "z") == 1.0:
+        pytest.skip("the page cache here ignores POSIX_FADV_DONTNEED (tmpfs)")
+    assert cached(tmp_path / "z") == 0.0 and cached(files[0]) == 1.0
+    direct.drop_cached(tmp_path / "a")  # a tree
+    assert [cached(f) for f in files] == [0.0, 0.0, 0.0]

@@ -138,3 +138,33 @@ def test_a_damaged_chunk_read_in_place_fails_the_read(rows_saved):
         f.write(bytes([b[0] ^ 0xFF]))
     with pytest.raises(CorruptCheckpointError, match="chunk 9"):
         boxes.read_boxes(storage, manifest, [(0, (8, 0), (4, 512))])
+
+
+def test_a_transient_box_of_a_cached_file_is_a_view_of_the_map_hashed_in_place(rows_saved,
+                                                                                monkeypatch):
+    full, storage, manifest = rows_saved
+    (Path(storage.root) / manifest.tensors[0].chunks[0].file).read_bytes()  # in the page cache
+    allocated = []
+    monkeypatch.setattr(boxes, "host_empty", lambda *a: allocated.append(a) or host_empty(*a))
+    hashed = []
+    real = boxes.read_chunk
+    monkeypatch.setattr(boxes, "read_chunk",
+                        lambda s, rec, k, out, v: hashed.append(type(out).__name__) or real(s, rec, k, out, v))
+    (whole, rows) = boxes.read_boxes(storage, manifest, [(0, (0, 0), (64, 512)), (0, (8, 0), (4, 512))],
+                                     transient=True)
+    assert torch.equal(whole, full) and torch.equal(rows, full[8:12])
+    assert allocated == [] and hashed == ["Mapped"] * 68  # 64 + 4 rows, each verified
+    # not transient (the caller keeps the tensors): never a view of a file
+    (kept,) = boxes.read_boxes(storage, manifest, [(0, (0, 0), (64, 512))])
+    assert torch.equal(kept, full) and len(allocated) == 1
+
+
+def test_a_damaged_chunk_of_a_mapped_box_fails_the_read(rows_saved):
+    _full, storage, manifest = rows_saved
+    c = manifest.tensors[0].chunks[3]
+    path = Path(storage.root) / c.file
+    data = bytearray(path.read_bytes())
+    data[c.offset + 100] ^= 0x01
+    path.write_bytes(bytes(data))  # and in the page cache
+    with pytest.raises(CorruptCheckpointError, match="chunk 3"):
+        boxes.read_boxes(storage, manifest, [(0, (0, 0), (64, 512))], transient=True)

@@ -164,7 +164,9 @@ def load_resharded(storage: Storage, manifest: fmt.Manifest, *, into: Any = None
             elif want[i] is not None:
                 want[i].append((o, s))  # type: ignore[union-attr]
         manifest = fmt.resolve(storage, manifest, want)
-        boxes.update(zip(names, read_boxes(storage, manifest, wanted, verify=verify)))
+        # copied into the targets below and dropped: a box may be a view of a mapped file
+        boxes.update(zip(names, read_boxes(storage, manifest, wanted, verify=verify,
+                                           transient=True)))
         arrays.update(_read_whole(storage, manifest, whole, verify))
 
     def resolve(name: str, value: Any) -> tuple[Any, Any]:

@@ -20,7 +20,7 @@ from ckptstore import manifest as fmt
 from ckptstore.errors import CorruptCheckpointError
 from ckptstore.plan.tree import torch_dtype
 from ckptstore.read.alloc import host_bytes, host_empty
-from ckptstore.read.reader import READ_THREADS, read_chunk
+from ckptstore.read.reader import READ_THREADS, FileMaps, cached, read_chunk
 from ckptstore.storage import Storage
 from ckptstore.storage.base import linked
 from ckptstore.verify.checks import check_files
@@ -45,7 +45,8 @@ class BoxRead:
     parallel); ``finish()`` returns the box as a tensor of shape ``sizes``.
     """
 
-    def __init__(self, rec: fmt.TensorRecord, offsets: tuple, sizes: tuple) -> None:
+    def __init__(self, rec: fmt.TensorRecord, offsets: tuple, sizes: tuple,
+                 maps: FileMaps | None = None) -> None:
         self.rec, self.offsets, self.sizes = rec, tuple(offsets), tuple(sizes)
         self.dtype = torch_dtype(rec.dtype)
         itemsize = self.dtype.itemsize
@@ -56,37 +57,64 @@ class BoxRead:
                 o < 0 or o + n > d for o, n, d in zip(self.offsets, self.sizes, rec.shape)):
             raise ValueError(f"box {self.offsets}+{self.sizes} is outside tensor {rec.name!r} "
                              f"of shape {list(rec.shape)}")
-        self.out = host_empty(self.sizes, self.dtype)
         self.jobs: list[tuple] = []
         self._parts: list[tuple] = []
-        if self.out.numel() == 0:
+        if math.prod(self.sizes) == 0:
+            self.out = host_empty(self.sizes, self.dtype)
             return
-        self._bytes = self.out.view(-1).view(torch.uint8).numpy().data
-        first = 0
+        overlaps, first = [], 0
         for h in whole_shards(rec):
             lo = [max(o, so) for o, so in zip(self.offsets, h.offsets)]
             hi = [min(o + n, so + sn) for o, n, so, sn in
                   zip(self.offsets, self.sizes, h.offsets, h.shape)]
             if all(a < b for a, b in zip(lo, hi)):
-                self._plan_overlap(h, first, lo, hi, itemsize)
+                overlaps.append((h, first, lo, hi))
             first += h.nchunks
+        if maps is not None and len(overlaps) == 1 and self._mapped(maps, *overlaps[0], itemsize):
+            return
+        self.out = host_empty(self.sizes, self.dtype)
+        self._bytes = self.out.view(-1).view(torch.uint8).numpy().data
+        for h, first, lo, hi in overlaps:
+            self._plan_overlap(h, first, lo, hi, itemsize)
+
+    def _mapped(self, maps: FileMaps, h: fmt.ShardRecord, first: int, lo: list, hi: list,
+                itemsize: int) -> bool:
+        """The box as a view of the mapped file, if it is one whole run of raw chunks
+        there; its chunks are then only verified, in place."""
+        if self._direct(h, lo, hi, itemsize) != 0 or (h.shape and hi[0] - lo[0] != self.sizes[0]):
+            return False
+        b0, b1, ks = self._span(h, first, lo, hi, itemsize)
+        if (ks[0][1], ks[-1][1] + self.rec.chunks[ks[-1][0]].raw_length) != (b0, b1):
+            return False
+        out = maps.run(self.rec, [k for k, _ in ks], self.dtype, self.sizes)
+        if out is None:
+            return False
+        self.out = out
+        self.jobs = [(self.rec, k, maps.chunk_view(self.rec, k)) for k, _ in ks]
+        return True
+
+    def _span(self, h: fmt.ShardRecord, first: int, lo: list, hi: list, itemsize: int
+              ) -> tuple[int, int, list[tuple[int, int]]]:
+        """Bytes [b0, b1) of shard ``h`` that hold the overlap, and the chunks (index,
+        position in the shard) that cover them."""
+        if h.shape:  # rows [r0, r1) of the shard hold the overlap
+            row = math.prod(h.shape[1:]) * itemsize
+            b0, b1 = (lo[0] - h.offsets[0]) * row, (hi[0] - h.offsets[0]) * row
+        else:
+            b0, b1 = 0, itemsize
+        pos, ks = 0, []
+        for k in range(first, first + h.nchunks):
+            n = self.rec.chunks[k].raw_length
+            if pos < b1 and pos + n > b0:
+                ks.append((k, pos))
+            pos += n
+        return b0, b1, ks
 
     def _plan_overlap(self, h: fmt.ShardRecord, first: int, lo: list, hi: list,
                       itemsize: int) -> None:
         rec = self.rec
-        if h.shape:  # rows [r0, r1) of the shard hold the overlap
-            row = math.prod(h.shape[1:]) * itemsize
-            r0, r1 = lo[0] - h.offsets[0], hi[0] - h.offsets[0]
-            b0, b1 = r0 * row, r1 * row
-        else:
-            r0 = r1 = 0
-            b0, b1 = 0, itemsize
-        pos, ks = 0, []
-        for k in range(first, first + h.nchunks):
-            n = rec.chunks[k].raw_length
-            if pos < b1 and pos + n > b0:
-                ks.append((k, pos))
-            pos += n
+        b0, b1, ks = self._span(h, first, lo, hi, itemsize)
+        r1_r0 = hi[0] - lo[0] if h.shape else 0
         start = ks[0][1]
         end = ks[-1][1] + rec.chunks[ks[-1][0]].raw_length
         at = self._direct(h, lo, hi, itemsize)
@@ -101,7 +129,7 @@ class BoxRead:
         view = buf.numpy().data
         for k, p in ks:
             self.jobs.append((rec, k, view[p - start:p - start + rec.chunks[k].raw_length]))
-        self._parts.append((h, lo, hi, buf, b0 - start, b1 - start, r1 - r0))
+        self._parts.append((h, lo, hi, buf, b0 - start, b1 - start, r1_r0))
 
     def _direct(self, h: fmt.ShardRecord, lo: list, hi: list, itemsize: int) -> int | None:
         """Where in the box's bytes the overlap starts, if it is one contiguous run of
@@ -140,14 +168,24 @@ def run_jobs(storage: Storage, jobs: list, verify: bool, threads: int = READ_THR
 
 
 def read_boxes(storage: Storage, manifest: fmt.Manifest, wanted: list[tuple[int, tuple, tuple]],
-               *, verify: bool = True) -> list[torch.Tensor]:
-    """Read ``(tensor index, offsets, sizes)`` boxes; only the chunks they touch."""
+               *, verify: bool = True, transient: bool = False) -> list[torch.Tensor]:
+    """Read ``(tensor index, offsets, sizes)`` boxes; only the chunks they touch.
+
+    ``transient``: the caller copies the boxes out and drops them before it returns
+    (a load into a target). A box that is one run of raw chunks of a local file in the
+    page cache (a memory tier's files always are) is then a view of the mapped file:
+    its chunks are hashed in place and the one copy is the caller's, into the target.
+    """
     want: dict[int, list | None] = {}
     for i, o, s in wanted:
         want.setdefault(i, []).append((o, s))  # type: ignore[union-attr]
     manifest = fmt.resolve(storage, manifest, want)  # the rank indexes holding these boxes
     storage = linked(storage, manifest.files)  # incremental saves name older steps' files
-    reads = [BoxRead(manifest.tensors[i], o, s) for i, o, s in wanted]
+    maps = None
+    if transient and cached(storage, {c.file for i, _o, _s in wanted
+                                      for c in manifest.tensors[i].chunks[:1]}):
+        maps = FileMaps(storage, manifest)
+    reads = [BoxRead(manifest.tensors[i], o, s, maps) for i, o, s in wanted]
     jobs = [j for r in reads for j in r.jobs]
     if verify:
         check_files(storage, manifest, {rec.chunks[k].file for rec, k, _ in jobs})

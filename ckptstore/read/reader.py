@@ -56,7 +56,7 @@ def read_chunk(storage: Storage, rec: fmt.TensorRecord, index: int, out: memoryv
     holds the stored bytes: only verified."""
     c = rec.chunks[index]
     if isinstance(out, Mapped):
-        check_chunk(rec, index, out.view)
+        check_chunk(rec, index, out.view, verify=verify)
         return
     try:
         if c.group == 1 and c.planes[0][0] == "raw":
@@ -88,8 +88,8 @@ def read_tensors(storage: Storage, manifest: fmt.Manifest, *, verify: bool = Tru
     # present at their recorded sizes (which bound every chunk) before allocating
     check_files(storage, manifest, {c.file for _, r in wanted for c in r.chunks}, headers=verify)
     if mmap is None:
-        mmap = _cached(storage, {r.chunks[0].file for _, r in wanted if extents.contiguous(r)})
-    maps = _FileMaps(storage, manifest) if mmap else None
+        mmap = cached(storage, {r.chunks[0].file for _, r in wanted if extents.contiguous(r)})
+    maps = FileMaps(storage, manifest) if mmap else None
     whole: list[tuple[int, fmt.TensorRecord]] = []
     copied: list[tuple[int, fmt.TensorRecord]] = []
     for i, rec in wanted:
@@ -142,7 +142,7 @@ def _run(work: list[Callable[[], Any]], threads: int) -> list[Any]:
         return [f.result() for f in futures]
 
 
-def _cached(storage: Storage, names: set[str]) -> bool:
+def cached(storage: Storage, names: set[str]) -> bool:
     """Whether every file in ``names`` is (as far as a few probes tell) in the page
     cache, so that mapping it beats reading it again from the device."""
     if not names or not storage.capabilities.local_path:
@@ -164,7 +164,7 @@ class Mapped:
     view: memoryview
 
 
-class _FileMaps:
+class FileMaps:
     """Copy-on-write maps of a checkpoint's local data files, one per file."""
 
     def __init__(self, storage: Storage, manifest: fmt.Manifest) -> None:
@@ -204,11 +204,29 @@ class _FileMaps:
         # read a tensor's storage from its start and ignore the view offset)
         return torch.frombuffer(mm, dtype=dtype, count=n, offset=c0.offset).view(rec.shape)
 
+    def run(self, rec: fmt.TensorRecord, ks: list[int], dtype: "torch.dtype", shape: tuple
+            ) -> "torch.Tensor | None":
+        """Chunks ``ks`` of ``rec`` (stored raw, back to back in one file) as a tensor of
+        ``shape`` over the mapped file, or None where they are not so stored."""
+        cs = [rec.chunks[k] for k in ks]
+        if (not self.storage.capabilities.local_path
+                or any(c.group != 1 or c.planes[0][0] != "raw" or c.length != c.raw_length
+                       or c.file != cs[0].file for c in cs)
+                or any(b.offset != a.offset + a.length for a, b in zip(cs, cs[1:]))
+                or cs[0].offset % max(dtype.itemsize, 1)):
+            return None
+        n = sum(c.length for c in cs)
+        mm = self._map(cs[0].file)
+        if mm is None or cs[0].offset + n > len(mm) or n != math.prod(shape) * dtype.itemsize:
+            return None
+        return torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=cs[0].offset
+                                ).view(dtype).view(shape)
+
     def chunk_view(self, rec: fmt.TensorRecord, index: int) -> Mapped:
         c = rec.chunks[index]
         return Mapped(memoryview(self.maps[c.file])[c.offset:c.offset + c.length])
 
 
-def _mapped(maps: _FileMaps | None, rec: fmt.TensorRecord, index: int) -> Mapped:
+def _mapped(maps: FileMaps | None, rec: fmt.TensorRecord, index: int) -> Mapped:
     assert maps is not None  # chunks without an output buffer belong to mapped tensors
     return maps.chunk_view(rec, index)
