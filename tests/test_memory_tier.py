@@ -180,6 +180,30 @@ def test_sigkilled_trainer_resumes_from_memory(tmp_path, nproc):
     assert list((tmp_path / "shm").iterdir()) == []  # the resumed run ended cleanly
 
 
+def test_the_memory_demo_compares_its_restore_with_a_cold_local_disk(tmp_path):
+    """``trainer demo --memory``, shrunk: killed, the same step restored from the local
+    disk with its page cache dropped (a probe run), then resumed from memory."""
+    out_dir = tmp_path / "demo"
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer", "demo", "--memory", "--nproc", "1", "--kill-at", "7",
+         "--out-dir", str(out_dir), "--width", "64", "--depth", "2", "--heads", "4",
+         "--steps", "10", "--ckpt-every-steps", "2", "--step-delay", "0.3"],
+        cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    import re
+
+    found = re.search(r"restore from memory: ([0-9.]+) s; step (\d+) from the local disk with a "
+                      r"cold page cache: ([0-9.]+) s", out)
+    assert found, out[-3000:]
+    assert float(found[1]) > 0 and float(found[3]) > 0 and int(found[2]) in (2, 4, 6)
+    assert "resume source: local" not in out.split("== 2. resume")[1]  # the resume: from memory
+    assert " OK — " in out, out[-2000:]
+    # the probe run kept its log apart and left the run's checkpoints as they were
+    assert (out_dir / "cold-disk-restore" / "checkpoints").is_symlink()
+    assert committed_steps(ckptstore.storage.LocalStorage(out_dir / "checkpoints")) == [8, 10]
+
+
 def test_eviction_by_count_and_bytes(tmp_path, frozen):
     local = tmp_path / "run"
     with Checkpointer(local, memory=True, memory_keep=2, keep_last=10) as ck:
@@ -204,8 +228,31 @@ def test_eviction_never_drops_the_only_copy(tmp_path, frozen, monkeypatch):
     assert _steps(ck.memory_path) == [1, 2, 3] and _steps(local) == []
     ck.close()  # the only copies: the memory tier stays
     assert _steps(ck.memory_path) == [1, 2, 3]
-    assert mem.select_evictions({1: 10, 2: 10, 3: 10}, 1, 0, on_next={1, 2, 3}) == [1, 2]
-    assert mem.select_evictions({1: 10, 2: 10, 3: 10}, 1, None, on_next={2}) == [2]
+    assert mem.select_evictions({1: 10, 2: 10, 3: 10}, 1, 0, pending=set()) == [1, 2]
+    assert mem.select_evictions({1: 10, 2: 10, 3: 10}, 1, None, pending={1, 3}) == [2]
+
+
+def test_a_step_the_disk_retention_dropped_is_evicted_not_promoted_again(tmp_path, frozen,
+                                                                         monkeypatch):
+    """The memory tier keeps more steps than the disk (memory_keep 3, keep_last 1): a
+    step the disk's retention dropped is not the only copy of anything the run wants.
+    It was copied back to the disk after every save (and deleted again), never evicted,
+    and it kept the tier alive after close()."""
+    promoted: list[int] = []
+    real = Checkpointer._promote
+    monkeypatch.setattr(Checkpointer, "_promote",
+                        lambda self, src, dst, s: promoted.append(s) or real(self, src, dst, s))
+    local = tmp_path / "run"
+    ck = Checkpointer(local, memory=True, memory_keep=3, keep_last=1)
+    for s in range(1, 7):
+        ck.save(s, step_state(s, frozen)).wait()
+        ck.wait()
+        assert _steps(local) == [s]
+        assert _steps(ck.memory_path) == list(range(max(1, s - 2), s + 1))
+    assert promoted == [1, 2, 3, 4, 5, 6]
+    ck.close()
+    assert promoted == [1, 2, 3, 4, 5, 6] and _steps(local) == [6]
+    assert not ck.memory_path.exists()  # type: ignore[union-attr]
 
 
 def test_close_leaves_nothing_in_the_memory_dir(tmp_path, memdir, frozen):

@@ -397,12 +397,14 @@ class Checkpointer:
             self._retain(self.durable)
         if self.memory is not None:
             mem.evict(self.memory.root, self.memory_keep, self.memory_bytes,
-                      set(self.durable.committed()), self._replica.busy() if self._replica else frozenset())
+                      unpromoted(self.memory, self.durable),
+                      self._replica.busy() if self._replica else frozenset())
 
     def _promote_down(self) -> None:
-        """Promote every memory step the first durable tier lacks, newest first."""
+        """Promote the memory steps the first durable tier's policy wants and it lacks,
+        newest first (not one its retention dropped: that would copy it back each round)."""
         assert self.memory is not None
-        for s in sorted(set(self.memory.committed()) - set(self.durable.committed()), reverse=True):
+        for s in sorted(unpromoted(self.memory, self.durable), reverse=True):
             self._promote(self.memory.root, self.durable.root, s)
 
     def _promote_wanted(self) -> None:

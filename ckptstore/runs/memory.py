@@ -148,11 +148,12 @@ def tier_bytes(root: Path) -> int:
 
 
 def select_evictions(sizes: dict[int, int], keep: int, max_bytes: int | None,
-                     on_next: set[int], busy: frozenset[int] = frozenset()) -> list[int]:
+                     pending: set[int], busy: frozenset[int] = frozenset()) -> list[int]:
     """The committed memory steps (``sizes``: step -> bytes) to evict, oldest first:
     all but the newest ``keep``, then the oldest while the rest exceeds ``max_bytes``.
-    Never the newest step, one not yet committed on the next tier (``on_next``: it
-    would be the only copy), or one in ``busy`` (being pushed to the peer)."""
+    Never the newest step, one the next tier wants but does not hold yet (``pending``:
+    it would be the only copy), or one in ``busy`` (being pushed to the peer). A step
+    the next tier's retention dropped (or never wants) is evicted like any other."""
     if not sizes:
         return []
     order = sorted(sizes, reverse=True)
@@ -161,18 +162,18 @@ def select_evictions(sizes: dict[int, int], keep: int, max_bytes: int | None,
     while max_bytes is not None and total > max_bytes and len(kept) > 1:
         total -= sizes[kept.pop()]
     newest = order[0]
-    return sorted(s for s in sizes if s not in kept and s != newest and s in on_next
+    return sorted(s for s in sizes if s not in kept and s != newest and s not in pending
                   and s not in busy)
 
 
-def evict(root: Storage, keep: int, max_bytes: int | None, on_next: set[int],
+def evict(root: Storage, keep: int, max_bytes: int | None, pending: set[int],
           busy: frozenset[int] = frozenset()) -> list[int]:
     """One eviction round on memory tier ``root`` (after a newer step committed
     there); returns the evicted steps. Manifests go first, then files no kept step
     references (crash-safe, as retention)."""
     steps = committed_steps(root)
     sizes = {s: step_bytes(root, s) for s in steps}
-    drop = select_evictions(sizes, keep, max_bytes, on_next, busy)
+    drop = select_evictions(sizes, keep, max_bytes, pending, busy)
     kept = [s for s in steps if s not in drop]
     if max_bytes is not None and sum(sizes[s] for s in kept) > max_bytes:
         log.warning("memory tier %s holds %d bytes, over its cap of %d: the steps kept are "

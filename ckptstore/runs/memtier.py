@@ -26,7 +26,7 @@ from ckptstore.runs.agreement import Agreement
 from ckptstore.runs.recovery import Attempt
 from ckptstore.runs.replica import drop_all
 from ckptstore.runs.retention import Policy
-from ckptstore.runs.tiers import Tier
+from ckptstore.runs.tiers import Tier, unpromoted
 
 log = logging.getLogger("ckptstore.memory")
 
@@ -75,9 +75,10 @@ def _owner_nonce(path: Path) -> str | None:
 
 def release_memory(m: MemoryTier, durable: Tier, peer: str | None) -> bool:
     """Remove the memory tier at the end of a run, unless it holds a step the
-    durable tier lacks (then it may hold the only copy: kept, and a warning).
-    Drops the run's copies on the peer too. Returns whether it was removed."""
-    left = set(m.tier.committed()) - set(durable.committed())
+    durable tier's policy wants and it lacks (then it may hold the only copy: kept,
+    and a warning). Drops the run's copies on the peer too. Returns whether it was
+    removed."""
+    left = unpromoted(m.tier, durable)
     if left:
         log.warning("memory tier %s kept: steps %s are not on %s", m.path, sorted(left),
                     durable.root.url)
