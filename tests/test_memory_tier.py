@@ -521,3 +521,29 @@ def test_a_silent_peer_delays_a_restart_by_the_query_timeout_only(tmp_path, monk
         address = "127.0.0.1:%d" % silent.getsockname()[1]
         assert replica.peer_steps(address, "run") is None
     assert timeouts == [0.3]
+
+
+def _child_without_close(local: str, memdir: str) -> None:
+    os.environ[mem.MEMORY_ENV] = memdir
+    import torch
+
+    ck = Checkpointer(local, memory=True)
+    ck.save(1, {"w": torch.arange(10.0)}).wait()
+    ck.wait()  # promoted to disk by the promotion pool's process; no close(), no shutdown()
+
+
+def test_a_process_started_by_multiprocessing_exits_without_close(tmp_path, memdir):
+    """mp.spawn-style children exit through os._exit after joining their own children:
+    the Checkpointer's promotion pool must be stopped first, or the exit hangs forever."""
+    import multiprocessing
+
+    p = multiprocessing.get_context("spawn").Process(
+        target=_child_without_close, args=(str(tmp_path / "run"), str(memdir)))
+    p.start()
+    p.join(120)
+    alive = p.is_alive()
+    if alive:
+        p.kill()
+        p.join()
+    assert not alive and p.exitcode == 0
+    assert _steps(tmp_path / "run") == [1]  # it really promoted (the pool existed)

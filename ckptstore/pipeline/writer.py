@@ -25,6 +25,7 @@ import multiprocessing as mp
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -318,7 +319,22 @@ def spawn_pool(workers: int) -> cf.ProcessPoolExecutor:
     procs = list(getattr(pool, "_processes", {}))
     if len(procs) == workers and getattr(pool, "_max_tasks_per_child", None) is None:
         semaphores.release(pool, procs, rec)
+    # a process started by multiprocessing (mp.spawn, a Pool) exits through os._exit after
+    # joining its children, without the hook that stops a pool's workers: stop them first,
+    # and wait for it. Its finalizers run in priority order in this one thread, and the
+    # pool's call queue has one of its own (priority 10) that ends the queue's feeder
+    # thread: a shutdown that only signalled the pool's manager thread raced it, and the
+    # stop message, queued after the feeder had gone, never reached the worker.
+    import multiprocessing.util
+
+    multiprocessing.util.Finalize(None, _stop_pool, args=(weakref.ref(pool),), exitpriority=50)
     return pool
+
+
+def _stop_pool(ref: "weakref.ref[cf.ProcessPoolExecutor]") -> None:
+    pool = ref()
+    if pool is not None:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class WriterPool:
@@ -348,7 +364,7 @@ class WriterPool:
             with self._lock:
                 if self._pool is pool:
                     self._pool = None
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
             return self.get().submit(fn, *args)
 
     def start_async(self) -> None:
@@ -365,7 +381,7 @@ class WriterPool:
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def shutdown(self) -> None:
         with self._lock:
