@@ -547,3 +547,32 @@ def test_a_process_started_by_multiprocessing_exits_without_close(tmp_path, memd
         p.join()
     assert not alive and p.exitcode == 0
     assert _steps(tmp_path / "run") == [1]  # it really promoted (the pool existed)
+
+
+def test_attempts_say_whether_a_copy_was_damaged_by_error_type_not_message():
+    """``retire_damaged`` drops memory copies that failed as damaged: a hash or size
+    mismatch (CorruptCheckpointError and its subclasses), never a missing or
+    unreachable copy, whatever its message says."""
+    import warnings
+
+    from ckptstore.errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
+    from ckptstore.runs.agreement import Agreement
+    from ckptstore.runs.recovery import recover
+
+    errors = {3: CorruptCheckpointError("chunk 3 of 'w': hash mismatch"),
+              2: StorageError("listing failed after a CorruptCheckpointError elsewhere"),
+              1: UnsafeCheckpointError("a pickle opcode in shard-00000")}
+
+    def load_one(where):
+        if where.step in errors:
+            raise errors[where.step]
+        return "state"
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback warnings
+        got = recover([(3, "memory"), (2, "memory"), (1, "memory"), (0, "local")],
+                      lambda s, t: types.SimpleNamespace(url=f"{t}/{s}", step=s), load_one,
+                      Agreement(False), "any step", "here")
+    assert (got.step, got.tier, got.value) == (0, "local", "state")
+    assert [(a.step, a.damaged) for a in got.attempts] == [(3, True), (2, False), (1, True),
+                                                            (0, False)]

@@ -294,7 +294,8 @@ class Checkpointer:
     def _maps(self, where: Storage) -> bool:
         """Tensors loaded from the memory tier map its tmpfs pages (copy-on-write: no
         copy, only the hash check); retention unlinks files but never truncates them,
-        so a map outlives an evicted step. Elsewhere loads never map."""
+        so a map outlives an evicted step. Elsewhere no loaded tensor is a map (a load into
+        DTensor targets may copy from a map of a cached file, dropped before it returns)."""
         return self.memory is not None and where.url.startswith(self.memory.root.url)
 
     def metadata(self, step: int) -> dict | None:

@@ -95,8 +95,7 @@ def retire_damaged(m: MemoryTier, durable: Tier, attempts: Iterable[Attempt]) ->
     size that does not match), so later restarts do not try them again; only copies
     of steps the durable tier holds (a damaged only copy is kept for salvage).
     Returns the steps dropped."""
-    bad = {a.step for a in attempts if a.tier == "memory" and a.outcome.startswith("fallback")
-           and "CorruptCheckpointError" in a.outcome}
+    bad = {a.step for a in attempts if a.tier == "memory" and a.damaged}
     out = []
     for step in sorted(bad & set(durable.committed())) if bad else []:
         try:

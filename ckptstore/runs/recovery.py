@@ -41,13 +41,16 @@ class CheckpointFallbackWarning(UserWarning):
 
 @dataclass(frozen=True, slots=True)
 class Attempt:
-    """One copy tried by a load: the tier, the step, seconds spent, and the outcome
-    (``"ok"``, or ``"fallback: <why>"``)."""
+    """One copy tried by a load: the tier, the step, seconds spent, the outcome
+    (``"ok"``, or ``"fallback: <why>"``), and whether the copy was found damaged (a
+    :class:`CorruptCheckpointError` on some rank: a hash or size that does not match,
+    not a missing or unreachable copy)."""
 
     tier: str
     step: int
     seconds: float
     outcome: str
+    damaged: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +75,7 @@ def recover(cands: list[tuple[int, str]], locate: Callable[[int, str], Storage],
     for s, tname in cands:
         t0 = time.perf_counter()
         out: Any = None
-        outcome: tuple[str, ...] | None = None
+        outcome: tuple[Any, ...] | None = None
         err: Exception | None = None
         url = f"{tname} step {s}"
         try:
@@ -84,7 +87,7 @@ def recover(cands: list[tuple[int, str]], locate: Callable[[int, str], Storage],
                 raise
             outcome, err = ("fatal", type(e).__name__, str(e)), e
         except FALLBACK_ERRORS as e:
-            outcome = ("fallback", f"{type(e).__name__}: {e}")
+            outcome = ("fallback", f"{type(e).__name__}: {e}", isinstance(e, CorruptCheckpointError))
         except Exception as e:
             if not sync.collective:
                 raise
@@ -101,7 +104,8 @@ def recover(cands: list[tuple[int, str]], locate: Callable[[int, str], Storage],
         if bad:
             why = "; ".join(msg if len(outcomes) == 1 else f"rank {r}: {msg}" for r, msg in bad)
             problems.append(f"{tname} step {s}: {why}")
-            attempts.append(Attempt(tname, s, seconds, f"fallback: {why}"))
+            attempts.append(Attempt(tname, s, seconds, f"fallback: {why}",
+                                    any(o[2] for o in outcomes if o)))
             if sync.coordinator:
                 warn(f"{tname} copy of step {s} ({url}) is unusable: {why}; falling back")
             continue
