@@ -114,7 +114,7 @@ class BoxRead:
                       itemsize: int) -> None:
         rec = self.rec
         b0, b1, ks = self._span(h, first, lo, hi, itemsize)
-        r1_r0 = hi[0] - lo[0] if h.shape else 0
+        nrows = hi[0] - lo[0] if h.shape else 0
         start = ks[0][1]
         end = ks[-1][1] + rec.chunks[ks[-1][0]].raw_length
         at = self._direct(h, lo, hi, itemsize)
@@ -129,7 +129,7 @@ class BoxRead:
         view = buf.numpy().data
         for k, p in ks:
             self.jobs.append((rec, k, view[p - start:p - start + rec.chunks[k].raw_length]))
-        self._parts.append((h, lo, hi, buf, b0 - start, b1 - start, r1_r0))
+        self._parts.append((h, lo, hi, buf, b0 - start, b1 - start, nrows))
 
     def _direct(self, h: fmt.ShardRecord, lo: list, hi: list, itemsize: int) -> int | None:
         """Where in the box's bytes the overlap starts, if it is one contiguous run of
