@@ -84,7 +84,7 @@ class BoxRead:
         if self._direct(h, lo, hi, itemsize) != 0 or (h.shape and hi[0] - lo[0] != self.sizes[0]):
             return False
         b0, b1, ks = self._span(h, first, lo, hi, itemsize)
-        if (ks[0][1], ks[-1][1] + self.rec.chunks[ks[-1][0]].raw_length) != (b0, b1):
+        if self._covered(ks) != (b0, b1):
             return False
         out = maps.run(self.rec, [k for k, _ in ks], self.dtype, self.sizes)
         if out is None:
@@ -110,13 +110,17 @@ class BoxRead:
             pos += n
         return b0, b1, ks
 
+    def _covered(self, ks: list[tuple[int, int]]) -> tuple[int, int]:
+        """Bytes [start, end) of the shard that chunks ``ks`` (from :meth:`_span`) hold:
+        the overlap's bytes exactly when it begins and ends on chunk borders."""
+        return ks[0][1], ks[-1][1] + self.rec.chunks[ks[-1][0]].raw_length
+
     def _plan_overlap(self, h: fmt.ShardRecord, first: int, lo: list, hi: list,
                       itemsize: int) -> None:
         rec = self.rec
         b0, b1, ks = self._span(h, first, lo, hi, itemsize)
         nrows = hi[0] - lo[0] if h.shape else 0
-        start = ks[0][1]
-        end = ks[-1][1] + rec.chunks[ks[-1][0]].raw_length
+        start, end = self._covered(ks)
         at = self._direct(h, lo, hi, itemsize)
         if at is not None and (start, end) == (b0, b1):
             # the overlap is whole rows of the shard and of the box, on chunk borders:
