@@ -47,15 +47,21 @@ def contiguous(rec: fmt.TensorRecord) -> bool:
     viewed with its dtype (element-aligned)."""
     if not rec.chunks or rec.nbytes == 0:
         return False
-    c0 = rec.chunks[0]
+    return raw_run(rec.chunks) == rec.nbytes
+
+
+def raw_run(chunks: "list[fmt.ChunkRecord] | tuple[fmt.ChunkRecord, ...]") -> int | None:
+    """The bytes ``chunks`` hold if they are stored raw, back to back in one file (one
+    run a view can cover), else None."""
+    c0 = chunks[0]
     pos = c0.offset
-    for c in rec.chunks:
+    for c in chunks:
         if c.file != c0.file or c.group != 1 or c.planes[0][0] != "raw" or c.offset != pos:
-            return False
+            return None
         if c.length != c.raw_length:
-            return False
+            return None
         pos += c.length
-    return pos - c0.offset == rec.nbytes
+    return pos - c0.offset
 
 
 def memory_limit() -> int:

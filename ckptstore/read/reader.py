@@ -188,37 +188,25 @@ class FileMaps:
 
     def tensor(self, rec: fmt.TensorRecord) -> "torch.Tensor | None":
         """``rec`` as a tensor over its mapped file, or None if it must be read."""
-        if (rec.kind != "torch" or not extents.contiguous(rec)
-                or not self.storage.capabilities.local_path):
+        if rec.kind != "torch" or not extents.contiguous(rec):
             return None
-        c0 = rec.chunks[0]
-        pos = c0.offset + rec.nbytes
-        dtype = torch_dtype(rec.dtype)
-        n = math.prod(rec.shape)
-        if n * dtype.itemsize != rec.nbytes or n == 0 or c0.offset % max(dtype.itemsize, 1):
-            return None  # misaligned for its dtype (or inconsistent): copy instead
-        mm = self._map(c0.file)
-        if mm is None or pos > len(mm):
-            return None
-        # its own storage starting at the tensor (some torch APIs, e.g. set_rng_state,
-        # read a tensor's storage from its start and ignore the view offset)
-        return torch.frombuffer(mm, dtype=dtype, count=n, offset=c0.offset).view(rec.shape)
+        return self.run(rec, list(range(len(rec.chunks))), torch_dtype(rec.dtype), tuple(rec.shape))
 
     def run(self, rec: fmt.TensorRecord, ks: list[int], dtype: "torch.dtype", shape: tuple
             ) -> "torch.Tensor | None":
         """Chunks ``ks`` of ``rec`` (stored raw, back to back in one file) as a tensor of
-        ``shape`` over the mapped file, or None where they are not so stored."""
+        ``shape`` over the mapped file, or None where they are not so stored, do not
+        hold exactly ``shape`` or are misaligned for ``dtype`` (then they are read)."""
         cs = [rec.chunks[k] for k in ks]
-        if (not self.storage.capabilities.local_path
-                or any(c.group != 1 or c.planes[0][0] != "raw" or c.length != c.raw_length
-                       or c.file != cs[0].file for c in cs)
-                or any(b.offset != a.offset + a.length for a, b in zip(cs, cs[1:]))
+        n = extents.raw_run(cs) if self.storage.capabilities.local_path else None
+        if (n is None or n == 0 or n != math.prod(shape) * dtype.itemsize
                 or cs[0].offset % max(dtype.itemsize, 1)):
             return None
-        n = sum(c.length for c in cs)
         mm = self._map(cs[0].file)
-        if mm is None or cs[0].offset + n > len(mm) or n != math.prod(shape) * dtype.itemsize:
+        if mm is None or cs[0].offset + n > len(mm):
             return None
+        # its own storage starting at the tensor (some torch APIs, e.g. set_rng_state,
+        # read a tensor's storage from its start and ignore the view offset)
         return torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=cs[0].offset
                                 ).view(dtype).view(shape)
 
