@@ -115,7 +115,7 @@ def _restore_from_cold_disk(config: Path, out: Path, extra: list[str], nproc: in
     print(f"== 2a. for comparison: restore step {step} from the local disk, page cache dropped, "
           "without the memory tier", flush=True)
     rc, output = run(["--config", str(config), "--out-dir", str(probe), *extra,
-                              "--resume", str(step), "--steps", str(step), "--val-every", "0"], nproc)
+                      "--resume", str(step), "--steps", str(step), "--val-every", "0"], nproc)
     found = _SOURCE.search(output)
     if rc != 0 or not found:
         print(f"the comparison restore failed (exit {rc}); its output:\n{output[-2000:]}",
